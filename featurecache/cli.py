@@ -1,0 +1,214 @@
+"""The ``featurecache`` command: a thin click layer over the package's plain functions.
+
+Every command parses its options, calls one function, and prints the result. A
+:class:`~featurecache.errors.FeaturecacheError` becomes one clean line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from .errors import FeaturecacheError
+
+__all__ = ["cli", "main"]
+
+
+def _friendly(fn):
+    """Turn the package's errors (and ValueError from argument checks) into ClickException."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (FeaturecacheError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def _shard(value: str) -> tuple:
+    try:
+        index, count = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not INDEX/COUNT, e.g. 0/4") from None
+    return index, count
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="featurecache")
+def cli():
+    """Embed images once with a frozen backbone; compare layer depths with shallow heads.
+
+    \b
+    Typical session:
+      featurecache layers efficientnet_lite0
+      featurecache embed DATA -o feats.h5 --layer blocks.5 --layer blocks.10 --layer avgpool
+      featurecache compare feats.h5 --heads logreg,svm -o reports/run1/
+      featurecache predict reports/run1/best.joblib photo.jpg
+    """
+
+
+@cli.command(epilog="\b\nExample:\n  featurecache backbones | grep resnet")
+def backbones():
+    """List the backbone names that --backbone accepts."""
+    from .backbones import available_backbones
+
+    for name in available_backbones():
+        click.echo(name)
+
+
+@cli.command(epilog="\b\nExamples:\n  featurecache layers efficientnet_lite0\n"
+                    "  featurecache layers resnet50 --weights none --all")
+@click.argument("backbone", default="efficientnet_lite0")
+@click.option("--weights", default="none", show_default=True,
+              help="Weights to load (shapes do not depend on them; none is fastest).")
+@click.option("--all", "all_nodes", is_flag=True, help="Also list every FX graph node, not just modules.")
+@click.option("--pool", default="avg", type=click.Choice(["avg", "max", "avgmax"]), show_default=True,
+              help="Pooling the widths are computed for.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_friendly
+def layers(backbone, weights, all_nodes, pool, as_json):
+    """List the layers of BACKBONE that embed can store: name, kind, width, depth.
+
+    Kinds: map (N,C,H,W), map-nhwc (N,H,W,C), tokens (N,L,D), vector (N,D). The width is
+    the stored size after pooling. Aliases (avgpool, stageK) are shown beside their layer.
+    """
+    from .backbones import load_backbone
+    from .layers import list_layers
+
+    listing = list_layers(load_backbone(backbone, weights), all_nodes=all_nodes)
+    rows = [{"name": l.name, "kind": l.kind, "shape": list(l.shape), "width": l.width(pool),
+             "depth": l.depth, "aliases": list(l.aliases)} for l in listing.layers]
+    if as_json:
+        click.echo(json.dumps({"backbone": backbone, "method": listing.method, "layers": rows}, indent=1))
+        return
+    click.echo(f"{backbone}: {len(rows)} storable layers (extraction: {listing.method}"
+               f"{'; ' + listing.note if listing.note else ''})")
+    w = max(len(r["name"]) for r in rows)
+    click.echo(f"{'depth':>5}  {'name':<{w}}  {'kind':<8}  {'width':>6}  {'shape':<16}  aliases")
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        click.echo(f"{r['depth']:>5}  {r['name']:<{w}}  {r['kind']:<8}  {r['width']:>6}  "
+                   f"{shape:<16}  {', '.join(r['aliases'])}")
+
+
+@cli.command(epilog="""\b
+Examples:
+  featurecache embed ../shared/data/clipart10 -o feats.h5 --layer blocks.5 --layer avgpool
+  featurecache embed photos/ -o feats.h5 --backbone resnet50 --weights IMAGENET1K_V2 --layer stage4
+  featurecache embed manifest.csv -o feats.h5 --weights-file my_weights.pth
+  featurecache embed builtin:digits -o digits.h5 --layer stage3,avgpool --max-per-class 20
+Run the same command again after an interruption: it resumes after the committed rows.""")
+@click.argument("data")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="HDF5 file to write (its folder must exist).")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True,
+              help="Backbone name; see `featurecache backbones`.")
+@click.option("--layer", "layer_opts", multiple=True,
+              help="Layer to store (repeat, or comma-separate); see `featurecache layers NAME`. "
+                   "Default: avgpool.")
+@click.option("--weights", default="DEFAULT", show_default=True,
+              help="DEFAULT, a weights-enum name such as IMAGENET1K_V2, or none.")
+@click.option("--weights-file", type=click.Path(dir_okay=False), help="Local .pth state dict to load.")
+@click.option("--pool", default="avg", type=click.Choice(["avg", "max", "avgmax"]), show_default=True,
+              help="Pooling of feature maps.")
+@click.option("--token-pool", default="cls", type=click.Choice(["cls", "mean"]), show_default=True,
+              help="Pooling of token sequences (ViT).")
+@click.option("--dtype", default="float16", type=click.Choice(["float16", "float32"]), show_default=True)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=None, type=click.IntRange(min=0),
+              help="Decode workers (default: CPU count, at most 8).")
+@click.option("--device", default=None, help="cuda or cpu (default: cuda when present).")
+@click.option("--test-size", default=0.3, show_default=True, type=float,
+              help="Test share of each class when the data have no split.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of that split.")
+@click.option("--max-per-class", default=None, type=click.IntRange(min=1),
+              help="Keep at most N images per class and split (quick runs).")
+@click.option("--on-error", default="skip", type=click.Choice(["skip", "fail"]), show_default=True,
+              help="Unreadable images: skip and log them in the file, or stop.")
+@click.option("--shard", default="0/1", show_default=True,
+              help="INDEX/COUNT: embed only this part of the data into a self-contained file.")
+@click.option("--overwrite", is_flag=True, help="Start over instead of resuming.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_friendly
+def embed(data, output, backbone, layer_opts, weights, weights_file, pool, token_pool, dtype,
+          batch_size, workers, device, test_size, seed, max_per_class, on_error, shard,
+          overwrite, quiet):
+    """Embed the images in DATA and store pooled features of several layers in one file.
+
+    DATA is an image folder (DATA/<class>/*.jpg, or DATA/train/<class>/..., DATA/test/...),
+    a CSV manifest with columns path,label[,split], or builtin:digits. All layers come
+    from one forward pass per batch.
+    """
+    from .embed import embed as run_embed
+
+    names = [n.strip() for opt in layer_opts for n in opt.split(",") if n.strip()] or ["avgpool"]
+    r = run_embed(data, output, backbone=backbone, layers=names, weights=weights,
+                  weights_file=weights_file, pool=pool, token_pool=token_pool, dtype=dtype,
+                  batch_size=batch_size, num_workers=workers, device=device, test_size=test_size,
+                  seed=seed, max_per_class=max_per_class, on_error=on_error, shard=_shard(shard),
+                  overwrite=overwrite, progress=not quiet)
+    if r.already_complete:
+        click.echo(f"{r.path} is already complete ({r.n_rows} rows); nothing to do.")
+    else:
+        resumed = f", resumed after {r.resumed_from} inputs" if r.resumed_from else ""
+        click.echo(f"wrote {r.path}: {r.n_rows} rows x {len(r.layers)} layers "
+                   f"({', '.join(f'{s.name}[{s.dim}]' for s in r.layers)}), {r.n_skipped} skipped"
+                   f"{resumed}, {r.seconds:.1f}s")
+
+
+@cli.command(epilog="\b\nExample:\n  featurecache info feats.h5 --skipped")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--skipped", "show_skipped", is_flag=True, help="List the skipped inputs and why.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_friendly
+def info(path, show_skipped, as_json):
+    """Show what a feature file holds: layers, rows, splits, provenance."""
+    from collections import Counter
+
+    from .store import open_features
+
+    ff = open_features(path)
+    p = ff.provenance
+    splits = dict(sorted(Counter(ff.splits()).items()))
+    if as_json:
+        out = {"path": str(ff.path), "complete": ff.complete, "rows": ff.n_rows, "splits": splits,
+               "classes": ff.classes, "layers": {k: v.to_attrs() for k, v in ff.layers.items()},
+               "provenance": p, "skipped": ff.skipped() if show_skipped else p["n_skipped"]}
+        click.echo(json.dumps(out, indent=1, default=str))
+        return
+    state = "complete" if ff.complete else (
+        f"INCOMPLETE: {p['n_done']} of {p['n_inputs']} inputs done; re-run the same embed to resume")
+    click.echo(f"{ff.path}: {state}")
+    click.echo(f"rows: {ff.n_rows}  splits: {splits}  skipped: {p['n_skipped']}")
+    click.echo(f"classes ({len(ff.classes)}): {', '.join(ff.classes[:20])}"
+               f"{' ...' if len(ff.classes) > 20 else ''}")
+    click.echo(f"backbone: {p['backbone']}  weights: {p['weights']}  dtype: {p['dtype']}  "
+               f"extraction: {p['extraction_method']}")
+    pre = p["preprocess"]
+    click.echo(f"preprocess: resize {pre['resize']}, crop {pre['crop']}, {pre['interpolation']}, "
+               f"mean {pre['mean']}, std {pre['std']}")
+    click.echo("layers:")
+    for s in ff.layers.values():
+        click.echo(f"  {s.name:<20} node={s.node:<24} kind={s.kind:<8} pool={s.pool:<6} "
+                   f"dim={s.dim:<6} depth={s.depth}")
+    click.echo(f"data: {p['data_root']} ({p['data_kind']}, split {p['split_origin']}), "
+               f"shard {p['shard_index']}/{p['shard_count']}")
+    click.echo(f"made: {p['created']} with featurecache {p['featurecache_version']}, torch "
+               f"{p['torch_version']}, torchvision {p['torchvision_version']} on {p['device']}")
+    click.echo(f"rebuild: {p['rebuild']}")
+    if show_skipped:
+        for sp, reason in ff.skipped():
+            click.echo(f"skipped: {sp}: {reason}")
+
+
+def main():
+    cli(prog_name="featurecache")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Stage 1: images -> frozen backbone -> pooled features of several layers -> one HDF5 file.
+
+The loop, top to bottom: read (DataLoader workers decode), map (one forward pass, pooled on
+the device), write (a background thread appends and commits). Re-running the same call
+resumes after the committed rows.
+
+Example::
+
+    >>> r = embed("builtin:digits", "feats.h5", layers=["blocks.5", "avgpool"])  # doctest: +SKIP
+    >>> r.n_rows, r.n_skipped                                                      # doctest: +SKIP
+    (1797, 0)
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .backbones import DEFAULT_BACKBONE, Backbone, load_backbone
+from .data import ImageDataset, collate, open_source, shard_range
+from .errors import DataError, FeaturecacheError
+from .extract import FeatureExtractor
+from .layers import resolve_layers
+from .store import Writer
+
+__all__ = ["embed", "EmbedResult", "DTYPES", "ON_ERROR"]
+
+DTYPES = ("float16", "float32")
+ON_ERROR = ("skip", "fail")
+
+
+@dataclass
+class EmbedResult:
+    """What :func:`embed` did."""
+
+    path: Path
+    n_rows: int           # rows committed in the file
+    n_skipped: int        # inputs that could not be decoded
+    resumed_from: int     # inputs already done when this call started
+    seconds: float
+    already_complete: bool
+    layers: list          # LayerSpec of each stored layer
+
+
+def embed(source, output, backbone: str | Backbone = DEFAULT_BACKBONE, layers=("avgpool",),
+          weights: str | None = "DEFAULT", weights_file=None, pool: str = "avg",
+          token_pool: str = "cls", dtype: str = "float16", batch_size: int = 32,
+          num_workers: int | None = None, device: str | None = None, test_size: float = 0.3,
+          seed: int = 0, max_per_class: int | None = None, on_error: str = "skip",
+          shard: tuple = (0, 1), overwrite: bool = False, progress: bool = True,
+          commit_rows: int = 512) -> EmbedResult:
+    """Embed a data set with a frozen backbone and store several layers in one HDF5 file.
+
+    Args:
+        source: image folder (``DATA/<class>/…`` or ``DATA/<split>/<class>/…``), CSV
+            manifest (``path,label[,split]``) or ``builtin:digits``.
+        output: the ``.h5`` file to write (its folder must exist).
+        backbone: a name (see ``featurecache backbones``) or a loaded :class:`Backbone`.
+        layers: layer names or aliases (see ``featurecache layers NAME``).
+        weights, weights_file: see :func:`featurecache.backbones.load_backbone`.
+        pool: ``avg``, ``max`` or ``avgmax`` for feature maps.
+        token_pool: ``cls`` or ``mean`` for token sequences.
+        dtype: ``float16`` (default) or ``float32`` storage.
+        num_workers: DataLoader decode workers (default: CPU count, at most 8).
+        device: ``cuda``/``cpu``; default cuda when present (with AMP and channels_last).
+        test_size, seed: the stratified split drawn when the source has none.
+        max_per_class: keep at most this many images per class and split.
+        on_error: ``skip`` (log unreadable images in the file) or ``fail``.
+        shard: ``(index, count)``: embed only this contiguous part of the records, into a
+            self-contained file.
+        overwrite: start over instead of resuming or refusing a different existing file.
+        commit_rows: rows per commit of the resume marker.
+
+    Raises:
+        FeaturecacheError: for any bad input; nothing is created before all inputs are checked.
+    """
+    t0 = time.perf_counter()
+    output = Path(output)
+    _check_choice("dtype", dtype, DTYPES)
+    _check_choice("on_error", on_error, ON_ERROR)
+    if batch_size < 1:
+        raise FeaturecacheError(f"batch_size == {batch_size}, must be >= 1.")
+    if not output.parent.is_dir():
+        raise FeaturecacheError(f"output folder {output.parent} does not exist; create it first "
+                                f"(mkdir -p {shlex.quote(str(output.parent))}).")
+    src = open_source(source, test_size=test_size, seed=seed, max_per_class=max_per_class)
+    start, stop = shard_range(len(src.records), *shard)
+    records = src.records[start:stop]
+    if not records:
+        raise DataError(f"shard {shard[0]} of {shard[1]} of {source} holds no images.")
+    bb = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, weights, weights_file)
+    specs = resolve_layers(bb, layers, pool=pool, token_pool=token_pool)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = bb.model.to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    extractor = FeatureExtractor(model, specs)
+    meta = {
+        **bb.provenance(), "pool": pool, "token_pool": token_pool, "dtype": dtype,
+        "layers": [s.name for s in specs], "extraction_method": extractor.method,
+        "data_root": src.root, "data_kind": src.kind, "data_fingerprint": src.fingerprint(),
+        "split_origin": src.split_origin, "seed": seed, "test_size": test_size,
+        "max_per_class": -1 if max_per_class is None else max_per_class,
+        "shard_index": shard[0], "shard_count": shard[1], "shard_start": start,
+        "n_inputs": len(records), "torch_version": torch.__version__,
+        "torchvision_version": _tv_version(), "featurecache_version": __version__,
+        "python_version": platform.python_version(), "device": str(dev),
+        "rebuild": _rebuild_command(source, output, bb, specs, pool, token_pool, dtype, test_size,
+                                    seed, max_per_class, shard, weights, weights_file),
+    }
+    with Writer(output, meta, specs, src.classes, overwrite=overwrite,
+                commit_rows=commit_rows) as w:
+        resumed = w.n_done
+        if not w.already_complete:
+            _run(records[w.n_done:], w.n_done, bb, extractor, dev, w, batch_size, num_workers,
+                 on_error, progress, src.classes)
+            w.close(complete=True)
+        return EmbedResult(output, w.n_committed, w.n_skipped, resumed,
+                           time.perf_counter() - t0, resumed == len(records), specs)
+
+
+def _run(records, offset, bb, extractor, dev, writer, batch_size, num_workers, on_error,
+         progress, classes):
+    from tqdm.auto import tqdm
+
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(records, bb.preprocess.transform()), batch_size=batch_size,
+        num_workers=num_workers, collate_fn=collate, pin_memory=dev.type == "cuda",
+        persistent_workers=False)
+    bar = tqdm(total=len(records) + offset, initial=offset, unit="img", disable=not progress,
+               desc=f"embed {bb.name}", dynamic_ncols=True)
+    amp = torch.autocast("cuda", dtype=torch.float16) if dev.type == "cuda" else _nullctx()
+    with bar:
+        for batch in loader:
+            if batch.failed and on_error == "fail":
+                i, reason = batch.failed[0]
+                raise DataError(f"{reason}. Use --on-error skip to log and skip unreadable images.")
+            feats = {}
+            if batch.images is not None:
+                images = batch.images.to(dev, non_blocking=True)
+                if dev.type == "cuda":
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with amp:
+                    out = extractor(images)
+                feats = {k: v.cpu().numpy() for k, v in out.items()}
+            rows = [records[i] for i in batch.index]
+            skipped = [(records[i].path, reason) for i, reason in batch.failed]
+            writer.write(feats, [r.path for r in rows], [r.label for r in rows],
+                         [r.split for r in rows], batch.n_inputs, skipped)
+            bar.update(batch.n_inputs)
+            if skipped:
+                bar.set_postfix(skipped=writer.n_skipped + len(skipped), refresh=False)
+    writer.flush()
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise FeaturecacheError(f"{name} == {value!r}, must be one of: {', '.join(allowed)}.")
+
+
+def _tv_version() -> str:
+    import torchvision
+
+    return torchvision.__version__
+
+
+def _rebuild_command(source, output, bb, specs, pool, token_pool, dtype, test_size, seed,
+                     max_per_class, shard, weights, weights_file) -> str:
+    parts = ["featurecache", "embed", str(source), "-o", str(output), "--backbone", bb.name]
+    parts += ["--weights-file", str(weights_file)] if weights_file else ["--weights", str(weights)]
+    for s in specs:
+        parts += ["--layer", s.name]
+    parts += ["--pool", pool, "--token-pool", token_pool, "--dtype", dtype,
+              "--test-size", str(test_size), "--seed", str(seed)]
+    if max_per_class is not None:
+        parts += ["--max-per-class", str(max_per_class)]
+    if tuple(shard) != (0, 1):
+        parts += ["--shard", f"{shard[0]}/{shard[1]}"]
+    return shlex.join(parts)
+

@@ -1,0 +1,122 @@
+"""One forward pass -> pooled features of every requested layer.
+
+:class:`FeatureExtractor` wraps a backbone so that one call returns ``{layer name: (N, dim)}``
+for all requested layers at once. The graph is cut with torchvision's
+``create_feature_extractor`` (which prunes everything past the deepest requested node);
+where FX cannot trace a model, forward hooks on module names give the same contract.
+Pooling happens here, on the device, so only small vectors leave it.
+
+Example::
+
+    >>> import torch
+    >>> from featurecache.backbones import load_backbone
+    >>> from featurecache.layers import resolve_layers
+    >>> bb = load_backbone("efficientnet_lite0", weights="none")
+    >>> specs = resolve_layers(bb, ["blocks.5", "avgpool"])
+    >>> out = FeatureExtractor(bb.model, specs)(torch.zeros(2, 3, 224, 224))
+    >>> {k: tuple(v.shape) for k, v in out.items()}
+    {'blocks.5': (2, 80), 'avgpool': (2, 1280)}
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import UnknownLayerError
+
+__all__ = ["FeatureExtractor", "raw_extractor", "pool_output", "POOLS", "TOKEN_POOLS", "KINDS"]
+
+POOLS = ("avg", "max", "avgmax")
+TOKEN_POOLS = ("cls", "mean")
+KINDS = ("map", "map-nhwc", "tokens", "vector")
+
+
+def pool_output(t: torch.Tensor, kind: str, pool: str) -> torch.Tensor:
+    """Reduce one node's output to ``(N, dim)`` according to its kind.
+
+    ``map`` is ``(N, C, H, W)``, ``map-nhwc`` is ``(N, H, W, C)``: ``avg``, ``max`` or
+    ``avgmax`` (both, concatenated) over the spatial axes. ``tokens`` is ``(N, L, D)``:
+    ``cls`` takes token 0, ``mean`` averages the other tokens. ``vector`` is kept as it is.
+    """
+    if kind in ("map", "map-nhwc"):
+        axes = (2, 3) if kind == "map" else (1, 2)
+        if pool == "avg":
+            return t.mean(axes)
+        if pool == "max":
+            return t.amax(axes)
+        if pool == "avgmax":
+            return torch.cat([t.mean(axes), t.amax(axes)], dim=1)
+        raise ValueError(f"pool {pool!r} is not one of {POOLS}")
+    if kind == "tokens":
+        if pool == "cls":
+            return t[:, 0]
+        if pool == "mean":
+            return t[:, 1:].mean(1)
+        raise ValueError(f"token pool {pool!r} is not one of {TOKEN_POOLS}")
+    if kind == "vector":
+        return t.flatten(1)
+    raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+
+
+class _HookExtractor(nn.Module):
+    """Fallback for models FX cannot trace: forward hooks on module names."""
+
+    def __init__(self, model: nn.Module, nodes: list[str]):
+        super().__init__()
+        self.model = model
+        modules = dict(model.named_modules())
+        missing = [n for n in nodes if n not in modules]
+        if missing:
+            raise UnknownLayerError(
+                f"layers {missing} are not module names of this model, and FX tracing (which "
+                f"knows finer nodes) is not available for it; use module names from "
+                f"`featurecache layers`.")
+        self._out: dict = {}
+        for n in nodes:
+            modules[n].register_forward_hook(self._saver(n))
+
+    def _saver(self, name: str):
+        def hook(_module, _inputs, output):
+            self._out[name] = output
+        return hook
+
+    def forward(self, x: torch.Tensor) -> dict:
+        self._out = {}
+        self.model(x)
+        out, self._out = self._out, {}
+        return out
+
+
+def raw_extractor(model: nn.Module, nodes: list[str], method: str = "auto"):
+    """A module mapping images to ``{node: raw output}``, and the method used (fx|hooks)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    if method in ("auto", "fx"):
+        try:
+            return create_feature_extractor(model, return_nodes={n: n for n in nodes}), "fx"
+        except Exception:  # noqa: BLE001 - tracing failures come in many types
+            if method == "fx":
+                raise
+    return _HookExtractor(model, nodes), "hooks"
+
+
+class FeatureExtractor(nn.Module):
+    """``images -> {spec.name: (N, spec.dim) float32}`` for all specs in one forward pass.
+
+    Args:
+        model: the frozen backbone.
+        specs: :class:`featurecache.layers.LayerSpec` records (node, kind, pool, dim).
+        method: ``"auto"`` (FX, hooks when tracing fails), ``"fx"`` or ``"hooks"``.
+    """
+
+    def __init__(self, model: nn.Module, specs, method: str = "auto"):
+        super().__init__()
+        self.specs = list(specs)
+        nodes = list(dict.fromkeys(s.node for s in self.specs))
+        self.body, self.method = raw_extractor(model, nodes, method)
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> dict:
+        raw = self.body(images)
+        return {s.name: pool_output(raw[s.node], s.kind, s.pool).float() for s in self.specs}

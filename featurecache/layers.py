@@ -1,0 +1,237 @@
+"""Which layers of a backbone can be stored, and the record of each stored layer.
+
+:func:`list_layers` probes a backbone once on a dummy batch and describes every node whose
+output can become a per-image vector: its kind (``map`` = NCHW, ``map-nhwc``, ``tokens``,
+``vector``), its shape, its depth index (0 = shallowest) and its short aliases.
+:func:`resolve_layers` turns user-given names into :class:`LayerSpec` records, checking
+all of them before any image is read.
+
+Aliases: ``avgpool`` is the final pooled vector on every family (for models without an
+``avgpool`` module, the deepest map or token layer); ``stageK`` is the deepest layer whose
+map is 1/2^K of the input size (timm's reduction convention: ResNet's ``layer1`` is
+``stage2``).
+
+Example::
+
+    >>> from featurecache.backbones import load_backbone
+    >>> bb = load_backbone("efficientnet_lite0", weights="none")
+    >>> [(l.name, l.kind, l.width()) for l in list_layers(bb)][-3:]
+    [('avgpool', 'map', 1280), ('classifier', 'vector', 1000), ('classifier.1', 'vector', 1000)]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import UnknownLayerError, close_matches
+from .extract import POOLS, TOKEN_POOLS, raw_extractor
+
+__all__ = ["LayerInfo", "LayerSpec", "Listing", "list_layers", "probe", "resolve_layers"]
+
+_SKIP = (nn.Dropout, nn.Identity)
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_PROBE_BATCH = 2
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of ``featurecache layers``: a node that can be stored."""
+
+    name: str
+    kind: str
+    shape: tuple          # per-image output shape, batch axis removed
+    depth: int
+    aliases: tuple = ()
+
+    def width(self, pool: str = "avg") -> int:
+        """Stored width after pooling with ``pool``."""
+        if self.kind == "map":
+            c = self.shape[0]
+        elif self.kind in ("map-nhwc", "tokens"):
+            c = self.shape[-1]
+        else:
+            return int(math.prod(self.shape))
+        return 2 * c if pool == "avgmax" and self.kind != "tokens" else c
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One stored layer: written as attributes of ``/layers/<name>`` and read by every stage."""
+
+    name: str   # key under /layers in the file, as the user asked for it (may be an alias)
+    node: str   # graph node / module name it is read from
+    kind: str   # map | map-nhwc | tokens | vector
+    pool: str   # avg | max | avgmax (maps), cls | mean (tokens), none (vectors)
+    dim: int    # width after pooling
+    depth: int  # depth index in the backbone's listing; the x-axis of the depth report
+
+    def to_attrs(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_attrs(cls, attrs) -> "LayerSpec":
+        return cls(name=str(attrs["name"]), node=str(attrs["node"]), kind=str(attrs["kind"]),
+                   pool=str(attrs["pool"]), dim=int(attrs["dim"]), depth=int(attrs["depth"]))
+
+
+@dataclass
+class Listing:
+    """The storable layers of a backbone, the aliases, and how they are extracted."""
+
+    layers: list
+    aliases: dict = field(default_factory=dict)   # alias -> layer name
+    method: str = "fx"                            # fx | hooks
+    note: str = ""                                # why hooks are used, when they are
+
+    def names(self) -> list:
+        return [l.name for l in self.layers] + list(self.aliases)
+
+    def get(self, name: str) -> LayerInfo | None:
+        name = self.aliases.get(name, name)
+        return next((l for l in self.layers if l.name == name), None)
+
+
+def _module_names(model: nn.Module) -> list[str]:
+    """Module-level candidates: top-level children, and the children of containers."""
+    names = []
+
+    def walk(module: nn.Module, prefix: str, level: int):
+        for child_name, child in module.named_children():
+            name = f"{prefix}{child_name}"
+            if isinstance(child, _SKIP):
+                continue
+            names.append(name)
+            has_container = any(isinstance(c, _CONTAINERS) for c in child.children())
+            if level < 3 and (isinstance(child, _CONTAINERS) or (level == 0 and has_container)):
+                walk(child, name + ".", level + 1)
+
+    walk(model, "", 0)
+    return names
+
+
+def _kind(shape: tuple) -> str | None:
+    if len(shape) == 4:
+        _, a, b, c = shape
+        if b == c or a != b:
+            return "map"
+        return "map-nhwc"
+    return {3: "tokens", 2: "vector"}.get(len(shape))
+
+
+def probe(model: nn.Module, names: list[str], size: int, method: str = "auto"):
+    """Run ``names`` once on a dummy batch; return ``({name: (kind, shape)}, method)``.
+
+    Names whose output is not a batched tensor (parameters, ints) are left out.
+    """
+    extractor, used = raw_extractor(model, names, method)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(_PROBE_BATCH, 3, size, size, generator=gen)
+    with torch.inference_mode():
+        out = extractor(x)
+    found = {}
+    for name in names:
+        t = out.get(name)
+        if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[0] != _PROBE_BATCH:
+            continue
+        kind = _kind(tuple(t.shape))
+        if kind:
+            found[name] = (kind, tuple(t.shape[1:]))
+    return found, used
+
+
+def list_layers(backbone, all_nodes: bool = False, method: str = "auto") -> Listing:
+    """Describe the storable layers of ``backbone`` (a :class:`~featurecache.backbones.Backbone`).
+
+    Args:
+        all_nodes: list every FX graph node, not just module-level layers.
+        method: ``"auto"``, ``"fx"`` or ``"hooks"`` (forward hooks on module names).
+    """
+    model, size = backbone.model, backbone.preprocess.crop
+    note, graph = "", None
+    if method in ("auto", "fx"):
+        try:
+            from torchvision.models.feature_extraction import get_graph_node_names
+
+            graph = [n for n in get_graph_node_names(model)[1] if n != "x"]
+        except Exception as exc:  # noqa: BLE001
+            if method == "fx":
+                raise
+            note = f"FX tracing failed ({type(exc).__name__}: {str(exc)[:120]}); using forward hooks"
+    if graph is None:
+        candidates = [n for n, _ in model.named_modules() if n] if all_nodes else _module_names(model)
+        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        method = "hooks"
+    else:
+        order = {n: i for i, n in enumerate(graph)}
+        mods = [n for n in _module_names(model)
+                if n in order or any(g.startswith(n + ".") for g in graph)]
+        candidates = list(dict.fromkeys(mods + graph)) if all_nodes else mods
+        # a module's output is its last node (torchvision's rule for truncated names)
+        for m in mods:
+            if m not in order:
+                order[m] = max(i for g, i in order.items() if g.startswith(m + "."))
+        method = "fx"
+    found, method = probe(model, candidates, size, method)
+    ranks = {pos: r for r, pos in enumerate(sorted({order[n] for n in found}))}
+    infos = sorted((LayerInfo(n, k, s, ranks[order[n]]) for n, (k, s) in found.items()),
+                   key=lambda l: (l.depth, l.name))
+    aliases = _aliases(infos, size)
+    by_target: dict = {}
+    for alias, target in aliases.items():
+        by_target.setdefault(target, []).append(alias)
+    infos = [LayerInfo(l.name, l.kind, l.shape, l.depth, tuple(by_target.get(l.name, ())))
+             for l in infos]
+    return Listing(infos, aliases, method, note)
+
+
+def _aliases(infos: list, size: int) -> dict:
+    names = {l.name for l in infos}
+    aliases = {}
+    spatial = [l for l in infos if l.kind in ("map", "map-nhwc")]
+    if "avgpool" not in names:
+        deep = [l for l in infos if l.kind in ("map", "map-nhwc", "tokens")]
+        if deep:
+            aliases["avgpool"] = deep[-1].name
+    for l in spatial:  # later (deeper) layers overwrite: stageK = deepest at 1/2^K
+        h = l.shape[1] if l.kind == "map" else l.shape[0]
+        if h > 1:
+            stage = f"stage{round(math.log2(size / h))}"
+            if stage not in names:
+                aliases[stage] = l.name
+    return dict(sorted(aliases.items()))
+
+
+def resolve_layers(backbone, names, pool: str = "avg", token_pool: str = "cls",
+                   listing: Listing | None = None) -> list[LayerSpec]:
+    """Turn layer names (nodes, modules or aliases) into :class:`LayerSpec` records.
+
+    Every name is checked before anything is returned.
+
+    Raises:
+        UnknownLayerError: a name is not storable; the message gives close matches.
+    """
+    if pool not in POOLS:
+        raise ValueError(f"pool {pool!r} is not one of {', '.join(POOLS)}")
+    if token_pool not in TOKEN_POOLS:
+        raise ValueError(f"token pool {token_pool!r} is not one of {', '.join(TOKEN_POOLS)}")
+    names = list(dict.fromkeys(names))
+    if not names:
+        raise UnknownLayerError("no layer requested; pass at least one --layer.")
+    listing = listing or list_layers(backbone)
+    if any(listing.get(n) is None for n in names):  # maybe a finer graph node
+        listing = list_layers(backbone, all_nodes=True)
+    specs = []
+    for name in names:
+        info = listing.get(name)
+        if info is None:
+            raise UnknownLayerError(
+                f"layer {name!r} is not a storable layer of {backbone.name}; close matches: "
+                f"{close_matches(name, listing.names())}. List them all with "
+                f"`featurecache layers {backbone.name}`.")
+        p = {"tokens": token_pool, "vector": "none"}.get(info.kind, pool)
+        specs.append(LayerSpec(name, info.name, info.kind, p, info.width(pool), info.depth))
+    return specs

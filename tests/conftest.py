@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny generated image folders and small, fast backbones."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def make_image(path: Path, color, seed: int, size: int = 32) -> None:
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(color) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """DATA/<class>/*.png: 3 colour classes x 6 images."""
+    root = tmp_path / "imgs"
+    for ci, (name, color) in enumerate(COLORS.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            make_image(root / name / f"{name}_{i}.png", color, seed=ci * 100 + i)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    """EfficientNet-Lite0, untrained (seeded), at 64x64 input: fast and deterministic."""
+    from featurecache.backbones import Preprocess, load_backbone
+
+    bb = load_backbone("efficientnet_lite0", weights="none")
+    return dataclasses.replace(bb, preprocess=Preprocess(resize=64, crop=64))
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    """EfficientNet-Lite0 with its real ImageNet weights."""
+    from featurecache.backbones import load_backbone
+
+    return load_backbone("efficientnet_lite0")
+
+
+def shared_data(name: str) -> Path:
+    path = SHARED / name
+    if not path.is_dir():
+        pytest.skip(f"shared data set {path} is not present")
+    return path

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -119,7 +120,8 @@ Run the same command again after an interruption: it resumes after the committed
 @click.option("--token-pool", default="cls", type=click.Choice(["cls", "mean"]), show_default=True,
               help="Pooling of token sequences (ViT).")
 @click.option("--dtype", default="float16", type=click.Choice(["float16", "float32"]), show_default=True)
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=None, type=click.IntRange(min=1),
+              help="Images per forward pass (default: 16 on CPU, 64 on GPU).")
 @click.option("--workers", default=None, type=click.IntRange(min=0),
               help="Decode workers (default: CPU count, at most 8).")
 @click.option("--device", default=None, help="cuda or cpu (default: cuda when present).")
@@ -204,6 +206,156 @@ def info(path, show_skipped, as_json):
     if show_skipped:
         for sp, reason in ff.skipped():
             click.echo(f"skipped: {sp}: {reason}")
+
+
+@cli.command("fit-head", epilog="""\b
+Examples:
+  featurecache fit-head logreg feats.h5 --layer avgpool -o heads/avgpool-logreg.joblib
+  featurecache fit-head svm feats.h5 --layer blocks.10 --kernel rbf -o heads/b10-svm.joblib
+  featurecache fit-head logreg feats.h5 --layer blocks.5+avgpool -o heads/concat.joblib
+joblib files are pickles: load only heads you trust.""")
+@click.argument("kind", type=click.Choice(["logreg", "svm"]))
+@click.argument("features", type=click.Path(dir_okay=False))
+@click.option("--layer", required=True, help="Stored layer, or several joined with + (concatenated).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Head file (.joblib).")
+@click.option("--kernel", default="linear", type=click.Choice(["linear", "rbf"]), show_default=True,
+              help="SVM kernel.")
+@click.option("--cv", default=5, show_default=True, type=click.IntRange(min=2), help="CV folds.")
+@click.option("--class-weight", default="none", type=click.Choice(["none", "balanced"]), show_default=True)
+@click.option("--probability", is_flag=True, help="Fit SVM probability estimates (slower).")
+@click.option("--n-jobs", default=None, type=int, help="Parallel CV folds (-1: all cores).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@_friendly
+def fit_head_cmd(kind, features, layer, output, kernel, cv, class_weight, probability, n_jobs, seed):
+    """Search C (and gamma) by stratified CV, refit on the train split, save the head.
+
+    The sweep covers C = 1e-6..1e6 a decade apart, then quarter-decades around the best.
+    """
+    from .heads import fit_head
+
+    head = fit_head(features, layer, kind, kernel=kernel, cv=cv, seed=seed, n_jobs=n_jobs,
+                    class_weight=None if class_weight == "none" else class_weight,
+                    probability=probability)
+    path = head.save(output)
+    params = ", ".join(f"{k}={v:.3g}" for k, v in head.params_.items())
+    click.echo(f"{kind} on {layer}: best {params}, CV {head.scoring} {head.cv_score_:.3f} "
+               f"({len(head.cv_results_)} grid points); saved {path}")
+
+
+@cli.command(epilog="""\b
+Examples:
+  featurecache compare feats.h5 -o reports/run1/
+  featurecache compare feats.h5 --heads logreg --layers blocks.5,avgpool --extra blocks.5+avgpool -o r/""")
+@click.argument("features", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Report folder.")
+@click.option("--heads", default="logreg,svm", show_default=True, help="Comma-separated head kinds.")
+@click.option("--layers", default=None, help="Comma-separated stored layers (default: all).")
+@click.option("--extra", "extra", multiple=True, help="A concatenation such as blocks.5+avgpool (repeatable).")
+@click.option("--kernel", default="linear", type=click.Choice(["linear", "rbf"]), show_default=True)
+@click.option("--cv", default=5, show_default=True, type=click.IntRange(min=2))
+@click.option("--class-weight", default="none", type=click.Choice(["none", "balanced"]), show_default=True)
+@click.option("--n-jobs", default=None, type=int, help="Parallel CV folds (-1: all cores).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--overwrite", is_flag=True, help="Replace an existing report folder.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_friendly
+def compare(features, output, heads, layers, extra, kernel, cv, class_weight, n_jobs, seed,
+            overwrite, quiet):
+    """Compare every stored layer x head on the test split; write a layer-depth report.
+
+    Writes results.csv/json, report.md (table + verdict), layer_depth.png, confusion.png,
+    heads/*.joblib and best.joblib (the winner, ready for `featurecache predict`).
+    """
+    from .report import compare as run_compare
+
+    res = run_compare(features, output, layers=_csv(layers), heads=_csv(heads), extra_layers=extra,
+                      kernel=kernel, cv=cv, seed=seed, n_jobs=n_jobs, overwrite=overwrite,
+                      class_weight=None if class_weight == "none" else class_weight,
+                      progress=not quiet)
+    click.echo(res.table())
+    click.echo(res.verdict.replace("**", ""))
+    click.echo(f"\nreport: {res.out_dir / 'report.md'}; best head: {res.out_dir / 'best.joblib'}")
+
+
+@cli.command(epilog="""\b
+Examples:
+  featurecache predict reports/run1/best.joblib photos/ -o preds.csv
+  featurecache predict heads/avgpool-logreg.joblib 'shots/*.jpg' --format json
+  featurecache predict --imagenet cat.jpg""")
+@click.argument("args", nargs=-1, required=True)
+@click.option("--imagenet", is_flag=True, help="Use the backbone's own 1000-class ImageNet head; "
+              "then every argument is an image.")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True, help="With --imagenet.")
+@click.option("--weights", default="DEFAULT", show_default=True, help="With --imagenet.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here (default: print).")
+@click.option("--format", "fmt", default="csv", type=click.Choice(["csv", "json"]), show_default=True)
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@_friendly
+def predict(args, imagenet, backbone, weights, output, fmt, top_k, batch_size):
+    """Classify images: HEAD IMAGES... (files, folders or globs), or --imagenet IMAGES...
+
+    Unreadable images get a row with the reason; the others are still predicted.
+    """
+    import tempfile
+
+    from .predict import predict as run_predict
+    from .predict import predict_imagenet, write_predictions
+
+    if imagenet:
+        rows = predict_imagenet(args, backbone=backbone, weights=weights, top_k=top_k,
+                                batch_size=batch_size)
+    else:
+        if len(args) < 2:
+            raise click.UsageError("give a head file and at least one image (or use --imagenet).")
+        rows = run_predict(args[0], args[1:], top_k=top_k, batch_size=batch_size)
+    if output:
+        write_predictions(rows, output, fmt)
+        bad = sum(1 for r in rows if r["error"])
+        click.echo(f"wrote {len(rows)} predictions to {output}" + (f" ({bad} unreadable)" if bad else ""))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            click.echo(write_predictions(rows, Path(tmp) / "p", fmt).read_text(), nl=False)
+    if all(r["error"] for r in rows):
+        raise click.ClickException("no image could be read.")
+
+
+@cli.command(epilog="""\b
+Examples:
+  featurecache run pipelines/digits-demo.toml
+  featurecache run pipelines/clipart10.toml --set data.root=../shared/data/clipart10
+  featurecache run pipelines/reference.toml --dry-run""")
+@click.argument("pipeline_file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a key, e.g. --set data.max_per_class=10 (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Validate, check the inputs, show the plan; run nothing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_friendly
+def run(pipeline_file, overrides, dry_run, quiet):
+    """Run a pipeline file: embed -> compare -> report, in one command.
+
+    Writes OUTPUT/features.h5, OUTPUT/report/ and OUTPUT/run.json. A matching feature
+    file from an earlier run is reused (or resumed), not recomputed.
+    """
+    from .pipeline import check_pipeline, load_pipeline, run_pipeline
+
+    plan = load_pipeline(pipeline_file, overrides)
+    click.echo(plan.describe())
+    if dry_run:
+        s = check_pipeline(plan)
+        click.echo(f"inputs ok: {s['images']} images, {s['classes']} classes, splits "
+                   f"{'/'.join(s['splits'])}; weights {s['weights']}; layer widths "
+                   + ", ".join(f"{k}={v}" for k, v in s["layers"].items()))
+        click.echo("dry run: nothing was run.")
+        return
+    record = run_pipeline(plan, progress=not quiet)
+    click.echo(record["table"])
+    click.echo(record["verdict"].replace("**", ""))
+    click.echo(f"\nreport: {record['outputs']['report']}  run record: {plan.output / 'run.json'}")
+
+
+def _csv(value):
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 def main():

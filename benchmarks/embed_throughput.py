@@ -1,0 +1,137 @@
+"""Embed-stage throughput and memory, measured in one run on the same images.
+
+(a) pure model forward on pre-decoded tensors (the ceiling),
+(b) ``featurecache.embed`` with 4 layers (decode in workers, one pass, background writer),
+(c) a naive script: DataLoader + one forward per layer + np.save,
+and the peak RSS of (b) at N and 10*N images.
+
+Targets (issue 3): b/a >= 0.9, b/c >= 2 for 4 layers, RSS(10N) / RSS(N) <= 1.2.
+
+    python benchmarks/embed_throughput.py [--data ../shared/data/clipart10] [--n 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featurecache import embed
+from featurecache.backbones import load_backbone
+from featurecache.data import ImageDataset, collate, open_source
+from featurecache.extract import FeatureExtractor
+from featurecache.layers import resolve_layers
+
+LAYERS = ["blocks.5", "blocks.10", "head", "avgpool"]
+BATCH = 16  # embed's CPU default
+
+
+def manifest(records, classes, n, path: Path) -> Path:
+    """A CSV of n rows cycling over the data set's images (so 10*N can exceed its size)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split"])
+        for i in range(n):
+            r = records[i % len(records)]
+            w.writerow([r.path, classes[r.label], "train"])
+    return path
+
+
+def pure_forward(bb, records, workers) -> float:
+    ds = ImageDataset(records, bb.preprocess.transform())
+    x = torch.cat([b.images for b in torch.utils.data.DataLoader(
+        ds, batch_size=BATCH, collate_fn=collate, num_workers=workers)])
+    model = bb.model
+    with torch.inference_mode():
+        model(x[:BATCH])  # warm-up
+        t = time.perf_counter()
+        for i in range(0, len(x), BATCH):
+            model(x[i:i + BATCH])
+        return len(x) / (time.perf_counter() - t)
+
+
+def naive(bb, records, workers, out: Path) -> float:
+    t = time.perf_counter()
+    loader = torch.utils.data.DataLoader(ImageDataset(records, bb.preprocess.transform()),
+                                         batch_size=BATCH, collate_fn=collate, num_workers=workers)
+    per_layer = {name: [] for name in LAYERS}
+    specs = resolve_layers(bb, LAYERS)
+    extractors = [FeatureExtractor(bb.model, [s]) for s in specs]  # one graph per layer
+    for batch in loader:
+        for s, ex in zip(specs, extractors):
+            per_layer[s.name].append(ex(batch.images)[s.name].numpy())
+    for name, parts in per_layer.items():
+        np.save(out / f"{name.replace('.', '_')}.npy", np.concatenate(parts).astype(np.float16))
+    return len(records) / (time.perf_counter() - t)
+
+
+def embed_rate(src, out: Path, workers) -> float:
+    r = embed(src, out, layers=LAYERS, num_workers=workers, batch_size=BATCH, progress=False,
+              overwrite=True)
+    return r.n_rows / r.seconds
+
+
+RSS_CHILD = """
+import json, resource, sys, time
+from featurecache import embed
+r = embed(sys.argv[1], sys.argv[2], layers=%r, num_workers=int(sys.argv[3]), batch_size=%d,
+          progress=False, overwrite=True)
+me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"rows": r.n_rows, "rss_mib": me / 1024, "worker_rss_mib": kids / 1024,
+                  "seconds": r.seconds}))
+""" % (LAYERS, BATCH)
+
+
+def peak_rss(src: Path, out: Path, workers: int) -> dict:
+    res = subprocess.run([sys.executable, "-c", RSS_CHILD, str(src), str(out), str(workers)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/clipart10"))
+    ap.add_argument("--n", type=int, default=192, help="images for (a)-(c) and the small RSS run")
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    args = ap.parse_args()
+    src = open_source(args.data)
+    bb = load_backbone()
+    tmp = Path(tempfile.mkdtemp(prefix="fc-bench-"))
+    small = manifest(src.records, src.classes, args.n, tmp / "small.csv")
+    big = manifest(src.records, src.classes, 10 * args.n, tmp / "big.csv")
+    records = open_source(small).records
+
+    a = pure_forward(bb, records, args.workers)
+    b = embed_rate(small, tmp / "b.h5", args.workers)
+    c = naive(bb, records, args.workers, tmp)
+    rss_n = peak_rss(small, tmp / "rss_n.h5", args.workers)
+    rss_10n = peak_rss(big, tmp / "rss_10n.h5", args.workers)
+    report = {
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+                   f"{os.cpu_count()} cores, torch {torch.__version__}, "
+                   f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
+        "date": time.strftime("%Y-%m-%d"), "images": args.n, "layers": LAYERS,
+        "a_pure_forward_img_s": round(a, 1), "b_embed_img_s": round(b, 1),
+        "c_naive_img_s": round(c, 1), "b_over_a": round(b / a, 3), "b_over_c": round(b / c, 3),
+        "rss_N_mib": round(rss_n["rss_mib"], 1), "rss_10N_mib": round(rss_10n["rss_mib"], 1),
+        "rss_ratio": round(rss_10n["rss_mib"] / rss_n["rss_mib"], 3),
+        "rows_10N": rss_10n["rows"],
+    }
+    print(json.dumps(report, indent=1))
+    print(f"\nb/a = {report['b_over_a']} (target >= 0.9), b/c = {report['b_over_c']} (target >= 2), "
+          f"RSS 10N/N = {report['rss_ratio']} (target <= 1.2)")
+
+
+if __name__ == "__main__":
+    main()

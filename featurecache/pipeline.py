@@ -1,0 +1,257 @@
+"""Declarative runs: a TOML file -> the same embed and compare calls the CLI makes.
+
+A pipeline file has three tables, each optional except ``data.root``; every key and its
+default is in :data:`SCHEMA`, and ``pipelines/reference.toml`` shows all of them with comments::
+
+    output = "runs/digits-demo"          # folder for features.h5, report/ and run.json
+    seed = 0
+
+    [data]
+    root = "builtin:digits"              # image folder, CSV manifest or builtin:digits
+    max_per_class = 60
+
+    [embed]
+    layers = ["stage2", "stage3", "stage4", "avgpool"]
+
+    [compare]
+    heads = ["logreg", "svm"]
+
+The file is validated as a whole before anything runs: unknown keys, wrong types and bad
+choices are errors that name the key. Relative paths are relative to the current folder.
+An existing feature file with the same settings is reused (or resumed); one with other
+settings is an error unless ``embed.overwrite = true``.
+
+Example::
+
+    >>> plan = load_pipeline("pipelines/digits-demo.toml", overrides=["data.max_per_class=5"])  # doctest: +SKIP
+    >>> result = run_pipeline(plan)                                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PipelineError, close_matches
+
+__all__ = ["SCHEMA", "Plan", "load_pipeline", "check_pipeline", "run_pipeline"]
+
+_ANY = object()
+# table -> key -> (type, default, allowed values or None). Types: str, int, float, bool, list.
+SCHEMA = {
+    "": {"name": (str, "", None), "output": (str, "runs/experiment", None), "seed": (int, 0, None),
+         "description": (str, "", None)},
+    "data": {"root": (str, _ANY, None), "test_size": (float, 0.3, None),
+             "max_per_class": (int, 0, None)},
+    "embed": {"backbone": (str, "efficientnet_lite0", None), "weights": (str, "DEFAULT", None),
+              "weights_file": (str, "", None), "layers": (list, ["avgpool"], None),
+              "pool": (str, "avg", ("avg", "max", "avgmax")),
+              "token_pool": (str, "cls", ("cls", "mean")),
+              "dtype": (str, "float16", ("float16", "float32")), "batch_size": (int, 0, None),
+              "workers": (int, -1, None), "device": (str, "", None),
+              "on_error": (str, "skip", ("skip", "fail")), "overwrite": (bool, False, None)},
+    "compare": {"heads": (list, ["logreg", "svm"], None), "layers": (list, [], None),
+                "extra_layers": (list, [], None), "kernel": (str, "linear", ("linear", "rbf")),
+                "cv": (int, 5, None), "class_weight": (str, "none", ("none", "balanced")),
+                "n_jobs": (int, 1, None), "n_boot": (int, 1000, None)},
+}
+
+
+@dataclass
+class Plan:
+    """A validated pipeline: ``config[table][key]`` with every default filled in."""
+
+    config: dict
+    source: Path | None = None
+
+    @property
+    def output(self) -> Path:
+        return Path(self.config[""]["output"])
+
+    def describe(self) -> str:
+        c = self.config
+        lines = [f"pipeline {c['']['name'] or self.source}: output {self.output}/"]
+        d, e, k = c["data"], c["embed"], c["compare"]
+        subset = f", at most {d['max_per_class']} per class and split" if d["max_per_class"] else ""
+        lines.append(f"  1. embed   {d['root']}{subset} with {e['backbone']} "
+                     f"({e['weights_file'] or e['weights']}), layers {', '.join(e['layers'])}, "
+                     f"pool {e['pool']}, {e['dtype']} -> {self.output / 'features.h5'}")
+        layers = k["layers"] or e["layers"]
+        extra = f" + {', '.join(k['extra_layers'])}" if k["extra_layers"] else ""
+        lines.append(f"  2. compare {', '.join(k['heads'])} heads on {', '.join(layers)}{extra} "
+                     f"({k['cv']}-fold CV) -> {self.output / 'report'}/")
+        lines.append(f"  3. record  {self.output / 'run.json'}")
+        return "\n".join(lines)
+
+
+def _parse_override(item: str) -> tuple:
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise PipelineError(f"--set {item!r} is not KEY=VALUE (e.g. data.root=../shared/data/digits).")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string
+    return key.strip(), value
+
+
+def _check_type(where: str, value, kind, allowed):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise PipelineError(f"{where} must be a list of strings, got {value!r}.")
+    elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise PipelineError(f"{where} must be {kind.__name__}, got {type(value).__name__} {value!r}.")
+    if allowed and value not in allowed:
+        raise PipelineError(f"{where} = {value!r} is not allowed; choose one of {', '.join(allowed)}.")
+    return value
+
+
+def load_pipeline(path=None, overrides=(), text: str | None = None) -> Plan:
+    """Read and validate a pipeline file (or ``text``), applying ``--set KEY=VALUE`` overrides.
+
+    Raises:
+        PipelineError: the file is missing or not TOML, or a key is unknown, mistyped or
+            not allowed; the message names the key.
+    """
+    if text is None:
+        path = Path(path)
+        if not path.is_file():
+            raise PipelineError(f"pipeline file {path} does not exist.")
+        text = path.read_text()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PipelineError(f"{path}: not valid TOML ({exc}).") from None
+    for item in overrides:
+        key, value = _parse_override(item)
+        table, _, name = key.rpartition(".")
+        target = raw.setdefault(table, {}) if table else raw
+        if not isinstance(target, dict):
+            raise PipelineError(f"--set {key}: {table} is not a table.")
+        target[name] = value
+    unknown = [t for t in raw if t not in SCHEMA and isinstance(raw[t], dict)]
+    if unknown:
+        raise PipelineError(f"unknown table [{unknown[0]}]; tables: data, embed, compare.")
+    config = {}
+    for table, keys in SCHEMA.items():
+        given = raw if table == "" else raw.get(table, {})
+        if table and not isinstance(given, dict):
+            raise PipelineError(f"[{table}] must be a table, got {given!r}.")
+        config[table] = {}
+        for name, value in given.items():
+            if table == "" and name in SCHEMA:
+                continue  # a sub-table
+            if name not in keys:
+                where = f"{table}.{name}" if table else name
+                raise PipelineError(f"unknown key {where!r}; [{table or 'top level'}] takes: "
+                                    f"{', '.join(keys)} (close: {close_matches(name, keys)}).")
+        for name, (kind, default, allowed) in keys.items():
+            where = f"{table}.{name}" if table else name
+            if name not in given:
+                if default is _ANY:
+                    raise PipelineError(f"missing key {where!r}: an image folder, a CSV manifest "
+                                        f"or builtin:digits.")
+                config[table][name] = default
+            else:
+                config[table][name] = _check_type(where, given[name], kind, allowed)
+    if not config["embed"]["layers"]:
+        raise PipelineError("embed.layers must name at least one layer.")
+    return Plan(config, Path(path) if path else None)
+
+
+def _embed_kwargs(c: dict) -> dict:
+    d, e = c["data"], c["embed"]
+    return dict(backbone=e["backbone"], layers=e["layers"], weights=e["weights"],
+                weights_file=e["weights_file"] or None, pool=e["pool"],
+                token_pool=e["token_pool"], dtype=e["dtype"],
+                batch_size=e["batch_size"] or None,
+                num_workers=None if e["workers"] < 0 else e["workers"],
+                device=e["device"] or None, test_size=d["test_size"], seed=c[""]["seed"],
+                max_per_class=d["max_per_class"] or None, on_error=e["on_error"],
+                overwrite=e["overwrite"])
+
+
+def _compare_kwargs(c: dict) -> dict:
+    k = c["compare"]
+    return dict(layers=k["layers"] or None, heads=k["heads"], extra_layers=k["extra_layers"],
+                kernel=k["kernel"], cv=k["cv"], seed=c[""]["seed"],
+                class_weight=None if k["class_weight"] == "none" else k["class_weight"],
+                n_jobs=k["n_jobs"], n_boot=k["n_boot"])
+
+
+def check_pipeline(plan: Plan) -> dict:
+    """Check the inputs without running anything: data, backbone, weights, layers, heads.
+
+    Returns a summary (images, classes, layer widths). Raises the package's errors.
+    """
+    from .backbones import load_backbone
+    from .data import open_source
+    from .heads import HEAD_KINDS
+    from .layers import resolve_layers
+
+    kw = _embed_kwargs(plan.config)
+    src = open_source(plan.config["data"]["root"], test_size=kw["test_size"], seed=kw["seed"],
+                      max_per_class=kw["max_per_class"])
+    bb = load_backbone(kw["backbone"], kw["weights"], kw["weights_file"])
+    specs = resolve_layers(bb, kw["layers"], pool=kw["pool"], token_pool=kw["token_pool"])
+    k = plan.config["compare"]
+    bad = [h for h in k["heads"] if h not in HEAD_KINDS]
+    if bad:
+        raise PipelineError(f"compare.heads: {bad} not known; choose from {', '.join(HEAD_KINDS)}.")
+    stored = {s.name for s in specs}
+    for layer in k["layers"] + [p for e in k["extra_layers"] for p in e.split("+")]:
+        if layer not in stored:
+            raise PipelineError(f"compare layer {layer!r} is not in embed.layers ({', '.join(stored)}).")
+    splits = sorted({r.split for r in src.records})
+    return {"images": len(src.records), "classes": len(src.classes), "splits": splits,
+            "layers": {s.name: s.dim for s in specs}, "weights": bb.weights}
+
+
+def run_pipeline(plan: Plan, progress: bool = True) -> dict:
+    """Run embed -> compare and write ``run.json``; returns its content."""
+    from . import __version__
+    from .embed import embed
+    from .report import compare
+
+    out = plan.output
+    out.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    t = time.perf_counter()
+    r = embed(plan.config["data"]["root"], out / "features.h5", progress=progress,
+              **_embed_kwargs(plan.config))
+    timings["embed_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    res = compare(out / "features.h5", out / "report", overwrite=True, progress=progress,
+                  **_compare_kwargs(plan.config))
+    timings["compare_s"] = round(time.perf_counter() - t, 2)
+    import sklearn
+    import torch
+    import torchvision
+
+    record = {
+        "pipeline": str(plan.source) if plan.source else None, "config": plan.config,
+        "versions": {"featurecache": __version__, "torch": str(torch.__version__),
+                     "torchvision": torchvision.__version__, "scikit-learn": sklearn.__version__,
+                     "python": platform.python_version()},
+        "timings": timings,
+        "embed": {"rows": r.n_rows, "skipped": r.n_skipped, "reused": r.already_complete,
+                  "resumed_from": r.resumed_from},
+        "outputs": {"features": str(out / "features.h5"), "report": str(out / "report" / "report.md"),
+                    "results": str(out / "report" / "results.json"),
+                    "plot": str(out / "report" / "layer_depth.png"),
+                    "best_head": str(out / "report" / "best.joblib")},
+        "winner": {k: res.winner[k] for k in ("layer", "head", "balanced_accuracy", "accuracy")},
+        "verdict": res.verdict,
+    }
+    config = dict(record["config"])
+    record["config"] = {"top": config.pop(""), **config}
+    (out / "run.json").write_text(json.dumps(record, indent=1, default=str))
+    record["table"] = res.table()
+    return record
+

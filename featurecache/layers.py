@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -46,6 +47,8 @@ class LayerInfo:
     shape: tuple          # per-image output shape, batch axis removed
     depth: int
     aliases: tuple = ()
+    node: str = ""        # the name extraction asks for; layers ending on the same graph
+                          # node (``features`` and ``features.30``) share one
 
     def width(self, pool: str = "avg") -> int:
         """Stored width after pooling with ``pool``."""
@@ -175,16 +178,19 @@ def list_layers(backbone, all_nodes: bool = False, method: str = "auto") -> List
             if m not in order:
                 order[m] = max(i for g, i in order.items() if g.startswith(m + "."))
         method = "fx"
-    found, method = probe(model, candidates, size, method)
+    canon: dict = {}  # output position -> first name that ends there
+    for n in candidates:
+        canon.setdefault(order[n], n)
+    found, method = probe(model, list(dict.fromkeys(canon.values())), size, method)
+    found = {n: found[canon[order[n]]] for n in candidates if canon[order[n]] in found}
     ranks = {pos: r for r, pos in enumerate(sorted({order[n] for n in found}))}
-    infos = sorted((LayerInfo(n, k, s, ranks[order[n]]) for n, (k, s) in found.items()),
-                   key=lambda l: (l.depth, l.name))
+    infos = sorted((LayerInfo(n, k, s, ranks[order[n]], (), canon[order[n]])
+                    for n, (k, s) in found.items()), key=lambda l: (l.depth, l.name))
     aliases = _aliases(infos, size)
     by_target: dict = {}
     for alias, target in aliases.items():
         by_target.setdefault(target, []).append(alias)
-    infos = [LayerInfo(l.name, l.kind, l.shape, l.depth, tuple(by_target.get(l.name, ())))
-             for l in infos]
+    infos = [dataclasses.replace(l, aliases=tuple(by_target.get(l.name, ()))) for l in infos]
     return Listing(infos, aliases, method, note)
 
 
@@ -233,5 +239,6 @@ def resolve_layers(backbone, names, pool: str = "avg", token_pool: str = "cls",
                 f"{close_matches(name, listing.names())}. List them all with "
                 f"`featurecache layers {backbone.name}`.")
         p = {"tokens": token_pool, "vector": "none"}.get(info.kind, pool)
-        specs.append(LayerSpec(name, info.name, info.kind, p, info.width(pool), info.depth))
+        specs.append(LayerSpec(name, info.node or info.name, info.kind, p, info.width(pool),
+                               info.depth))
     return specs

@@ -33,6 +33,7 @@ import json
 import os
 import queue
 import threading
+import warnings
 from pathlib import Path
 
 import h5py
@@ -51,6 +52,7 @@ IDENTITY_KEYS = ("backbone", "weights", "weights_sha256", "preprocess", "pool", 
                  "dtype", "layers", "data_fingerprint", "shard_index", "shard_count")
 _STR = h5py.string_dtype()
 _F16_MAX = float(np.finfo(np.float16).max)
+_F16_TINY = float(np.finfo(np.float16).tiny)  # below this float16 is subnormal: digits are lost
 
 
 def partial_path(path) -> Path:
@@ -119,6 +121,7 @@ class Writer:
         self._thread: threading.Thread | None = None
         self.n_done = self.n_committed = self.n_skipped = 0
         self.already_complete = False
+        self._warned: set = set()
 
     # -- opening -------------------------------------------------------------------------
     def __enter__(self) -> "Writer":
@@ -266,6 +269,12 @@ class Writer:
                 if m:
                     if dtype == np.float16:
                         rows = np.clip(rows, -_F16_MAX, _F16_MAX)
+                        top = float(np.abs(rows).max())
+                        if 0 < top < _F16_TINY and s.name not in self._warned:
+                            self._warned.add(s.name)
+                            warnings.warn(f"layer {s.name!r}: values reach only {top:.2g}, where "
+                                          f"float16 loses precision or rounds to 0; use "
+                                          f"--dtype float32 (typical of untrained weights).")
                     d[n:n + m] = rows.astype(dtype)
             for name, col in (("labels", 2), ("paths", 1), ("splits", 3)):
                 d = f[name]

@@ -274,3 +274,13 @@ def test_builtin_digits_source():
     assert img.mode == "RGB" and img.size == (8, 8)
     with pytest.raises(DataError, match="builtin:digits"):
         open_source("builtin:mnist")
+
+
+def test_float16_underflow_is_warned(tmp_path, image_folder):
+    from featurecache.backbones import Preprocess, load_backbone
+    import dataclasses
+
+    bb = load_backbone("efficientnet_b0", weights="none")  # untrained: activations ~1e-14
+    bb = dataclasses.replace(bb, preprocess=Preprocess(resize=64, crop=64))
+    with pytest.warns(UserWarning, match=r"layer 'avgpool'.*--dtype float32"):
+        run(image_folder, tmp_path / "f.h5", bb, layers=["avgpool"], max_per_class=1)

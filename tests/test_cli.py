@@ -32,7 +32,7 @@ def test_layers_lists_names_kinds_widths(runner):
 
 def test_embed_then_info(runner, image_folder, tmp_path):
     out = tmp_path / "f.h5"
-    args = ["embed", str(image_folder), "-o", str(out), "--weights", "none", "--layer",
+    args = ["embed", str(image_folder), "-o", str(out), "--layer",
             "blocks.5,avgpool", "--workers", "0", "--batch-size", "6", "-q", "--max-per-class", "2"]
     r = runner.invoke(cli, args)
     assert r.exit_code == 0, r.output

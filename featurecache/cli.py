@@ -208,6 +208,25 @@ def info(path, show_skipped, as_json):
             click.echo(f"skipped: {sp}: {reason}")
 
 
+@cli.command(epilog="""\b
+Example:
+  for i in 0 1 2 3; do featurecache embed DATA -o part$i.h5 --shard $i/4 & done; wait
+  featurecache join feats.h5 part0.h5 part1.h5 part2.h5 part3.h5""")
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.argument("shards", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@_friendly
+def join(output, shards, overwrite):
+    """Join the shard files of one embed run into OUTPUT (HDF5 virtual layers, no copy).
+
+    Keep the shard files beside OUTPUT: its layers point into them.
+    """
+    from .store import join_shards, open_features
+
+    path = join_shards(shards, output, overwrite=overwrite)
+    click.echo(f"wrote {path}: {open_features(path).n_rows} rows from {len(shards)} shards")
+
+
 @cli.command("fit-head", epilog="""\b
 Examples:
   featurecache fit-head logreg feats.h5 --layer avgpool -o heads/avgpool-logreg.joblib

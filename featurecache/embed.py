@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 import platform
 import shlex
 import time
@@ -123,14 +124,14 @@ def embed(source, output, backbone: str | Backbone = DEFAULT_BACKBONE, layers=("
         resumed = w.n_done
         if not w.already_complete:
             _run(records[w.n_done:], w.n_done, bb, extractor, dev, w, batch_size, num_workers,
-                 on_error, progress, src.classes)
+                 on_error, progress)
             w.close(complete=True)
         return EmbedResult(output, w.n_committed, w.n_skipped, resumed,
                            time.perf_counter() - t0, resumed == len(records), specs)
 
 
 def _run(records, offset, bb, extractor, dev, writer, batch_size, num_workers, on_error,
-         progress, classes):
+         progress):
     from tqdm.auto import tqdm
 
     if num_workers is None:
@@ -141,7 +142,7 @@ def _run(records, offset, bb, extractor, dev, writer, batch_size, num_workers, o
         persistent_workers=False)
     bar = tqdm(total=len(records) + offset, initial=offset, unit="img", disable=not progress,
                desc=f"embed {bb.name}", dynamic_ncols=True)
-    amp = torch.autocast("cuda", dtype=torch.float16) if dev.type == "cuda" else _nullctx()
+    amp = torch.autocast("cuda", dtype=torch.float16) if dev.type == "cuda" else nullcontext()
     with bar:
         for batch in loader:
             if batch.failed and on_error == "fail":
@@ -163,14 +164,6 @@ def _run(records, offset, bb, extractor, dev, writer, batch_size, num_workers, o
             if skipped:
                 bar.set_postfix(skipped=writer.n_skipped + len(skipped), refresh=False)
     writer.flush()
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _check_choice(name, value, allowed):

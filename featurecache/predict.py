@@ -70,29 +70,44 @@ def backbone_for(provenance: dict):
     return dataclasses.replace(bb, preprocess=Preprocess.from_dict(provenance["preprocess"]))
 
 
-def _features(bb, specs, paths, batch_size, device, dtype, num_workers=0):
-    """Yield ``(row indices, {name: features} or None, failures)`` per batch."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    extractor = FeatureExtractor(bb.model.to(dev), specs)
+def _device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _rows(paths, bb, score_fn, classes, top_k, batch_size, num_workers, dev) -> list[dict]:
+    """Decode ``paths`` in batches and turn ``score_fn(images) -> (scores, are_probabilities)``
+    into one row per image; an unreadable image gets a row with its reason."""
     records = [Record(p, -1, "") for p in paths]
     loader = torch.utils.data.DataLoader(ImageDataset(records, bb.preprocess.transform()),
                                          batch_size=batch_size, collate_fn=collate,
                                          num_workers=num_workers)
+    rows: list = [None] * len(paths)
     for batch in loader:
-        feats = None
-        if batch.images is not None:
-            out = extractor(batch.images.to(dev))
-            feats = {k: v.cpu().numpy().astype(dtype).astype(np.float32) for k, v in out.items()}
-        yield batch.index, feats, batch.failed
+        for i, reason in batch.failed:
+            rows[i] = {"path": paths[i], "predicted": None, "class_index": None,
+                       "probability": None, "score": None, "top_k": [], "error": reason}
+        if batch.images is None:
+            continue
+        with torch.inference_mode():
+            scores, are_proba = score_fn(batch.images.to(dev))
+        for j, i in enumerate(batch.index):
+            order = np.argsort(-scores[j])[:top_k]
+            best = int(order[0])
+            rows[i] = {"path": paths[i], "predicted": classes[best], "class_index": best,
+                       "probability": float(scores[j, best]) if are_proba else None,
+                       "score": float(scores[j, best]),
+                       "top_k": [[classes[k], float(scores[j, k])] for k in order], "error": None}
+    return rows
 
 
 def predict(head, images, top_k: int = 3, batch_size: int = 32, device: str | None = None,
             num_workers: int = 0) -> list[dict]:
     """Predict classes for ``images`` (files, folders, globs) with a saved head.
 
-    Returns one dict per image: ``path``, ``predicted``, ``probability`` (None for an SVM
-    without probability estimates), ``score``, ``top_k`` (``[[class, score], ...]``) and
-    ``error`` (the reason when the image could not be read; other images are still predicted).
+    Returns one dict per image: ``path``, ``predicted``, ``class_index``, ``probability``
+    (None for an SVM without probability estimates), ``score``, ``top_k``
+    (``[[class, score], ...]``) and ``error`` (the reason when the image could not be read;
+    the other images are still predicted).
     """
     head = head if isinstance(head, Head) else load_head(head)
     paths = expand_images(images)
@@ -100,26 +115,17 @@ def predict(head, images, top_k: int = 3, batch_size: int = 32, device: str | No
     bb = backbone_for(prov)
     specs = [LayerSpec.from_attrs(s) for s in prov["specs"]]
     head.check_compatible({**prov, **bb.provenance(), "specs": prov["specs"]}, "the images")
-    rows: list = [None] * len(paths)
-    for index, feats, failed in _features(bb, specs, paths, batch_size, device,
-                                          prov.get("dtype") or "float32", num_workers):
-        for i, reason in failed:
-            rows[i] = {"path": paths[i], "predicted": None, "probability": None, "score": None,
-                       "top_k": [], "error": reason}
-        if feats is None:
-            continue
-        X = np.concatenate([feats[s.name] for s in specs], axis=1)
+    dev = _device(device)
+    extractor = FeatureExtractor(bb.model.to(dev), specs)
+    dtype = prov.get("dtype") or "float32"
+
+    def score(images):
+        out = extractor(images)  # rounded to the stored dtype, as the head saw in training
+        X = np.concatenate([out[s.name].cpu().numpy().astype(dtype) for s in specs], axis=1)
         proba = head.predict_proba(X)
-        scores = proba if proba is not None else head.scores(X)
-        for j, i in enumerate(index):
-            order = np.argsort(-scores[j])[:top_k]
-            best = int(order[0])
-            rows[i] = {"path": paths[i], "predicted": head.classes[best],
-                       "probability": None if proba is None else float(proba[j, best]),
-                       "score": float(scores[j, best]),
-                       "top_k": [[head.classes[k], float(scores[j, k])] for k in order],
-                       "error": None}
-    return rows
+        return (proba, True) if proba is not None else (head.scores(X), False)
+
+    return _rows(paths, bb, score, head.classes, top_k, batch_size, num_workers, dev)
 
 
 def predict_imagenet(images, backbone: str = DEFAULT_BACKBONE, weights: str = "DEFAULT",
@@ -130,28 +136,10 @@ def predict_imagenet(images, backbone: str = DEFAULT_BACKBONE, weights: str = "D
     if bb.categories is None:
         raise FeaturecacheError(f"{backbone} has no 1000-class ImageNet head to predict with.")
     paths = expand_images(images)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _device(device)
     model = bb.model.to(dev)
-    records = [Record(p, -1, "") for p in paths]
-    loader = torch.utils.data.DataLoader(ImageDataset(records, bb.preprocess.transform()),
-                                         batch_size=batch_size, collate_fn=collate)
-    rows: list = [None] * len(paths)
-    for batch in loader:
-        for i, reason in batch.failed:
-            rows[i] = {"path": paths[i], "predicted": None, "probability": None, "score": None,
-                       "top_k": [], "error": reason}
-        if batch.images is None:
-            continue
-        with torch.inference_mode():
-            proba = model(batch.images.to(dev)).softmax(1).cpu().numpy()
-        for j, i in enumerate(batch.index):
-            order = np.argsort(-proba[j])[:top_k]
-            rows[i] = {"path": paths[i], "predicted": bb.categories[order[0]],
-                       "class_index": int(order[0]), "probability": float(proba[j, order[0]]),
-                       "score": float(proba[j, order[0]]),
-                       "top_k": [[bb.categories[k], float(proba[j, k])] for k in order],
-                       "error": None}
-    return rows
+    return _rows(paths, bb, lambda x: (model(x).softmax(1).cpu().numpy(), True), bb.categories,
+                 top_k, batch_size, 0, dev)
 
 
 def write_predictions(rows: list, path, fmt: str = "csv") -> Path:

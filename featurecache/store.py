@@ -42,7 +42,7 @@ import numpy as np
 from .errors import StoreError, StoreMismatchError, UnknownLayerError, close_matches
 from .layers import LayerSpec
 
-__all__ = ["Writer", "FeatureFile", "open_features", "partial_path", "fingerprint",
+__all__ = ["Writer", "FeatureFile", "open_features", "join_shards", "partial_path", "fingerprint",
            "SCHEMA_VERSION", "IDENTITY_KEYS"]
 
 SCHEMA_VERSION = 1
@@ -263,7 +263,7 @@ class Writer:
         dtype = np.dtype(self.meta["dtype"])
         with h5py.File(self.partial, "a") as f:
             for s in self.specs:
-                rows = np.concatenate([np.asarray(b[0][s.name]) for b in batches]) if m else None
+                rows = np.concatenate([b[0][s.name] for b in batches if b[1]]) if m else None
                 d = f["layers"][s.name]
                 d.resize(n + m, axis=0)
                 if m:
@@ -403,3 +403,70 @@ def open_features(path) -> FeatureFile:
             return FeatureFile(partial_path(path))
         raise StoreError(f"feature file {path} does not exist; make it with `featurecache embed`.")
     return FeatureFile(path)
+
+
+def join_shards(shards, output, overwrite: bool = False) -> Path:
+    """Join complete shard files (``embed --shard i/k``) into one file, in shard order.
+
+    The layers become HDF5 virtual datasets that point into the shard files (kept beside the
+    output; nothing is copied); labels, paths and splits are copied. The result opens with
+    :func:`open_features` like any other file.
+
+    Raises:
+        StoreError: a shard is missing, incomplete, from another run, or the set is not whole.
+    """
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise StoreError(f"{output} exists; choose another name or pass overwrite=True.")
+    files = sorted((open_features(p) for p in shards), key=lambda f: f.provenance["shard_index"])
+    if not files:
+        raise StoreError("no shard files given.")
+    first = files[0].provenance
+    count = first["shard_count"]
+    if [f.provenance["shard_index"] for f in files] != list(range(count)):
+        raise StoreError(f"need shards 0..{count - 1} exactly once; got "
+                         f"{[f.provenance['shard_index'] for f in files]}.")
+    same = [k for k in IDENTITY_KEYS if k != "shard_index"]
+    for f in files:
+        if not f.complete:
+            raise StoreError(f"{f.path} is not complete; finish it by re-running its embed.")
+        diff = [k for k in same if f.provenance.get(k) != first.get(k)]
+        if diff:
+            raise StoreError(f"{f.path} differs from {files[0].path} in {diff}; not the same run.")
+    sizes = [f.n_rows for f in files]
+    total = sum(sizes)
+    meta = {k: v for k, v in first.items() if k not in ("fingerprint", "created", "format",
+                                                         "schema_version")}
+    meta.update(shard_index=0, shard_count=1, shard_start=0,
+                n_inputs=sum(f.provenance["n_inputs"] for f in files), joined_from=count)
+    with h5py.File(output, "w") as out:
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        attrs = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "created": now, **meta,
+                 "n_done": meta["n_inputs"], "n_committed": total,
+                 "n_skipped": sum(f.provenance["n_skipped"] for f in files), "complete": True}
+        attrs["fingerprint"] = fingerprint(attrs)
+        for k, v in attrs.items():
+            out.attrs[k] = _encode(v)
+        out.create_dataset("classes", data=np.array(files[0].classes, dtype=object), dtype=_STR)
+        grp = out.create_group("layers")
+        for spec in files[0].layers.values():
+            layout = h5py.VirtualLayout(shape=(total, spec.dim),
+                                        dtype=np.dtype(first["dtype"]))
+            start = 0
+            for f, n in zip(files, sizes):
+                rel = os.path.relpath(f.path, output.parent)
+                layout[start:start + n] = h5py.VirtualSource(rel, f"layers/{spec.name}",
+                                                             shape=(n, spec.dim))[:n]
+                start += n
+            d = grp.create_virtual_dataset(spec.name, layout)
+            for k, v in spec.to_attrs().items():
+                d.attrs[k] = v
+        out.create_dataset("labels", data=np.concatenate([f.y() for f in files]).astype(np.int32))
+        for name in ("paths", "splits"):
+            col = [v for f in files for v in (f.paths() if name == "paths" else f.splits())]
+            out.create_dataset(name, data=np.array(col, dtype=object), dtype=_STR)
+        skipped = [s for f in files for s in f.skipped()]
+        sk = out.create_group("skipped")
+        for j, name in enumerate(("paths", "reasons")):
+            sk.create_dataset(name, data=np.array([s[j] for s in skipped], dtype=object), dtype=_STR)
+    return output

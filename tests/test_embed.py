@@ -179,6 +179,10 @@ def test_unreadable_images_are_skipped_and_logged(image_folder, tiny_backbone, t
     assert {os.path.basename(p) for p in skipped} == {"empty.png", "notes.jpg", "truncated.jpg"}
     assert all("cannot decode image" in reason for reason in skipped.values())
     assert ff.provenance["n_skipped"] == 3
+    # batches holding only unreadable images, committed together with good ones
+    one = run(image_folder, tmp_path / "one.h5", tiny_backbone, batch_size=1, commit_rows=64)
+    assert (one.n_rows, one.n_skipped) == (19, 3)
+    assert open_features(tmp_path / "one.h5").paths() == ff.paths()
     with pytest.raises(DataError, match=r"(empty|notes|truncated).*--on-error skip"):
         run(image_folder, tmp_path / "g.h5", tiny_backbone, on_error="fail")
 
@@ -285,3 +289,22 @@ def test_float16_underflow_is_warned(tmp_path, image_folder):
     bb = dataclasses.replace(bb, preprocess=Preprocess(resize=64, crop=64))
     with pytest.warns(UserWarning, match=r"layer 'avgpool'.*--dtype float32"):
         run(image_folder, tmp_path / "f.h5", bb, layers=["avgpool"], max_per_class=1)
+
+
+def test_shards_join_into_one_virtual_file(image_folder, tiny_backbone, tmp_path, monkeypatch):
+    from featurecache.errors import StoreError
+    from featurecache.store import join_shards
+
+    ref = tmp_path / "all.h5"
+    run(image_folder, ref, tiny_backbone)
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    for i in range(3):
+        run(image_folder, shard_dir / f"s{i}.h5", tiny_backbone, shard=(i, 3))
+    joined = join_shards([shard_dir / f"s{i}.h5" for i in (2, 0, 1)], shard_dir / "joined.h5")
+    monkeypatch.chdir(tmp_path)  # the virtual layers find their shards relative to the file
+    assert_same_file(ref, joined)
+    with h5py.File(joined) as f:
+        assert f["layers/avgpool"].is_virtual and f.attrs["joined_from"] == 3
+    with pytest.raises(StoreError, match=r"need shards 0..2 exactly once"):
+        join_shards([shard_dir / "s0.h5", shard_dir / "s1.h5"], tmp_path / "x.h5")

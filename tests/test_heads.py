@@ -107,3 +107,14 @@ def test_head_refuses_features_from_another_layer_setup(feats, image_folder, tin
           num_workers=0, progress=False)
     with pytest.raises(HeadError, match=r"specs = .*'pool': 'avg'.*'pool': 'max'"):
         head.check_compatible(open_features(other).layer_provenance("avgpool"))
+
+
+def test_linear_svm_switches_to_liblinear_for_many_rows(monkeypatch):
+    from featurecache import heads
+
+    X, y = blobs(60, 5, 0.5, 3)
+    small, _, _, _ = search(X, y, "svm", cv=3)
+    monkeypatch.setattr(heads, "SVC_MAX_ROWS", 10)
+    large, _, _, _ = search(X, y, "svm", cv=3)
+    assert (type(small[-1]).__name__, type(large[-1]).__name__) == ("SVC", "LinearSVC")
+    assert small[-1].kernel == "linear"

@@ -102,7 +102,7 @@ def peak_rss(src: Path, out: Path, workers: int) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/clipart10"))
-    ap.add_argument("--n", type=int, default=192, help="images for (a)-(c) and the small RSS run")
+    ap.add_argument("--n", type=int, default=480, help="images for (a)-(c) and the small RSS run")
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     args = ap.parse_args()
     src = open_source(args.data)

@@ -44,13 +44,14 @@ def main():
                     help="rows for the SVM search (default: --rows); LinearSVC's cost grows fast with C")
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/clipart10"))
     ap.add_argument("--n-jobs", type=int, default=os.cpu_count())
+    ap.add_argument("--skip-search", action="store_true", help="only the compare timing")
     args = ap.parse_args()
     out = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
                       f"scikit-learn {sklearn.__version__}",
            "date": time.strftime("%Y-%m-%d"), "rows": args.rows, "n_jobs": args.n_jobs}
     out["svm_rows"] = args.svm_rows or args.rows
     X, y = synthetic(max(args.rows, out["svm_rows"]))
-    for kind in ("logreg", "svm"):
+    for kind in () if args.skip_search else ("logreg", "svm"):
         n = args.rows if kind == "logreg" else out["svm_rows"]
         t = time.perf_counter()
         _, params, score, table = search(X[:n], y[:n], kind, n_jobs=args.n_jobs)

@@ -109,12 +109,9 @@ def test_head_refuses_features_from_another_layer_setup(feats, image_folder, tin
         head.check_compatible(open_features(other).layer_provenance("avgpool"))
 
 
-def test_linear_svm_switches_to_liblinear_for_many_rows(monkeypatch):
-    from featurecache import heads
-
-    X, y = blobs(60, 5, 0.5, 3)
-    small, _, _, _ = search(X, y, "svm", cv=3)
-    monkeypatch.setattr(heads, "SVC_MAX_ROWS", 10)
-    large, _, _, _ = search(X, y, "svm", cv=3)
-    assert (type(small[-1]).__name__, type(large[-1]).__name__) == ("SVC", "LinearSVC")
-    assert small[-1].kernel == "linear"
+def test_linear_svm_uses_libsvm_when_features_outnumber_rows():
+    X, y = blobs(60, 100, 0.5, 3)  # 60 rows, 100 features: separable, small dual
+    wide, _, _, _ = search(X, y, "svm", cv=3)
+    tall, _, _, _ = search(X[:, :5], y, "svm", cv=3)
+    assert (type(wide[-1]).__name__, type(tall[-1]).__name__) == ("SVC", "LinearSVC")
+    assert wide[-1].kernel == "linear"

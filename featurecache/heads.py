@@ -213,6 +213,10 @@ class Head:
         return path
 
 
+def _min_count(y) -> int:
+    return int(np.unique(y, return_counts=True)[1].min())
+
+
 def load_head(path) -> Head:
     """Load a head saved by :meth:`Head.save`. joblib files are pickles: only load trusted ones.
 
@@ -268,7 +272,8 @@ def fit_head(features, layer: str, kind: str = "logreg", kernel: str = "linear",
     meta = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "featurecache_version": __version__, "sklearn_version": sklearn.__version__,
             "feature_file": str(ff.path), "n_train": int(len(y)), "class_weight": class_weight,
-            "seed": seed, "cv": "val split" if folds else f"stratified {min(cv, np.bincount(y).min())}-fold",
+            "seed": seed,
+            "cv": "val split" if folds else f"stratified {min(cv, _min_count(y))}-fold",
             "refit_on": "train + val" if folds else "train",
             "estimator": type(pipe[-1]).__name__}
     return Head(pipe, kind, kernel, layer, list(ff.classes), ff.layer_provenance(layer), params,

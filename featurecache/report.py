@@ -201,7 +201,9 @@ def _write(out_dir: Path, ff, rows, winner, verdict, cm) -> None:
           f"`{p['weights']}`, {summary['n_train']} train / {summary['n_test']} test rows, "
           f"{len(ff.classes)} classes).\n\n{verdict}\n\n{_markdown_table(rows, winner)}\n"
           f"Intervals are bootstrap 95% intervals over the test rows. The CV score is the mean "
-          f"{'accuracy'} of the best hyperparameters in stratified CV on the train split.\n\n"
+          f"accuracy of the best hyperparameters in stratified CV on the train split. The winner "
+          f"is picked on the test split, so its test score is slightly optimistic; the CV column "
+          f"is the selection signal that never saw the test rows.\n\n"
           f"![score vs depth](layer_depth.png)\n\n![confusion matrix of the winner](confusion.png)\n")
     (out_dir / "report.md").write_text(md)
     _plot_depth(out_dir / "layer_depth.png", rows, winner)

@@ -136,7 +136,8 @@ def probe(model: nn.Module, names: list[str], size: int, method: str = "auto"):
     with torch.inference_mode():
         out = extractor(x)
     found = {}
-    for name in names:
+    # hooks fire as modules finish, so their dict is in forward order (a parent after its children)
+    for name in (list(out) if used == "hooks" else names):
         t = out.get(name)
         if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[0] != _PROBE_BATCH:
             continue
@@ -182,7 +183,10 @@ def list_layers(backbone, all_nodes: bool = False, method: str = "auto") -> List
     for n in candidates:
         canon.setdefault(order[n], n)
     found, method = probe(model, list(dict.fromkeys(canon.values())), size, method)
-    found = {n: found[canon[order[n]]] for n in candidates if canon[order[n]] in found}
+    if method == "hooks":
+        order = {n: i for i, n in enumerate(found)}
+        canon = {i: n for n, i in order.items()}
+    found = {n: found[canon[order[n]]] for n in candidates if n in order and canon[order[n]] in found}
     ranks = {pos: r for r, pos in enumerate(sorted({order[n] for n in found}))}
     infos = sorted((LayerInfo(n, k, s, ranks[order[n]], (), canon[order[n]])
                     for n, (k, s) in found.items()), key=lambda l: (l.depth, l.name))

@@ -129,8 +129,9 @@ def test_untraceable_model_falls_back_to_hooks(image_folder, tmp_path):
     bb = Backbone("toy", Untraceable().eval(), Preprocess(resize=32, crop=32), "none(seed=0)", None)
     listing = list_layers(bb)
     assert listing.method == "hooks" and "FX tracing failed" in listing.note
-    assert [l.name for l in listing.layers] == ["conv", "block", "block.0", "block.1", "avgpool", "fc"]
-    assert listing.get("block").shape == (16, 8, 8) and listing.aliases["stage2"] == "block.1"
+    # in forward order: a container after the modules inside it
+    assert [l.name for l in listing.layers] == ["conv", "block.0", "block.1", "block", "avgpool", "fc"]
+    assert listing.get("block").shape == (16, 8, 8) and listing.aliases["stage2"] == "block"
     r = embed(image_folder, tmp_path / "f.h5", backbone=bb, layers=["block", "avgpool"],
               num_workers=0, progress=False)
     ff = open_features(tmp_path / "f.h5")

@@ -14,10 +14,10 @@ Example::
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 import platform
 import shlex
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from . import __version__
 from .backbones import DEFAULT_BACKBONE, Backbone, load_backbone
 from .data import ImageDataset, collate, open_source, shard_range
 from .errors import DataError, FeaturecacheError
-from .extract import FeatureExtractor
+from .extract import FeatureExtractor, default_device
 from .layers import resolve_layers
 from .store import Writer
 
@@ -88,7 +88,7 @@ def embed(source, output, backbone: str | Backbone = DEFAULT_BACKBONE, layers=("
     output = Path(output)
     _check_choice("dtype", dtype, DTYPES)
     _check_choice("on_error", on_error, ON_ERROR)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = default_device(device)
     batch_size = batch_size or (64 if dev.type == "cuda" else 16)
     if batch_size < 1:
         raise FeaturecacheError(f"batch_size == {batch_size}, must be >= 1.")

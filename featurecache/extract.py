@@ -25,11 +25,17 @@ from torch import nn
 
 from .errors import UnknownLayerError
 
-__all__ = ["FeatureExtractor", "raw_extractor", "pool_output", "POOLS", "TOKEN_POOLS", "KINDS"]
+__all__ = ["FeatureExtractor", "raw_extractor", "pool_output", "default_device", "POOLS",
+           "TOKEN_POOLS", "KINDS"]
 
 POOLS = ("avg", "max", "avgmax")
 TOKEN_POOLS = ("cls", "mean")
 KINDS = ("map", "map-nhwc", "tokens", "vector")
+
+
+def default_device(device: str | None = None) -> torch.device:
+    """``device`` if given, else cuda when present, else cpu."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def pool_output(t: torch.Tensor, kind: str, pool: str) -> torch.Tensor:

@@ -26,7 +26,7 @@ from .backbones import DEFAULT_BACKBONE, Preprocess, load_backbone
 from .data import ImageDataset, Record, collate
 from .data.sources import IMAGE_EXTENSIONS
 from .errors import DataError, FeaturecacheError
-from .extract import FeatureExtractor
+from .extract import FeatureExtractor, default_device
 from .heads import Head, load_head
 from .layers import LayerSpec
 
@@ -70,10 +70,6 @@ def backbone_for(provenance: dict):
     return dataclasses.replace(bb, preprocess=Preprocess.from_dict(provenance["preprocess"]))
 
 
-def _device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def _rows(paths, bb, score_fn, classes, top_k, batch_size, num_workers, dev) -> list[dict]:
     """Decode ``paths`` in batches and turn ``score_fn(images) -> (scores, are_probabilities)``
     into one row per image; an unreadable image gets a row with its reason."""
@@ -115,7 +111,7 @@ def predict(head, images, top_k: int = 3, batch_size: int = 32, device: str | No
     bb = backbone_for(prov)
     specs = [LayerSpec.from_attrs(s) for s in prov["specs"]]
     head.check_compatible({**prov, **bb.provenance(), "specs": prov["specs"]}, "the images")
-    dev = _device(device)
+    dev = default_device(device)
     extractor = FeatureExtractor(bb.model.to(dev), specs)
     dtype = prov.get("dtype") or "float32"
 
@@ -136,7 +132,7 @@ def predict_imagenet(images, backbone: str = DEFAULT_BACKBONE, weights: str = "D
     if bb.categories is None:
         raise FeaturecacheError(f"{backbone} has no 1000-class ImageNet head to predict with.")
     paths = expand_images(images)
-    dev = _device(device)
+    dev = default_device(device)
     model = bb.model.to(dev)
     return _rows(paths, bb, lambda x: (model(x).softmax(1).cpu().numpy(), True), bb.categories,
                  top_k, batch_size, 0, dev)

@@ -73,6 +73,15 @@ def _encode(value):
     return str(value) if isinstance(value, str) else value  # str subclasses (TorchVersion)
 
 
+def _write_header(f, attrs: dict, classes: list) -> None:
+    """Root attributes (format, schema version, creation time, then ``attrs``) and /classes."""
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    for k, v in {"format": FORMAT, "schema_version": SCHEMA_VERSION, "created": now,
+                 **attrs}.items():
+        f.attrs[k] = _encode(v)
+    f.create_dataset("classes", data=np.array(classes, dtype=object), dtype=_STR)
+
+
 def _decode(value):
     if isinstance(value, bytes):
         value = value.decode()
@@ -165,12 +174,8 @@ class Writer:
 
     def _create(self) -> None:
         with h5py.File(self.partial, "w") as f:
-            now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            attrs = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "created": now,
-                     **self.meta, "n_done": 0, "n_committed": 0, "n_skipped": 0, "complete": False}
-            for k, v in attrs.items():
-                f.attrs[k] = _encode(v)
-            f.create_dataset("classes", data=np.array(self.classes, dtype=object), dtype=_STR)
+            _write_header(f, {**self.meta, "n_done": 0, "n_committed": 0, "n_skipped": 0,
+                              "complete": False}, self.classes)
             grp = f.create_group("layers")
             dtype = np.dtype(self.meta["dtype"])
             for s in self.specs:
@@ -439,15 +444,11 @@ def join_shards(shards, output, overwrite: bool = False) -> Path:
                                                          "schema_version")}
     meta.update(shard_index=0, shard_count=1, shard_start=0,
                 n_inputs=sum(f.provenance["n_inputs"] for f in files), joined_from=count)
+    meta.update(n_done=meta["n_inputs"], n_committed=total, complete=True,
+                n_skipped=sum(f.provenance["n_skipped"] for f in files))
+    meta["fingerprint"] = fingerprint(meta)
     with h5py.File(output, "w") as out:
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        attrs = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "created": now, **meta,
-                 "n_done": meta["n_inputs"], "n_committed": total,
-                 "n_skipped": sum(f.provenance["n_skipped"] for f in files), "complete": True}
-        attrs["fingerprint"] = fingerprint(attrs)
-        for k, v in attrs.items():
-            out.attrs[k] = _encode(v)
-        out.create_dataset("classes", data=np.array(files[0].classes, dtype=object), dtype=_STR)
+        _write_header(out, meta, files[0].classes)
         grp = out.create_group("layers")
         for spec in files[0].layers.values():
             layout = h5py.VirtualLayout(shape=(total, spec.dim),

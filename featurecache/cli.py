@@ -17,6 +17,10 @@ from .errors import FeaturecacheError
 
 __all__ = ["cli", "main"]
 
+# kept here (not imported from .search) so that `featurecache --help` stays cheap
+HEAD_CHOICES = ("logreg", "svm", "knn")
+SCORING_CHOICES = ("balanced_accuracy", "accuracy", "f1_macro")
+
 
 def _friendly(fn):
     """Turn the package's errors (and ValueError from argument checks) into ClickException."""
@@ -231,64 +235,88 @@ def join(output, shards, overwrite):
 Examples:
   featurecache fit-head logreg feats.h5 --layer avgpool -o heads/avgpool-logreg.joblib
   featurecache fit-head svm feats.h5 --layer blocks.10 --kernel rbf -o heads/b10-svm.joblib
+  featurecache fit-head knn feats.h5 --layer avgpool -o heads/avgpool-knn.joblib
   featurecache fit-head logreg feats.h5 --layer blocks.5+avgpool -o heads/concat.joblib
 joblib files are pickles: load only heads you trust.""")
-@click.argument("kind", type=click.Choice(["logreg", "svm"]))
+@click.argument("kind", type=click.Choice(HEAD_CHOICES))
 @click.argument("features", type=click.Path(dir_okay=False))
 @click.option("--layer", required=True, help="Stored layer, or several joined with + (concatenated).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Head file (.joblib).")
 @click.option("--kernel", default="linear", type=click.Choice(["linear", "rbf"]), show_default=True,
               help="SVM kernel.")
 @click.option("--cv", default=5, show_default=True, type=click.IntRange(min=2), help="CV folds.")
+@click.option("--scoring", default="balanced_accuracy", show_default=True,
+              type=click.Choice(SCORING_CHOICES), help="CV score that picks the hyperparameters.")
 @click.option("--class-weight", default="none", type=click.Choice(["none", "balanced"]), show_default=True)
 @click.option("--probability", is_flag=True, help="Fit SVM probability estimates (slower).")
-@click.option("--n-jobs", default=None, type=int, help="Parallel CV folds (-1: all cores).")
+@click.option("--n-jobs", default=-1, show_default=True, type=int,
+              help="Parallel CV folds (-1: all cores).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @_friendly
-def fit_head_cmd(kind, features, layer, output, kernel, cv, class_weight, probability, n_jobs, seed):
-    """Search C (and gamma) by stratified CV, refit on the train split, save the head.
+def fit_head_cmd(kind, features, layer, output, kernel, cv, scoring, class_weight, probability,
+                 n_jobs, seed):
+    """Search hyperparameters by stratified CV, refit on the train split, save the head.
 
-    The sweep covers C = 1e-6..1e6 a decade apart, then quarter-decades around the best.
+    logreg and svm walk C = 1e-6..1e6 a decade apart (each fold stops two decades past its
+    best), then quarter-decades around the best; knn (cosine, temperature-weighted votes)
+    picks k from 10, 20, 50.
     """
     from .heads import fit_head
 
-    head = fit_head(features, layer, kind, kernel=kernel, cv=cv, seed=seed, n_jobs=n_jobs,
-                    class_weight=None if class_weight == "none" else class_weight,
+    head = fit_head(features, layer, kind, kernel=kernel, cv=cv, scoring=scoring, seed=seed,
+                    n_jobs=n_jobs, class_weight=None if class_weight == "none" else class_weight,
                     probability=probability)
     path = head.save(output)
     params = ", ".join(f"{k}={v:.3g}" for k, v in head.params_.items())
+    done = sum(r["status"] == "evaluated" for r in head.cv_results_)
     click.echo(f"{kind} on {layer}: best {params}, CV {head.scoring} {head.cv_score_:.3f} "
-               f"({len(head.cv_results_)} grid points); saved {path}")
+               f"({done} of {len(head.cv_results_)} grid points evaluated); saved {path}")
 
 
 @cli.command(epilog="""\b
 Examples:
   featurecache compare feats.h5 -o reports/run1/
-  featurecache compare feats.h5 --heads logreg --layers blocks.5,avgpool --extra blocks.5+avgpool -o r/""")
-@click.argument("features", type=click.Path(dir_okay=False))
+  featurecache compare feats.h5 --heads logreg --layers blocks.5,avgpool --extra blocks.5+avgpool -o r/
+  featurecache compare feats.h5 --shots 1,5,10,25,all --repeats 3 -o r/
+  featurecache compare lite0.h5 lite2.h5 -o r/        # two backbones, same images""")
+@click.argument("features", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Report folder.")
-@click.option("--heads", default="logreg,svm", show_default=True, help="Comma-separated head kinds.")
+@click.option("--heads", default="logreg,svm,knn", show_default=True,
+              help=f"Comma-separated head kinds ({', '.join(HEAD_CHOICES)}).")
 @click.option("--layers", default=None, help="Comma-separated stored layers (default: all).")
 @click.option("--extra", "extra", multiple=True, help="A concatenation such as blocks.5+avgpool (repeatable).")
 @click.option("--kernel", default="linear", type=click.Choice(["linear", "rbf"]), show_default=True)
 @click.option("--cv", default=5, show_default=True, type=click.IntRange(min=2))
+@click.option("--scoring", default="balanced_accuracy", show_default=True,
+              type=click.Choice(SCORING_CHOICES), help="CV score that picks heads and the winner.")
+@click.option("--select", default="cv", show_default=True, type=click.Choice(["cv", "cv-1se"]),
+              help="cv: best CV score; cv-1se: narrowest/shallowest within one standard error.")
+@click.option("--shots", default=None, help="Few-shot curve, e.g. 1,5,10,25,all (images per class).")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Seeded draws per few-shot size.")
 @click.option("--class-weight", default="none", type=click.Choice(["none", "balanced"]), show_default=True)
-@click.option("--n-jobs", default=None, type=int, help="Parallel CV folds (-1: all cores).")
+@click.option("--n-jobs", default=-1, show_default=True, type=int,
+              help="Parallel CV tasks (layers x folds; -1: all cores).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Replace an existing report folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_friendly
-def compare(features, output, heads, layers, extra, kernel, cv, class_weight, n_jobs, seed,
-            overwrite, quiet):
-    """Compare every stored layer x head on the test split; write a layer-depth report.
+def compare(features, output, heads, layers, extra, kernel, cv, scoring, select, shots, repeats,
+            class_weight, n_jobs, seed, overwrite, quiet):
+    """Compare every stored layer x head (x backbone); pick the winner by CV; report on test.
 
+    FEATURES is one feature file, or several files of the same images made with different
+    backbones. Every candidate is scored on the same CV folds of the train split and the
+    winner is chosen from those scores alone; the test split is read once, to report.
     Writes results.csv/json, report.md (table + verdict), layer_depth.png, confusion.png,
-    heads/*.joblib and best.joblib (the winner, ready for `featurecache predict`).
+    few_shot.png (with --shots), heads/*.joblib and best.joblib (ready for `predict`).
     """
     from .report import compare as run_compare
 
-    res = run_compare(features, output, layers=_csv(layers), heads=_csv(heads), extra_layers=extra,
-                      kernel=kernel, cv=cv, seed=seed, n_jobs=n_jobs, overwrite=overwrite,
+    res = run_compare(list(features), output, layers=_csv(layers), heads=_csv(heads) or [],
+                      extra_layers=extra, kernel=kernel, cv=cv, scoring=scoring, select=select,
+                      shots=_csv(shots) or (), repeats=repeats, seed=seed, n_jobs=n_jobs,
+                      overwrite=overwrite,
                       class_weight=None if class_weight == "none" else class_weight,
                       progress=not quiet)
     click.echo(res.table())

@@ -54,10 +54,14 @@ SCHEMA = {
               "dtype": (str, "float16", ("float16", "float32")), "batch_size": (int, 0, None),
               "workers": (int, -1, None), "device": (str, "", None),
               "on_error": (str, "skip", ("skip", "fail")), "overwrite": (bool, False, None)},
-    "compare": {"heads": (list, ["logreg", "svm"], None), "layers": (list, [], None),
+    "compare": {"heads": (list, ["logreg", "svm", "knn"], None), "layers": (list, [], None),
                 "extra_layers": (list, [], None), "kernel": (str, "linear", ("linear", "rbf")),
-                "cv": (int, 5, None), "class_weight": (str, "none", ("none", "balanced")),
-                "n_jobs": (int, 1, None), "n_boot": (int, 1000, None)},
+                "cv": (int, 5, None),
+                "scoring": (str, "balanced_accuracy", ("balanced_accuracy", "accuracy", "f1_macro")),
+                "select": (str, "cv", ("cv", "cv-1se")), "shots": (list, [], None),
+                "repeats": (int, 3, None),
+                "class_weight": (str, "none", ("none", "balanced")),
+                "n_jobs": (int, -1, None), "n_boot": (int, 1000, None)},
 }
 
 
@@ -103,7 +107,8 @@ def _check_type(where: str, value, kind, allowed):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        if not isinstance(value, list) or not all(isinstance(v, (str, int)) and
+                                                  not isinstance(v, bool) for v in value):
             raise PipelineError(f"{where} must be a list of strings, got {value!r}.")
     elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise PipelineError(f"{where} must be {kind.__name__}, got {type(value).__name__} {value!r}.")
@@ -180,7 +185,8 @@ def _embed_kwargs(c: dict) -> dict:
 def _compare_kwargs(c: dict) -> dict:
     k = c["compare"]
     return dict(layers=k["layers"] or None, heads=k["heads"], extra_layers=k["extra_layers"],
-                kernel=k["kernel"], cv=k["cv"], seed=c[""]["seed"],
+                kernel=k["kernel"], cv=k["cv"], seed=c[""]["seed"], scoring=k["scoring"],
+                select=k["select"], shots=k["shots"], repeats=k["repeats"],
                 class_weight=None if k["class_weight"] == "none" else k["class_weight"],
                 n_jobs=k["n_jobs"], n_boot=k["n_boot"])
 

@@ -1,21 +1,27 @@
-"""Layer-depth comparison: every stored layer x head, searched, refit, scored on the test split.
+"""Layer-depth comparison: every backbone x layer x head, selected by CV, reported on test.
 
-:func:`compare` writes into one folder:
+:func:`compare` searches every head kind on every stored layer (of one feature file, or of
+several files of the same images made with different backbones), all on the same CV folds
+of the train split, and picks the winner **by the cross-validated score** (``--select cv``),
+or the narrowest / shallowest candidate within one standard error of the best
+(``--select cv-1se``). The test split is read once, after the selection, to report: metrics
+with bootstrap 95% intervals, and a paired bootstrap of the winner's lead over the runner-up
+on the same test rows. With ``shots``, every row is also refit on k images per class (seeded
+draws, repeated) to answer "how many labels do I need?".
 
-* ``results.csv`` / ``results.json``: one row per layer x head (CV score, test accuracy,
-  balanced accuracy and macro-F1, each with a bootstrap 95% interval);
-* ``report.md``: the table ordered by depth, the winner in bold, and a verdict;
-* ``layer_depth.png``: balanced accuracy vs depth, one line per head, interval bars;
+It writes into one folder:
+
+* ``results.csv`` / ``results.json``: one row per backbone x layer x head;
+* ``report.md``: the table ordered by depth, the winner in bold, and the verdict;
+* ``layer_depth.png``: test score vs depth, one line per backbone x head;
+* ``few_shot.png`` (with ``shots``): test score vs labelled images per class;
 * ``confusion.png``: the winner's confusion matrix on the test split;
-* ``heads/<layer>-<head>.joblib`` and ``best.joblib`` (the winner), ready for ``predict``.
-
-The winner is the row with the highest test balanced accuracy (robust to unbalanced
-classes); ties go to the higher CV score.
+* ``heads/*.joblib`` and ``best.joblib`` (the winner), ready for ``predict``.
 
 Example::
 
-    >>> res = compare("feats.h5", "reports/run1", heads=["logreg"])   # doctest: +SKIP
-    >>> print(res.verdict)                                            # doctest: +SKIP
+    >>> res = compare("feats.h5", "reports/run1", heads=["logreg", "knn"])   # doctest: +SKIP
+    >>> print(res.verdict)                                                   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -24,38 +30,24 @@ import csv
 import json
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
 
 from .errors import FeaturecacheError, HeadError
-from .heads import HEAD_KINDS, fit_head
+from .search import HEAD_KINDS, SCORINGS
+from .stats import METRICS, SCORING_METRIC, bootstrap, interval, paired_difference
 
-__all__ = ["compare", "CompareResult", "bootstrap_ci", "METRICS"]
+__all__ = ["compare", "CompareResult", "SELECT", "select_winner"]
 
-METRICS = {
-    "accuracy": accuracy_score,
-    "balanced_accuracy": balanced_accuracy_score,
-    "macro_f1": lambda y, p: f1_score(y, p, average="macro"),
-}
-
-
-def bootstrap_ci(y_true, y_pred, metric, n_boot: int = 1000, seed: int = 0) -> tuple:
-    """Percentile 95% interval of ``metric`` over test rows resampled with replacement."""
-    rng = np.random.default_rng(seed)
-    n = len(y_true)
-    with warnings.catch_warnings():  # a resample may miss a class; the metric copes
-        warnings.simplefilter("ignore")
-        stats = [metric(y_true[i], y_pred[i]) for i in (rng.integers(0, n, n) for _ in range(n_boot))]
-    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+SELECT = ("cv", "cv-1se")
+_HEAD_COST = {"knn": 0, "logreg": 1, "svm": 2}  # cheaper first, for the one-SE rule
 
 
 @dataclass
 class CompareResult:
-    """Rows (one per layer x head, in depth order), the winner, the verdict, the folder."""
+    """Rows (one per backbone x layer x head, in depth order), the winner, the verdict."""
 
     rows: list
     winner: dict
@@ -66,102 +58,302 @@ class CompareResult:
         return _markdown_table(self.rows, self.winner)
 
 
-def compare(features, out_dir, layers=None, heads=("logreg", "svm"), extra_layers=(),
-            kernel: str = "linear", cv: int = 5, class_weight=None, seed: int = 0,
-            n_jobs=None, n_boot: int = 1000, overwrite: bool = False,
+def select_winner(rows, select: str = "cv") -> dict:
+    """The row chosen from CV scores only (never from the test split).
+
+    ``cv``: the highest mean CV score (ties: the narrower, then shallower, then cheaper head).
+    ``cv-1se``: among the rows whose CV score is within one standard error of the best, the
+    narrowest, then shallowest, then cheapest.
+    """
+    def simplicity(r):
+        return (r["dim"], r["rel_depth"], _HEAD_COST.get(r["head"], 9))
+
+    best = min(rows, key=lambda r: (-r["cv_score"], simplicity(r)))
+    if select == "cv":
+        return best
+    if select != "cv-1se":
+        raise HeadError(f"select {select!r} is not one of {', '.join(SELECT)}.")
+    floor = best["cv_score"] - best["cv_sem"]
+    return min((r for r in rows if r["cv_score"] >= floor), key=simplicity)
+
+
+def _open_all(features) -> list:
+    """Open the feature files and check that they hold the same images, labels and splits."""
+    from .store import FeatureFile, open_features
+
+    items = features if isinstance(features, (list, tuple)) else [features]
+    if not items:
+        raise FeaturecacheError("no feature file given.")
+    files = [f if isinstance(f, FeatureFile) else open_features(f) for f in items]
+    first = files[0]
+    for ff in files[1:]:
+        where = f"{ff.path} and {first.path} are not of the same images"
+        if ff.classes != first.classes:
+            raise FeaturecacheError(f"{where}: classes {ff.classes} vs {first.classes}.")
+        if ff.n_rows != first.n_rows:
+            raise FeaturecacheError(f"{where}: {ff.n_rows} vs {first.n_rows} rows. Embed the "
+                                    f"same data with each backbone to compare them.")
+        for name, a, b in (("path", ff.paths(), first.paths()), ("split", ff.splits(), first.splits()),
+                           ("label", ff.y().tolist(), first.y().tolist())):
+            bad = next((i for i, (u, v) in enumerate(zip(a, b)) if u != v), None)
+            if bad is not None:
+                raise FeaturecacheError(f"{where}: row {bad} has {name} {a[bad]!r} in the first "
+                                        f"and {b[bad]!r} in the second.")
+    return files
+
+
+def _labels(files) -> list:
+    """A short name per file for the backbone column: the backbone, or the file name when two
+    files share a backbone."""
+    names = [ff.provenance["backbone"] for ff in files]
+    if len(set(names)) < len(names):
+        names = [ff.path.name.removesuffix(".h5") for ff in files]
+    return names
+
+
+def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), extra_layers=(),
+            kernel: str = "linear", cv: int = 5, scoring: str = "balanced_accuracy",
+            select: str = "cv", class_weight=None, seed: int = 0, n_jobs=-1,
+            n_boot: int = 1000, shots=(), repeats: int = 3, overwrite: bool = False,
             progress: bool = True) -> CompareResult:
-    """Fit every ``head`` on every layer and write the comparison report into ``out_dir``.
+    """Fit every head on every layer (of every file), pick a winner by CV, write the report.
 
     Args:
-        features: feature file path or :class:`~featurecache.store.FeatureFile`.
-        layers: stored layers to compare (default: all of them).
-        heads: head kinds (``logreg``, ``svm``).
+        features: a feature file path or :class:`~featurecache.store.FeatureFile`, or a list
+            of them for several backbones over the same images.
+        layers: stored layers to compare (default: all of each file's).
+        heads: head kinds (``logreg``, ``svm``, ``knn``).
         extra_layers: concatenations such as ``"blocks.5+avgpool"``, each its own row.
+        scoring: the CV score (``balanced_accuracy``, ``accuracy``, ``f1_macro``).
+        select: ``cv`` (best CV score) or ``cv-1se`` (simplest within one standard error).
+        shots: few-shot sizes, e.g. ``(1, 5, 10, "all")``: refit each row on that many train
+            images per class, ``repeats`` seeded draws each, and report the test score.
         overwrite: replace an existing ``out_dir``; otherwise an existing one is refused.
 
     Raises:
-        FeaturecacheError: the folder exists, a layer or head is unknown, or the file has
-            no test split.
+        FeaturecacheError: the folder exists, a layer or head is unknown, the files are not
+            of the same images, or there is no test split.
     """
-    from tqdm.auto import tqdm
+    from .heads import fit_heads
 
-    from .store import FeatureFile, open_features
-
-    ff = features if isinstance(features, FeatureFile) else open_features(features)
+    t0 = time.perf_counter()
+    files = _open_all(features)
     out_dir = Path(out_dir)
     heads = list(heads)
     bad = [h for h in heads if h not in HEAD_KINDS]
-    if bad:
-        raise HeadError(f"heads {bad} are not known; choose from {', '.join(HEAD_KINDS)}.")
-    layers = list(layers) if layers else list(ff.layers)
-    grid_layers = layers + [e for e in extra_layers if e not in layers]
-    for layer in grid_layers:
-        ff.check_layer(layer)
-    y_test = ff.y("test")  # raises when the file has no test split
-    if len(np.unique(ff.y("train"))) < 2:
+    if bad or not heads:
+        raise HeadError(f"heads {bad or heads} are not known; choose from {', '.join(HEAD_KINDS)}.")
+    if scoring not in SCORINGS:
+        raise HeadError(f"scoring {scoring!r} is not one of {', '.join(SCORINGS)}.")
+    if select not in SELECT:
+        raise HeadError(f"select {select!r} is not one of {', '.join(SELECT)}.")
+    shots = _check_shots(shots, repeats)
+    names = _labels(files)
+    jobs = {}
+    for name, ff in zip(names, files):
+        wanted = list(layers) if layers else list(ff.layers)
+        for layer in wanted + [e for e in extra_layers if e not in wanted]:
+            ff.check_layer(layer)
+            jobs[(name, layer)] = (ff, layer)
+    first = files[0]
+    present = sorted(set(first.splits()))
+    if "test" not in present:  # checked from the split names: no test label is read before the choice
+        raise FeaturecacheError(f"{first.path} has no rows in split 'test'; splits present: "
+                                f"{present}. compare reports on a held-out test split.")
+    if len(np.unique(first.y("train"))) < 2:
         raise HeadError("the train split holds a single class; nothing to compare.")
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         if not overwrite:
             raise FeaturecacheError(f"output folder {out_dir} exists and is not empty; choose "
                                     f"another or pass --overwrite.")
-        shutil.rmtree(out_dir)
-    (out_dir / "heads").mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
 
-    rows, fitted = [], {}
-    bar = tqdm([(l, h) for l in grid_layers for h in heads], disable=not progress,
-               desc="compare", unit="fit", dynamic_ncols=True)
-    for layer, kind in bar:
-        bar.set_postfix_str(f"{layer} {kind}", refresh=True)
-        t = time.perf_counter()
-        head = fit_head(ff, layer, kind, kernel=kernel, cv=cv, class_weight=class_weight,
-                        seed=seed, n_jobs=n_jobs)
-        pred = head.predict(ff.X(layer, "test"))
-        row = {"layer": layer, "head": kind, "depth": _depth(ff, layer),
-               "dim": sum(ff.layers[p].dim for p in layer.split("+")),
-               "params": head.params_, "cv_score": head.cv_score_}
-        for name, metric in METRICS.items():
-            row[name] = float(metric(y_test, pred))
-            row[name + "_lo"], row[name + "_hi"] = bootstrap_ci(y_test, pred, metric, n_boot, seed)
-        row["fit_seconds"] = time.perf_counter() - t
-        name = f"{layer}-{kind}".replace("+", "_")
-        row["head_file"] = str(head.save(out_dir / "heads" / f"{name}.joblib").relative_to(out_dir))
-        rows.append(row)
-        fitted[(layer, kind)] = (head, pred)
-    rows.sort(key=lambda r: (r["depth"], "+" in r["layer"], r["layer"], r["head"]))
-    winner = max(rows, key=lambda r: (r["balanced_accuracy"], r["cv_score"]))
-    head, pred = fitted[(winner["layer"], winner["head"])]
+    bar = _Progress(progress)
+    fitted = fit_heads(jobs, heads, kernel=kernel, cv=cv, scoring=scoring,
+                       class_weight=class_weight, seed=seed, n_jobs=n_jobs, progress=bar.update)
+    bar.close()
+    rows = [_row(name, layer, kind, head, jobs) for ((name, layer), kind), head in fitted.items()]
+    rows.sort(key=lambda r: (r["backbone"], r["depth"], "+" in r["layer"], r["layer"], r["head"]))
+    winner = select_winner(rows, select)  # selection ends here; the test split is read below
+
+    y_test = first.y("test")
+    X_test = {key: ff.X(layer, "test") for key, (ff, layer) in jobs.items()}
+    preds = np.stack([fitted[((r["backbone"], r["layer"]), r["head"])].predict(
+        X_test[(r["backbone"], r["layer"])]) for r in rows])
+    samples = bootstrap(y_test, preds, len(first.classes), n_boot, seed)
+    point = _point_metrics(y_test, preds, len(first.classes))
+    for j, r in enumerate(rows):
+        for m in METRICS:
+            lo, hi = interval(samples[m][:, j])
+            r[m], r[m + "_lo"], r[m + "_hi"] = float(point[m][j]), float(lo), float(hi)
+    metric = SCORING_METRIC[scoring]
+    w = rows.index(winner)
+    runner = None
+    if len(rows) > 1:
+        others = [r for r in rows if r is not winner]
+        runner = select_winner(others, "cv")
+        diff = paired_difference(samples[metric][:, w], samples[metric][:, rows.index(runner)])
+        winner["lead_over_runner_up"] = {"runner_up": _name(runner), "metric": metric,
+                                         "difference": winner[metric] - runner[metric], **diff}
+    if shots:
+        _few_shot(rows, fitted, jobs, y_test, X_test, shots, repeats, kernel, class_weight,
+                  seed, metric, n_jobs)
+
+    (out_dir / "heads").mkdir(parents=True, exist_ok=True)
+    several = len(files) > 1
+    for r in rows:
+        stem = "-".join(([r["backbone"]] if several else []) + [r["layer"], r["head"]])
+        head = fitted[((r["backbone"], r["layer"]), r["head"])]
+        r["head_file"] = str(head.save(out_dir / "heads" / f"{stem.replace('+', '_')}.joblib")
+                             .relative_to(out_dir))
     shutil.copyfile(out_dir / winner["head_file"], out_dir / "best.joblib")
-    verdict = _verdict(rows, winner)
-    _write(out_dir, ff, rows, winner, verdict, confusion_matrix(y_test, pred,
-                                                                labels=range(len(ff.classes))))
+    verdict = _verdict(rows, winner, runner, scoring, select, several)
+    from sklearn.metrics import confusion_matrix
+
+    cm = confusion_matrix(y_test, preds[w], labels=range(len(first.classes)))
+    settings = {"scoring": scoring, "select": select, "cv": fitted[next(iter(fitted))].meta["cv"],
+                "heads": heads, "kernel": kernel, "class_weight": class_weight, "seed": seed,
+                "n_boot": n_boot, "shots": [str(s) for s in shots], "repeats": repeats,
+                "seconds": round(time.perf_counter() - t0, 1)}
+    _write(out_dir, files, names, rows, winner, verdict, cm, settings)
     return CompareResult(rows, winner, verdict, out_dir)
 
 
-def _depth(ff, layer: str) -> float:
+def _check_shots(shots, repeats) -> list:
+    out = []
+    for s in shots or ():
+        if str(s).strip().lower() == "all":
+            out.append("all")
+            continue
+        try:
+            k = int(s)
+        except (TypeError, ValueError):
+            k = 0
+        if k < 1:
+            raise FeaturecacheError(f"shots must be positive whole numbers or 'all'; got {s!r}.")
+        out.append(k)
+    if out and repeats < 1:
+        raise FeaturecacheError(f"repeats must be at least 1; got {repeats}.")
+    return sorted(set(out), key=lambda s: (s == "all", s if s != "all" else 0))
+
+
+class _Progress:
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=0, desc="compare (CV folds)", unit="task", dynamic_ncols=True)
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.n = done
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _row(name, layer, kind, head, jobs) -> dict:
+    ff = jobs[(name, layer)][0]
     parts = layer.split("+")
-    return max(ff.layers[p].depth for p in parts) + (0.5 if len(parts) > 1 else 0)
+    depth = max(ff.layers[p].depth for p in parts) + (0.5 if len(parts) > 1 else 0)
+    deepest = max(s.depth for s in ff.layers.values()) or 1
+    table = head.cv_results_
+    return {"backbone": name, "layer": layer, "head": kind, "depth": depth,
+            "rel_depth": round(min(depth / deepest, 1.0), 4),
+            "dim": sum(ff.layers[p].dim for p in parts), "params": head.params_,
+            "cv_score": head.cv_score_, "cv_std": head.meta["cv_std"],
+            "cv_sem": float(np.std(head.meta["cv_fold_scores"]) /
+                            np.sqrt(max(len(head.meta["cv_fold_scores"]) - 1, 1))),
+            "grid_evaluated": sum(r["status"] == "evaluated" for r in table),
+            "grid_points": len(table)}
 
 
-def _verdict(rows, winner) -> str:
-    others = [r for r in rows if r is not winner]
-    w = winner
-    text = (f"**{w['layer']}** with a {w['head']} head wins: test balanced accuracy "
-            f"{w['balanced_accuracy']:.3f} (95% CI {w['balanced_accuracy_lo']:.3f}-"
-            f"{w['balanced_accuracy_hi']:.3f}), accuracy {w['accuracy']:.3f}, macro-F1 "
-            f"{w['macro_f1']:.3f}.")
-    if not others:
-        return text
-    runner = max(others, key=lambda r: (r["balanced_accuracy"], r["cv_score"]))
-    gap = w["balanced_accuracy"] - runner["balanced_accuracy"]
-    overlap = runner["balanced_accuracy_hi"] >= w["balanced_accuracy_lo"]
-    text += (f" The runner-up, {runner['layer']} ({runner['head']}), scores "
-             f"{runner['balanced_accuracy']:.3f}, {gap:.3f} lower; the intervals "
-             + ("overlap, so this test set cannot tell the two apart." if overlap else
-                "do not overlap, so the difference is clear on this test set."))
-    shallow = min(rows, key=lambda r: r["depth"])
+def _point_metrics(y, preds, n_classes) -> dict:
+    from .stats import metric_values
+
+    vals = [metric_values(np.ones((1, len(y))), y, p, n_classes) for p in preds]
+    return {m: np.array([v[m][0] for v in vals]) for m in METRICS}
+
+
+def _few_shot(rows, fitted, jobs, y_test, X_test, shots, repeats, kernel, class_weight, seed,
+              metric, n_jobs) -> None:
+    """Refit every row with its chosen hyperparameters on k train images per class."""
+    import joblib
+
+    from .heads import refit
+    from .stats import few_shot_indices
+
+    y_train = jobs[next(iter(jobs))][0].y("train")
+    X_train = {key: ff.X(layer, "train") for key, (ff, layer) in jobs.items()}
+    tasks = [(j, k, rep) for j in range(len(rows)) for k in shots if k != "all"
+             for rep in range(repeats)]
+
+    def one(j, k, rep):
+        r = rows[j]
+        key = (r["backbone"], r["layer"])
+        idx = few_shot_indices(y_train, k, seed, rep)
+        pipe = refit(X_train[key][idx], y_train[idx], r["head"], r["params"], kernel=kernel,
+                     class_weight=class_weight, seed=seed)
+        from .stats import metric_values
+
+        p = pipe.predict(np.asarray(X_test[key], dtype=np.float32))
+        return metric_values(np.ones((1, len(y_test))), y_test, p, int(y_test.max()) + 1)[metric][0]
+
+    scores = joblib.Parallel(n_jobs=n_jobs, prefer="threads")(
+        joblib.delayed(one)(*t) for t in tasks)
+    got = {}
+    for (j, k, _), s in zip(tasks, scores):
+        got.setdefault((j, k), []).append(float(s))
+    for j, r in enumerate(rows):
+        r["few_shot"] = {str(k): ({"mean": r[metric], "std": 0.0, "n": 1} if k == "all" else
+                                  {"mean": float(np.mean(got[(j, k)])),
+                                   "std": float(np.std(got[(j, k)])), "n": repeats})
+                         for k in shots}
+        r["few_shot_metric"] = metric
+
+
+def _name(r) -> str:
+    return f"{r['backbone']} {r['layer']} ({r['head']})"
+
+
+def _verdict(rows, w, runner, scoring, select, several) -> str:
+    metric = SCORING_METRIC[scoring]
+    what = f"{w['backbone']} " if several else ""
+    text = (f"**{what}{w['layer']}** with a {w['head']} head is chosen by cross-validation "
+            f"on the train split: CV {scoring} {w['cv_score']:.3f} (± {w['cv_std']:.3f} over the "
+            f"folds). On the test split, read once for this report, it scores {metric} "
+            f"{w[metric]:.3f} (95% CI {w[metric + '_lo']:.3f}-{w[metric + '_hi']:.3f}), "
+            f"accuracy {w['accuracy']:.3f}, macro-F1 {w['macro_f1']:.3f}.")
+    if select == "cv-1se":
+        best = select_winner(rows, "cv")
+        if best is not w:
+            text += (f" (--select cv-1se: the best CV score was {best['cv_score']:.3f} by "
+                     f"{_name(best)}; {w['layer']} is the narrowest and shallowest candidate "
+                     f"within one standard error of it.)")
+    if runner is not None:
+        lead = w["lead_over_runner_up"]
+        clear = lead["lo"] > 0 or lead["hi"] < 0
+        text += (f" The runner-up by CV, {_name(runner) if several else runner['layer'] + ' (' + runner['head'] + ')'}"
+                 f" (CV {runner['cv_score']:.3f}), scores {runner[metric]:.3f} on test; the "
+                 f"paired bootstrap of the difference on the same test rows gives "
+                 f"{lead['difference']:+.3f} (95% CI {lead['lo']:+.3f} to {lead['hi']:+.3f}), so "
+                 + ("the difference is clear on this test set." if clear else
+                    "this test set cannot tell the two apart."))
+    same = [r for r in rows if r["backbone"] == w["backbone"]]
+    shallow = min(same, key=lambda r: (r["depth"], -r["cv_score"]))
     if shallow["layer"] != w["layer"]:
         text += (f" The shallowest layer compared, {shallow['layer']}, reaches "
-                 f"{shallow['balanced_accuracy']:.3f}.")
+                 f"{shallow[metric]:.3f}.")
+    if several:
+        for b in dict.fromkeys(r["backbone"] for r in rows):
+            if b != w["backbone"]:
+                best_b = select_winner([r for r in rows if r["backbone"] == b], "cv")
+                text += (f" Best of {b}: {best_b['layer']} ({best_b['head']}), CV "
+                         f"{best_b['cv_score']:.3f}, test {best_b[metric]:.3f}.")
     return text
 
 
@@ -170,95 +362,68 @@ def _fmt(r, key) -> str:
 
 
 def _markdown_table(rows, winner) -> str:
-    head = ("| depth | layer | head | dim | best params | CV score | test accuracy | "
-            "balanced accuracy | macro-F1 |\n|---:|---|---|---:|---|---:|---|---|---|\n")
-    lines = []
+    several = len({r["backbone"] for r in rows}) > 1
+    cols = (["backbone"] if several else []) + [
+        "depth", "layer", "head", "dim", "best params", "grid", "CV score", "test accuracy",
+        "balanced accuracy", "macro-F1"]
+    shots = list(rows[0].get("few_shot", {}))
+    cols += [f"{s}-shot" for s in shots]
+    lines = ["| " + " | ".join(cols) + " |",
+             "|" + "|".join("---:" if c in ("depth", "dim") else "---" for c in cols) + "|"]
     for r in rows:
         params = ", ".join(f"{k}={v:.3g}" for k, v in r["params"].items())
-        cells = [f"{r['depth']:g}", r["layer"], r["head"], str(r["dim"]), params,
-                 f"{r['cv_score']:.3f}", _fmt(r, "accuracy"), _fmt(r, "balanced_accuracy"),
-                 _fmt(r, "macro_f1")]
+        cells = ([r["backbone"]] if several else []) + [
+            f"{r['depth']:g}", r["layer"], r["head"], str(r["dim"]), params,
+            f"{r['grid_evaluated']}/{r['grid_points']}",
+            f"{r['cv_score']:.3f} ± {r['cv_std']:.3f}", _fmt(r, "accuracy"),
+            _fmt(r, "balanced_accuracy"), _fmt(r, "macro_f1")]
+        cells += [f"{r['few_shot'][s]['mean']:.3f} ± {r['few_shot'][s]['std']:.3f}" for s in shots]
         if r is winner:
             cells = [f"**{c}**" for c in cells]
         lines.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
 
 
-def _write(out_dir: Path, ff, rows, winner, verdict, cm) -> None:
-    keys = [k for k in rows[0] if k != "params"] + ["params"]
+def _write(out_dir: Path, files, names, rows, winner, verdict, cm, settings) -> None:
+    flat = [k for k in rows[0] if k not in ("params", "few_shot", "lead_over_runner_up")]
     with open(out_dir / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
+        w = csv.DictWriter(f, fieldnames=flat + ["params", "few_shot"], extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({**r, "params": json.dumps(r["params"])})
-    p = ff.provenance
-    summary = {"feature_file": str(ff.path), "backbone": p["backbone"], "weights": p["weights"],
-               "classes": ff.classes, "n_train": int(ff.splits().count("train")),
-               "n_test": int(ff.splits().count("test")), "winner": winner, "verdict": verdict,
+            w.writerow({**r, "params": json.dumps(r["params"]),
+                        "few_shot": json.dumps(r.get("few_shot", {}))})
+    first = files[0]
+    n_train, n_test = first.splits().count("train"), first.splits().count("test")
+    sources = [{"name": n, "feature_file": str(ff.path), "backbone": ff.provenance["backbone"],
+                "weights": ff.provenance["weights"]} for n, ff in zip(names, files)]
+    summary = {"feature_files": sources, "classes": first.classes, "n_train": n_train,
+               "n_test": n_test, "settings": settings, "winner": winner, "verdict": verdict,
                "rows": rows}
-    (out_dir / "results.json").write_text(json.dumps(summary, indent=1))
-    md = (f"# Layer-depth comparison\n\nFeatures: `{ff.path}` ({p['backbone']}, weights "
-          f"`{p['weights']}`, {summary['n_train']} train / {summary['n_test']} test rows, "
-          f"{len(ff.classes)} classes).\n\n{verdict}\n\n{_markdown_table(rows, winner)}\n"
-          f"Intervals are bootstrap 95% intervals over the test rows. The CV score is the mean "
-          f"accuracy of the best hyperparameters in stratified CV on the train split. The winner "
-          f"is picked on the test split, so its test score is slightly optimistic; the CV column "
-          f"is the selection signal that never saw the test rows.\n\n"
-          f"![score vs depth](layer_depth.png)\n\n![confusion matrix of the winner](confusion.png)\n")
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=1, default=float))
+    src = "; ".join(f"`{s['feature_file']}` ({s['backbone']}, weights `{s['weights']}`)"
+                    for s in sources)
+    plots = "![score vs depth](layer_depth.png)\n\n"
+    if settings["shots"]:
+        plots += "![score vs labelled images per class](few_shot.png)\n\n"
+    md = (f"# Layer-depth comparison\n\nFeatures: {src}; {n_train} train / {n_test} test rows, "
+          f"{len(first.classes)} classes.\n\n{verdict}\n\n{_markdown_table(rows, winner)}\n"
+          f"How to read this: every head's hyperparameters and the winner are chosen by "
+          f"{settings['cv']} cross-validation on the train split, scored by "
+          f"{settings['scoring']}, on the same folds for every row (`--select "
+          f"{settings['select']}`). The test split is read once, after the choice, to report: "
+          f"intervals are bootstrap 95% intervals over the test rows, and the winner's lead over "
+          f"the runner-up is a paired bootstrap on the same resamples. The grid column counts "
+          f"the grid points evaluated on every fold; the others were skipped by early stopping "
+          f"(see `cv_results` in the head files)."
+          + (f" Few-shot columns: mean ± std of the test {SCORING_METRIC[settings['scoring']]} "
+             f"over {settings['repeats']} seeded draws of k train images per class, refit with "
+             f"the hyperparameters chosen on the full train split." if settings["shots"] else "")
+          + f"\n\n{plots}![confusion matrix of the winner](confusion.png)\n")
     (out_dir / "report.md").write_text(md)
-    _plot_depth(out_dir / "layer_depth.png", rows, winner)
-    _plot_confusion(out_dir / "confusion.png", cm, ff.classes, winner)
+    from .plots import plot_confusion, plot_depth, plot_few_shot
 
-
-def _plot_depth(path: Path, rows, winner) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    for kind in dict.fromkeys(r["head"] for r in rows):
-        rs = [r for r in rows if r["head"] == kind]
-        x = [r["depth"] for r in rs]
-        y = [r["balanced_accuracy"] for r in rs]
-        err = [[r["balanced_accuracy"] - r["balanced_accuracy_lo"] for r in rs],
-               [r["balanced_accuracy_hi"] - r["balanced_accuracy"] for r in rs]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=kind)
-    ax.plot([winner["depth"]], [winner["balanced_accuracy"]], "*", ms=16, color="gold",
-            markeredgecolor="black", label=f"winner: {winner['layer']} ({winner['head']})")
-    ticks = sorted({(r["depth"], r["layer"]) for r in rows})
-    ax.set_xticks([t[0] for t in ticks])
-    ax.set_xticklabels([t[1] for t in ticks], rotation=35, ha="right", fontsize=8)
-    ax.set_xlabel("layer (by depth)")
-    ax.set_ylabel("test balanced accuracy (95% CI)")
-    ax.set_title("Which layer? Score vs depth")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _plot_confusion(path: Path, cm, classes, winner) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * n, 1.0 + 0.5 * n), dpi=110)
-    ax.imshow(cm, cmap="Blues")
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set_xticks(range(n))
-    ax.set_xticklabels(classes, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(n))
-    ax.set_yticklabels(classes, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"{winner['layer']} ({winner['head']}), test split", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    metric = SCORING_METRIC[settings["scoring"]]
+    plot_depth(out_dir / "layer_depth.png", rows, winner, metric)
+    plot_confusion(out_dir / "confusion.png", cm, first.classes, winner)
+    if settings["shots"]:
+        plot_few_shot(out_dir / "few_shot.png", rows, winner, metric)

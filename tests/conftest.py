@@ -53,3 +53,9 @@ def shared_data(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data set {path} is not present")
     return path
+
+
+def png_spread(path) -> float:
+    """Standard deviation of a PNG's grey values: 0 for a blank image."""
+    img = np.asarray(Image.open(path).convert("L"), dtype=float)
+    return float(img.std()) if min(img.shape) > 200 else 0.0

@@ -24,9 +24,9 @@ def blobs(n, d, noise, seed):
     return X.astype(np.float16), y
 
 
-def test_search_covers_the_wide_grid_then_refines():
+def test_search_walks_the_wide_grid_then_refines():
     X, y = blobs(120, 10, 0.5, 0)
-    _, params, score, table = search(X, y, "logreg", cv=3)
+    _, params, score, table = search(X, y, "logreg", cv=3, early_stop=False)
     coarse = [r for r in table if r["stage"] == 1]
     fine = [r for r in table if r["stage"] == 2]
     assert [r["params"]["C"] for r in coarse] == [10.0 ** e for e in range(-6, 7)]
@@ -35,6 +35,11 @@ def test_search_covers_the_wide_grid_then_refines():
     assert all(best_coarse / 10 < r["params"]["C"] < best_coarse * 10 for r in fine)
     assert score == max(r["mean"] for r in table) and score > 0.9
     assert len(coarse_grid("svm", "rbf", 100)) == 13 * 4
+    # with early stopping the table still lists every grid point, saying which were skipped
+    _, _, _, short = search(X, y, "logreg", cv=3)
+    assert [r["params"] for r in short] [:13] == [r["params"] for r in coarse]
+    assert {r["status"] for r in short} <= {"evaluated", "partial", "skipped"}
+    assert all(r["mean"] is None for r in short if r["status"] != "evaluated")
 
 
 def test_chosen_C_follows_the_data():
@@ -46,19 +51,21 @@ def test_chosen_C_follows_the_data():
     X_noisy = rng.normal(0, 1, (n, d)) + np.outer(np.where(y == 1, 0.25, -0.25), np.ones(d))
     z = rng.normal(0, 5, n)  # shared nuisance, much larger than the signal
     X_clean = np.c_[z + np.where(y == 1, 1.0, -1.0), z]
-    _, p_noisy, s_noisy, _ = search(X_noisy, y, "logreg", cv=4)
-    _, p_clean, s_clean, _ = search(X_clean, y, "logreg", cv=4)
+    _, p_noisy, s_noisy, _ = search(X_noisy, y, "logreg", cv=4, n_jobs=1)
+    _, p_clean, s_clean, _ = search(X_clean, y, "logreg", cv=4, n_jobs=1)
     assert p_noisy["C"] < p_clean["C"] / 100, (p_noisy, p_clean)
     assert s_noisy > 0.8 and s_clean > 0.95
 
 
-@pytest.mark.parametrize("kind,kernel", [("logreg", "linear"), ("svm", "linear"), ("svm", "rbf")])
+@pytest.mark.parametrize("kind,kernel", [("logreg", "linear"), ("svm", "linear"), ("svm", "rbf"),
+                                         ("knn", "linear")])
 def test_heads_separate_colour_classes(feats, kind, kernel, tmp_path):
     head = fit_head(feats, "avgpool", kind, kernel=kernel)
     acc = (head.predict(feats.X("avgpool", "test")) == feats.y("test")).mean()
     assert acc >= 0.8, acc
     assert head.classes == ["blue", "green", "red"] and head.layer == "avgpool"
-    assert ("gamma" in head.params_) == (kernel == "rbf")
+    assert ("gamma" in head.params_) == (kernel == "rbf") and ("k" in head.params_) == (kind == "knn")
+    assert head.scoring == "balanced_accuracy" and len(head.meta["cv_fold_scores"]) == 4
     assert head.meta["cv"] == "stratified 4-fold"  # 4 train images per class
     path = head.save(tmp_path / "h.joblib")
     again = load_head(path)
@@ -107,11 +114,3 @@ def test_head_refuses_features_from_another_layer_setup(feats, image_folder, tin
           num_workers=0, progress=False)
     with pytest.raises(HeadError, match=r"specs = .*'pool': 'avg'.*'pool': 'max'"):
         head.check_compatible(open_features(other).layer_provenance("avgpool"))
-
-
-def test_linear_svm_uses_libsvm_when_features_outnumber_rows():
-    X, y = blobs(60, 100, 0.5, 3)  # 60 rows, 100 features: separable, small dual
-    wide, _, _, _ = search(X, y, "svm", cv=3)
-    tall, _, _, _ = search(X[:, :5], y, "svm", cv=3)
-    assert (type(wide[-1]).__name__, type(tall[-1]).__name__) == ("SVC", "LinearSVC")
-    assert wide[-1].kernel == "linear"

@@ -13,7 +13,7 @@ from featurecache.cli import cli
 from featurecache.errors import FeaturecacheError, HeadError
 from featurecache.heads import fit_head, load_head
 from featurecache.predict import predict, write_predictions
-from featurecache.report import bootstrap_ci, compare
+from featurecache.report import compare
 
 
 @pytest.fixture
@@ -40,14 +40,15 @@ def test_compare_writes_every_report_file(feats_path, tmp_path):
     for r in res.rows:
         assert r["accuracy_lo"] <= r["accuracy"] <= r["accuracy_hi"]
         assert 0 <= r["balanced_accuracy"] <= 1 and r["cv_score"] > 0
-    best = max(r["balanced_accuracy"] for r in res.rows)
-    assert res.winner["balanced_accuracy"] == best
+    best = max(r["cv_score"] for r in res.rows)
+    assert res.winner["cv_score"] == best  # chosen by CV, not by the test split
     data = json.loads((out / "results.json").read_text())
     assert len(data["rows"]) == 8 and data["winner"]["layer"] == res.winner["layer"]
     csv_lines = (out / "results.csv").read_text().strip().splitlines()
-    assert len(csv_lines) == 9 and csv_lines[0].startswith("layer,head,depth,dim")
+    assert len(csv_lines) == 9 and csv_lines[0].startswith("backbone,layer,head,depth,rel_depth,dim")
     md = (out / "report.md").read_text()
-    assert f"**{res.winner['layer']}**" in md and "wins" in md and "intervals" in md
+    assert f"**{res.winner['layer']}**" in md and "chosen by cross-validation" in md
+    assert "paired bootstrap" in md and "intervals" in md
     for png in ("layer_depth.png", "confusion.png"):
         shape, spread = png_content(out / png)
         assert shape[0] > 200 and shape[1] > 200 and spread > 10
@@ -68,14 +69,6 @@ def test_compare_needs_a_test_split(tmp_path, tiny_backbone, image_folder):
           progress=False)
     with pytest.raises(FeaturecacheError, match=r"no rows in split 'test'; splits present: \['train'\]"):
         compare(out, tmp_path / "rep", progress=False)
-
-
-def test_bootstrap_interval_brackets_the_score():
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 200)
-    p = np.where(rng.random(200) < 0.8, y, 1 - y)
-    lo, hi = bootstrap_ci(y, p, lambda a, b: (a == b).mean())
-    assert lo < (y == p).mean() < hi and 0.05 < hi - lo < 0.2
 
 
 def test_predict_reproduces_the_head_on_stored_features(feats_path, tmp_path):
@@ -125,14 +118,15 @@ def test_cli_fit_compare_predict(feats_path, tmp_path):
     res = r.invoke(cli, ["fit-head", "logreg", str(feats_path), "--layer", "avgpool", "-o",
                          str(tmp_path / "h.joblib")])
     assert res.exit_code == 0, res.output
-    assert "best C=" in res.output and "19 grid points" in res.output
+    assert "best C=" in res.output and "grid points evaluated" in res.output
     res = r.invoke(cli, ["fit-head", "svm", str(feats_path), "--layer", "blocks.9", "-o",
                          str(tmp_path / "x.joblib")])
     assert res.exit_code == 1 and "stored layers: stem, blocks.5, avgpool" in res.output
     res = r.invoke(cli, ["compare", str(feats_path), "--heads", "logreg", "--layers",
                          "blocks.5,avgpool", "-o", str(tmp_path / "rep"), "-q"])
     assert res.exit_code == 0, res.output
-    assert "wins" in res.output and "| avgpool | logreg |" in res.output.replace("**", "")
+    assert "chosen by cross-validation" in res.output
+    assert "| avgpool | logreg |" in res.output.replace("**", "")
     imgs = open_features(feats_path).paths()[:3]
     res = r.invoke(cli, ["predict", str(tmp_path / "h.joblib"), *imgs, "--format", "json"])
     assert res.exit_code == 0, res.output

@@ -1,0 +1,129 @@
+"""The scikit-learn estimators inside saved heads, and how each head kind is built.
+
+Every head is ``Pipeline([("scale", StandardScaler()), ("clf", estimator)])``:
+
+* ``logreg``: ``LogisticRegression`` (lbfgs, multinomial).
+* ``svm`` (linear kernel): :class:`GramLinearSVC` up to
+  :data:`~featurecache.search.GRAM_MAX_ROWS` rows (libsvm on the precomputed Gram matrix,
+  saved as one weight vector per pair of classes), ``LinearSVC`` beyond; ``svm`` (rbf): ``SVC``.
+* ``knn``: ``KNeighborsClassifier`` with cosine distance and DINOv2's temperature-weighted
+  votes (:func:`temperature_weights`, T = 0.07).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted
+
+from .search import GRAM_MAX_ROWS, KNN_TEMPERATURE, _SVC_MAX_ITER
+
+__all__ = ["GramLinearSVC", "temperature_weights", "make_estimator"]
+
+
+def temperature_weights(distances):
+    """k-NN vote weights ``exp(cos_sim / T)`` from cosine distances (``1 - cos_sim``)."""
+    return np.exp((1.0 - np.asarray(distances, dtype=np.float64)) / KNN_TEMPERATURE)
+
+
+class GramLinearSVC(ClassifierMixin, BaseEstimator):
+    """A linear-kernel SVM (libsvm, one-vs-one) solved on the precomputed Gram matrix.
+
+    It solves the same problem as ``SVC(kernel="linear")``; computing ``X X^T`` once with
+    BLAS and handing it to libsvm is much faster than libsvm's own kernel evaluations. For a
+    linear kernel each pairwise classifier is a hyperplane ``w = sum(alpha_i y_i x_i)``, so the
+    fitted model keeps only ``coef_`` (one row per pair of classes) and ``intercept_``, and
+    predicts from features alone, exactly as ``SVC`` would (one-vs-one votes, ties to the first
+    class).
+    """
+
+    def __init__(self, C=1.0, class_weight=None, max_iter=_SVC_MAX_ITER, random_state=None):
+        self.C = C
+        self.class_weight = class_weight
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def fit(self, X, y):
+        from sklearn.svm import SVC
+
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        svc = SVC(kernel="precomputed", C=self.C, class_weight=self.class_weight,
+                  max_iter=self.max_iter, random_state=self.random_state)
+        svc.fit((X @ X.T).astype(np.float64), y)
+        sv = X[svc.support_].astype(np.float64)
+        self.classes_ = svc.classes_
+        self.n_features_in_ = X.shape[1]
+        self.n_support_ = svc.n_support_
+        self.intercept_ = svc.intercept_.copy()
+        if len(self.classes_) == 2:
+            self.coef_ = svc.dual_coef_ @ sv
+        else:  # libsvm's layout: dual_coef_[j - 1] for class-i SVs, dual_coef_[i] for class j
+            starts = np.r_[0, np.cumsum(svc.n_support_)]
+            rows = []
+            for i in range(len(self.classes_)):
+                for j in range(i + 1, len(self.classes_)):
+                    a, b = slice(starts[i], starts[i + 1]), slice(starts[j], starts[j + 1])
+                    rows.append(svc.dual_coef_[j - 1, a] @ sv[a] + svc.dual_coef_[i, b] @ sv[b])
+            self.coef_ = np.vstack(rows)
+        return self
+
+    def _pairwise(self, X):
+        check_is_fitted(self, "coef_")
+        return np.asarray(X, dtype=np.float64) @ self.coef_.T + self.intercept_
+
+    def _votes(self, dec):
+        n = len(self.classes_)
+        votes, conf = np.zeros((len(dec), n)), np.zeros((len(dec), n))
+        k = 0
+        for i in range(n):
+            for j in range(i + 1, n):
+                votes[:, i] += dec[:, k] > 0
+                votes[:, j] += dec[:, k] <= 0
+                conf[:, i] += dec[:, k]
+                conf[:, j] -= dec[:, k]
+                k += 1
+        return votes, conf
+
+    def decision_function(self, X):
+        """Binary: ``(n,)``, positive for ``classes_[1]``; otherwise SVC's one-vs-rest shape
+        (votes plus a confidence in (-1/3, 1/3))."""
+        dec = self._pairwise(X)
+        if len(self.classes_) == 2:
+            return dec.ravel()
+        votes, conf = self._votes(dec)
+        return votes + conf / (3 * (np.abs(conf) + 1))
+
+    def predict(self, X):
+        dec = self._pairwise(X)
+        if len(self.classes_) == 2:
+            return self.classes_[(dec.ravel() > 0).astype(int)]
+        return self.classes_[self._votes(dec)[0].argmax(1)]
+
+
+def make_estimator(kind: str, params: dict, *, kernel: str = "linear", class_weight=None,
+                   seed: int = 0, n_rows: int = 0, probability: bool = False):
+    """The unfitted pipeline of a head kind with chosen hyperparameters, for ``n_rows`` rows."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC, LinearSVC
+
+    if kind == "logreg":
+        clf = LogisticRegression(C=params["C"], max_iter=1000, tol=1e-4, class_weight=class_weight,
+                                 random_state=seed)
+    elif kind == "knn":
+        clf = KNeighborsClassifier(n_neighbors=max(1, min(params["k"], n_rows)), metric="cosine",
+                                   algorithm="brute", weights=temperature_weights)
+    elif kernel == "rbf":
+        clf = SVC(kernel="rbf", C=params["C"], gamma=params["gamma"], class_weight=class_weight,
+                  random_state=seed, max_iter=_SVC_MAX_ITER)
+    elif n_rows <= GRAM_MAX_ROWS:
+        clf = GramLinearSVC(C=params["C"], class_weight=class_weight, random_state=seed)
+    else:
+        clf = LinearSVC(C=params["C"], class_weight=class_weight, random_state=seed,
+                        max_iter=2000, tol=1e-3)
+    if probability and kind == "svm":  # sklearn's replacement for SVC(probability=True)
+        clf = CalibratedClassifierCV(clf, ensemble=False, cv=3)
+    return Pipeline([("scale", StandardScaler()), ("clf", clf)])

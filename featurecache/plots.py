@@ -1,0 +1,104 @@
+"""The report's figures (matplotlib, Agg backend): score vs depth, few-shot curve, confusion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["plot_depth", "plot_few_shot", "plot_confusion"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _lines(rows):
+    """(backbone, head) -> rows, in first-seen order."""
+    out = {}
+    for r in rows:
+        out.setdefault((r["backbone"], r["head"]), []).append(r)
+    return out
+
+
+def plot_depth(path: Path, rows, winner, metric: str) -> None:
+    """Test score (95% CI) vs depth; one line per backbone x head. With several backbones the
+    x axis is the relative depth (0..1) of the layer within its backbone's stored layers."""
+    plt = _pyplot()
+    several = len({r["backbone"] for r in rows}) > 1
+    xkey = "rel_depth" if several else "depth"
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for (backbone, kind), rs in _lines(rows).items():
+        rs = sorted(rs, key=lambda r: r[xkey])
+        err = [[r[metric] - r[metric + "_lo"] for r in rs], [r[metric + "_hi"] - r[metric] for r in rs]]
+        ax.errorbar([r[xkey] for r in rs], [r[metric] for r in rs], yerr=err, marker="o",
+                    capsize=3, label=f"{backbone} {kind}" if several else kind)
+    ax.plot([winner[xkey]], [winner[metric]], "*", ms=16, color="gold", markeredgecolor="black",
+            label=f"chosen by CV: {winner['layer']} ({winner['head']})")
+    if several:
+        ax.set_xlabel("relative depth of the layer in its backbone (0 = first stored, 1 = deepest)")
+    else:
+        ticks = sorted({(r["depth"], r["layer"]) for r in rows})
+        ax.set_xticks([t[0] for t in ticks])
+        ax.set_xticklabels([t[1] for t in ticks], rotation=35, ha="right", fontsize=8)
+        ax.set_xlabel("layer (by depth)")
+    ax.set_ylabel(f"test {metric.replace('_', ' ')} (95% CI)")
+    ax.set_title("Which layer? Test score vs depth (winner chosen by CV)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_few_shot(path: Path, rows, winner, metric: str, n_lines: int = 4) -> None:
+    """Test score vs labelled images per class for the best rows by CV (mean ± std)."""
+    plt = _pyplot()
+    best = sorted(rows, key=lambda r: -r["cv_score"])[:n_lines]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for r in best:
+        shots = list(r["few_shot"])
+        numeric = [s for s in shots if s != "all"]
+        xs = [int(s) for s in numeric]
+        if "all" in shots:
+            xs.append(max(xs + [1]) * 2)
+        ys = [r["few_shot"][s]["mean"] for s in shots]
+        sd = [r["few_shot"][s]["std"] for s in shots]
+        ax.errorbar(xs, ys, yerr=sd, marker="o", capsize=3,
+                    label=f"{r['layer']} ({r['head']})" + (" *" if r is winner else ""))
+        ax.set_xticks(xs)
+        ax.set_xticklabels(numeric + (["all"] if "all" in shots else []))
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xlabel("labelled train images per class")
+    ax.set_ylabel(f"test {metric.replace('_', ' ')} (mean ± std over draws)")
+    ax.set_title("How many labels do I need?")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_confusion(path: Path, cm, classes, winner) -> None:
+    plt = _pyplot()
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * n, 1.0 + 0.5 * n), dpi=110)
+    ax.imshow(cm, cmap="Blues")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks(range(n))
+    ax.set_xticklabels(classes, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(n))
+    ax.set_yticklabels(classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{winner['layer']} ({winner['head']}), test split", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -5,14 +5,28 @@ Public surface::
     featurecache.embed(source, "feats.h5", layers=["blocks.5", "avgpool"])   # stage 1
     ff = featurecache.open_features("feats.h5")                              # the file
     ff.X("avgpool", "train"), ff.y("train"), ff.classes
+
+Importing the package is cheap: torch, torchvision, h5py and scikit-learn are imported by the
+modules that use them, when a name below is first used (so CLI start-up and the head search's
+worker processes do not pay for torch).
 """
 
 __version__ = "0.1.0"
 
-from .backbones import available_backbones, load_backbone  # noqa: E402
-from .embed import embed  # noqa: E402
-from .layers import list_layers  # noqa: E402
-from .store import open_features  # noqa: E402
+# public name -> module that defines it (imported on first use, PEP 562)
+_LAZY = {"embed": "embedding", "open_features": "store", "load_backbone": "backbones",
+         "available_backbones": "backbones", "list_layers": "layers"}
 
-__all__ = ["embed", "open_features", "load_backbone", "available_backbones", "list_layers",
-           "__version__"]
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'featurecache' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

@@ -117,6 +117,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = "DEFAULT",
             f"unknown backbone {name!r}; close matches: {close_matches(name, available_backbones())}. "
             f"List them all with `featurecache backbones`.")
     is_lite = name in _LITE_VARIANTS
+    member = None  # the torchvision weights enum member loaded, whose transforms are used
     if weights_file is not None:
         model = _untrained(name, is_lite)
         sha = _load_file_into(model, Path(weights_file), name, lite=is_lite)
@@ -126,9 +127,9 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = "DEFAULT",
     elif is_lite:
         model, sha, label = _lite_packaged(name, weights)
     else:
-        model, sha, label = _torchvision_pretrained(name, weights)
+        model, sha, label, member = _torchvision_pretrained(name, weights)
     model.eval().requires_grad_(False)
-    return Backbone(name, model, _preprocess_for(name, is_lite), label, sha,
+    return Backbone(name, model, _preprocess_for(name, is_lite, member), label, sha,
                     imagenet_categories() if _num_classes(model) == 1000 else None)
 
 
@@ -152,12 +153,15 @@ def _num_classes(model: nn.Module) -> int | None:
     return last[-1].out_features if last else None
 
 
-def _preprocess_for(name: str, is_lite: bool) -> Preprocess:
+def _preprocess_for(name: str, is_lite: bool, member=None) -> Preprocess:
+    """The preprocessing of the weights actually loaded (``member``); for untrained weights or
+    a weights file, that of the architecture's DEFAULT weights."""
     if is_lite:
         res = _LITE_VARIANTS[name][2]
         return Preprocess(resize=round(res / 0.875), crop=res)
-    enum = torchvision.models.get_model_weights(name)
-    t = enum.DEFAULT.transforms()
+    if member is None:
+        member = torchvision.models.get_model_weights(name).DEFAULT
+    t = member.transforms()
     return Preprocess(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]), mean=tuple(t.mean),
                       std=tuple(t.std), interpolation=t.interpolation.value)
 
@@ -206,7 +210,7 @@ def _torchvision_pretrained(name: str, weights: str):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_NONE_SEED)
         model = torchvision.models.get_model(name, weights=w)
-    return model, _sha256(cached), str(w)
+    return model, _sha256(cached), str(w), w
 
 
 def _load_file_into(model: nn.Module, path: Path, name: str, lite: bool) -> str:

@@ -150,7 +150,7 @@ def embed(data, output, backbone, layer_opts, weights, weights_file, pool, token
     a CSV manifest with columns path,label[,split], or builtin:digits. All layers come
     from one forward pass per batch.
     """
-    from .embed import embed as run_embed
+    from .embedding import embed as run_embed
 
     names = [n.strip() for opt in layer_opts for n in opt.split(",") if n.strip()] or ["avgpool"]
     r = run_embed(data, output, backbone=backbone, layers=names, weights=weights,
@@ -218,17 +218,20 @@ Example:
   featurecache join feats.h5 part0.h5 part1.h5 part2.h5 part3.h5""")
 @click.argument("output", type=click.Path(dir_okay=False))
 @click.argument("shards", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--copy", is_flag=True, help="Copy the layers into OUTPUT: one self-contained file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @_friendly
-def join(output, shards, overwrite):
-    """Join the shard files of one embed run into OUTPUT (HDF5 virtual layers, no copy).
+def join(output, shards, copy, overwrite):
+    """Join the shard files of one embed run into OUTPUT.
 
-    Keep the shard files beside OUTPUT: its layers point into them.
+    By default OUTPUT's layers are HDF5 virtual datasets that point into the shard files (no
+    copy): keep the shards beside it. With --copy, OUTPUT holds everything itself.
     """
     from .store import join_shards, open_features
 
-    path = join_shards(shards, output, overwrite=overwrite)
-    click.echo(f"wrote {path}: {open_features(path).n_rows} rows from {len(shards)} shards")
+    path = join_shards(shards, output, overwrite=overwrite, copy=copy)
+    how = "copied into one file" if copy else "virtual layers pointing into them"
+    click.echo(f"wrote {path}: {open_features(path).n_rows} rows from {len(shards)} shards ({how})")
 
 
 @cli.command("fit-head", epilog="""\b
@@ -236,12 +239,13 @@ Examples:
   featurecache fit-head logreg feats.h5 --layer avgpool -o heads/avgpool-logreg.joblib
   featurecache fit-head svm feats.h5 --layer blocks.10 --kernel rbf -o heads/b10-svm.joblib
   featurecache fit-head knn feats.h5 --layer avgpool -o heads/avgpool-knn.joblib
-  featurecache fit-head logreg feats.h5 --layer blocks.5+avgpool -o heads/concat.joblib
-joblib files are pickles: load only heads you trust.""")
+  featurecache fit-head logreg feats.h5 --layer blocks.5+avgpool -o heads/concat.skops
+joblib files are pickles: load only heads you trust; .skops heads are safe to share.""")
 @click.argument("kind", type=click.Choice(HEAD_CHOICES))
 @click.argument("features", type=click.Path(dir_okay=False))
 @click.option("--layer", required=True, help="Stored layer, or several joined with + (concatenated).")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Head file (.joblib).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Head file: .joblib (a pickle) or .skops (safe to share and load).")
 @click.option("--kernel", default="linear", type=click.Choice(["linear", "rbf"]), show_default=True,
               help="SVM kernel.")
 @click.option("--cv", default=5, show_default=True, type=click.IntRange(min=2), help="CV folds.")
@@ -271,6 +275,33 @@ def fit_head_cmd(kind, features, layer, output, kernel, cv, scoring, class_weigh
     done = sum(r["status"] == "evaluated" for r in head.cv_results_)
     click.echo(f"{kind} on {layer}: best {params}, CV {head.scoring} {head.cv_score_:.3f} "
                f"({done} of {len(head.cv_results_)} grid points evaluated); saved {path}")
+
+
+@cli.command(epilog="""\b
+Examples:
+  featurecache score reports/run1/best.joblib feats.h5
+  featurecache score heads/avgpool-logreg.skops other-photos.h5 --split train --json""")
+@click.argument("head", type=click.Path(dir_okay=False))
+@click.argument("features", type=click.Path(dir_okay=False))
+@click.option("--split", default="test", show_default=True, help="Split of the file to score.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_friendly
+def score(head, features, split, as_json):
+    """Evaluate a saved head on a feature file (accuracy, balanced accuracy, macro-F1).
+
+    The file must be made the same way as the head's training features (backbone, weights,
+    preprocessing, layer and pooling); otherwise the differing field is named.
+    """
+    from .heads import load_head
+
+    h = load_head(head)
+    res = h.evaluate(features, split=split)
+    if as_json:
+        click.echo(json.dumps(res, indent=1))
+        return
+    click.echo(f"{h.kind} head on {h.layer}, {res['n']} {split} rows of {res['feature_file']}: "
+               f"accuracy {res['accuracy']:.3f}, balanced accuracy "
+               f"{res['balanced_accuracy']:.3f}, macro-F1 {res['macro_f1']:.3f}")
 
 
 @cli.command(epilog="""\b
@@ -406,6 +437,20 @@ def _csv(value):
 
 
 def main():
+    import warnings
+
+    from .errors import FeaturecacheWarning
+
+    python_show = warnings.showwarning
+
+    def show(message, category, *args, **kwargs):
+        """The package's own warnings as one clean line; others as Python prints them."""
+        if issubclass(category, FeaturecacheWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            python_show(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
     cli(prog_name="featurecache")
 
 

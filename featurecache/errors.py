@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "FeaturecacheError", "UnknownBackboneError", "UnknownLayerError", "WeightsError",
     "DataError", "StoreError", "StoreMismatchError", "HeadError", "PipelineError",
+    "FeaturecacheWarning", "DataWarning",
 ]
 
 
@@ -42,6 +43,15 @@ class HeadError(FeaturecacheError):
 
 class PipelineError(FeaturecacheError):
     """A pipeline file with a bad key, value or type."""
+
+
+class FeaturecacheWarning(UserWarning):
+    """Something the user should know that does not stop the run; the CLI prints it as one
+    ``warning:`` line."""
+
+
+class DataWarning(FeaturecacheWarning):
+    """Input data that are usable but probably not what the user meant."""
 
 
 def close_matches(name: str, choices, n: int = 5) -> str:

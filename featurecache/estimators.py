@@ -4,7 +4,7 @@ Every head is ``Pipeline([("scale", StandardScaler()), ("clf", estimator)])``:
 
 * ``logreg``: ``LogisticRegression`` (lbfgs, multinomial).
 * ``svm`` (linear kernel): :class:`GramLinearSVC` up to
-  :data:`~featurecache.search.GRAM_MAX_ROWS` rows (libsvm on the precomputed Gram matrix,
+  :data:`~featurecache.search.GRAM_MAX_ROWS` training rows (libsvm on the precomputed Gram matrix,
   saved as one weight vector per pair of classes), ``LinearSVC`` beyond; ``svm`` (rbf): ``SVC``.
 * ``knn``: ``KNeighborsClassifier`` with cosine distance and DINOv2's temperature-weighted
   votes (:func:`temperature_weights`, T = 0.07).
@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .search import GRAM_MAX_ROWS, KNN_TEMPERATURE, _SVC_MAX_ITER
+from .search import KNN_TEMPERATURE, LOGREG, _SVC_MAX_ITER, use_gram
 
 __all__ = ["GramLinearSVC", "temperature_weights", "make_estimator"]
 
@@ -46,11 +46,11 @@ class GramLinearSVC(ClassifierMixin, BaseEstimator):
     def fit(self, X, y):
         from sklearn.svm import SVC
 
-        X = np.ascontiguousarray(X, dtype=np.float32)
+        X = np.ascontiguousarray(X, dtype=np.float64)  # the saved head: full precision
         svc = SVC(kernel="precomputed", C=self.C, class_weight=self.class_weight,
                   max_iter=self.max_iter, random_state=self.random_state)
-        svc.fit((X @ X.T).astype(np.float64), y)
-        sv = X[svc.support_].astype(np.float64)
+        svc.fit(X @ X.T, y)
+        sv = X[svc.support_]
         self.classes_ = svc.classes_
         self.n_features_in_ = X.shape[1]
         self.n_support_ = svc.n_support_
@@ -101,8 +101,10 @@ class GramLinearSVC(ClassifierMixin, BaseEstimator):
 
 
 def make_estimator(kind: str, params: dict, *, kernel: str = "linear", class_weight=None,
-                   seed: int = 0, n_rows: int = 0, probability: bool = False):
-    """The unfitted pipeline of a head kind with chosen hyperparameters, for ``n_rows`` rows."""
+                   seed: int = 0, n_rows: int = 0, probability: bool = False, gram=None):
+    """The unfitted pipeline of a head kind with chosen hyperparameters, for ``n_rows`` rows.
+
+    ``gram`` forces the linear SVM's solver (None: by ``n_rows``, as the search decides)."""
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
@@ -111,15 +113,15 @@ def make_estimator(kind: str, params: dict, *, kernel: str = "linear", class_wei
     from sklearn.svm import SVC, LinearSVC
 
     if kind == "logreg":
-        clf = LogisticRegression(C=params["C"], max_iter=1000, tol=1e-4, class_weight=class_weight,
-                                 random_state=seed)
+        clf = LogisticRegression(C=params["C"], class_weight=class_weight, random_state=seed,
+                                 **LOGREG)
     elif kind == "knn":
         clf = KNeighborsClassifier(n_neighbors=max(1, min(params["k"], n_rows)), metric="cosine",
                                    algorithm="brute", weights=temperature_weights)
     elif kernel == "rbf":
         clf = SVC(kernel="rbf", C=params["C"], gamma=params["gamma"], class_weight=class_weight,
                   random_state=seed, max_iter=_SVC_MAX_ITER)
-    elif n_rows <= GRAM_MAX_ROWS:
+    elif use_gram(n_rows) if gram is None else gram:
         clf = GramLinearSVC(C=params["C"], class_weight=class_weight, random_state=seed)
     else:
         clf = LinearSVC(C=params["C"], class_weight=class_weight, random_state=seed,

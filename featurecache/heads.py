@@ -37,22 +37,26 @@ from .search import HEAD_KINDS, KERNELS, SCORINGS, coarse_grid, make_folds, sear
 __all__ = ["Head", "fit_head", "fit_heads", "training_data", "load_head", "search", "refit",
            "HEAD_KINDS", "KERNELS", "SCORINGS", "coarse_grid"]
 
-_FORMAT = "featurecache-head"
-_FORMAT_VERSION = 1
 # provenance fields a head and a feature file (or an image pipeline) must agree on
 _MATCH_KEYS = ("backbone", "weights", "weights_sha256", "preprocess", "specs")
 
 
 def refit(X, y, kind: str, params: dict, *, kernel: str = "linear", class_weight=None,
-          seed: int = 0, probability: bool = False):
-    """Fit the pipeline of ``kind`` with ``params`` on all of ``X, y``."""
+          seed: int = 0, probability: bool = False, solver_rows: int | None = None):
+    """Fit the pipeline of ``kind`` with ``params`` on all of ``X, y``.
+
+    ``solver_rows``: pick the linear SVM's solver as for this many rows (few-shot refits use
+    the solver the hyperparameters were searched with); default ``len(y)``."""
     from sklearn.exceptions import ConvergenceWarning
 
     from .estimators import make_estimator
 
     X = np.asarray(X, dtype=np.float32)
+    from .search import use_gram
+
     pipe = make_estimator(kind, params, kernel=kernel, class_weight=class_weight, seed=seed,
-                          n_rows=len(y), probability=probability)
+                          n_rows=len(y), probability=probability,
+                          gram=use_gram(len(y) if solver_rows is None else solver_rows))
     if probability and kind == "svm":
         pipe.set_params(clf__cv=min(5, _min_count(y)))
     with warnings.catch_warnings():
@@ -135,13 +139,46 @@ class Head:
                 raise HeadError(f"this head was trained on layer {self.layer!r} with {key} = "
                                 f"{mine!r}, but {what} have {key} = {theirs!r}.")
 
+    @property
+    def column_classes(self) -> list:
+        """Class names in the order of the columns of :meth:`scores` / :meth:`predict_proba`
+        (the fitted estimator's ``classes_``, which index :attr:`classes`)."""
+        return [self.classes[int(i)] for i in self.pipeline_.classes_]
+
+    def evaluate(self, features, split: str = "test") -> dict:
+        """Score this head on ``split`` of a feature file made the same way.
+
+        Returns ``{n, accuracy, balanced_accuracy, macro_f1, split, feature_file}``.
+
+        Raises:
+            HeadError: the file was made differently (names the field), lacks the layer, or
+                holds classes this head does not know.
+            StoreError: the file is unfinished or has no such split.
+        """
+        from .stats import metric_values
+        from .store import FeatureFile, open_features
+
+        ff = features if isinstance(features, FeatureFile) else open_features(features)
+        ff.check_complete()
+        ff.check_layer(self.layer)
+        self.check_compatible(ff.layer_provenance(self.layer), str(ff.path))
+        y = ff.y(split)
+        unknown = sorted({ff.classes[i] for i in set(y.tolist())} - set(self.classes))
+        if unknown:
+            raise HeadError(f"{ff.path} has {split} rows of classes this head was not trained "
+                            f"on: {unknown}.")
+        index = {c: i for i, c in enumerate(self.classes)}
+        y = np.array([index[ff.classes[i]] for i in y], dtype=np.int64)
+        pred = self.predict(ff.X(self.layer, split))
+        m = metric_values(np.ones((1, len(y))), y, pred, len(self.classes))
+        return {"feature_file": str(ff.path), "split": split, "n": int(len(y)),
+                **{k: float(v[0]) for k, v in m.items()}}
+
     def save(self, path) -> Path:
-        path = Path(path)
-        if not path.parent.is_dir():
-            raise HeadError(f"folder {path.parent} does not exist; create it first.")
-        joblib.dump({"format": _FORMAT, "format_version": _FORMAT_VERSION,
-                     **{k: getattr(self, k) for k in self.__dataclass_fields__}}, path)
-        return path
+        """Save as joblib (any suffix) or skops (``.skops``: safe to load from others)."""
+        from .persist import dump_head
+
+        return dump_head({k: getattr(self, k) for k in self.__dataclass_fields__}, path)
 
 
 def _min_count(y) -> int:
@@ -149,23 +186,17 @@ def _min_count(y) -> int:
 
 
 def load_head(path) -> Head:
-    """Load a head saved by :meth:`Head.save`. joblib files are pickles: only load trusted ones.
+    """Load a head saved by :meth:`Head.save` (``.joblib`` or ``.skops``).
+
+    joblib files are pickles: only load trusted ones. ``.skops`` files are checked against an
+    allow-list of types before anything is built.
 
     Raises:
-        HeadError: the file is missing, unreadable, or not a featurecache head.
+        HeadError: the file is missing, unreadable, untrusted, or not a featurecache head.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise HeadError(f"head file {path} does not exist.")
-    try:
-        data = joblib.load(path)
-    except Exception as exc:  # noqa: BLE001 - unpickling fails in many ways
-        raise HeadError(f"cannot read {path} as a joblib file ({type(exc).__name__}: {exc}).") from None
-    if not isinstance(data, dict) or data.get("format") != _FORMAT:
-        raise HeadError(f"{path} is not a featurecache head (make one with `featurecache fit-head`).")
-    if data["format_version"] != _FORMAT_VERSION:
-        raise HeadError(f"{path} is head format {data['format_version']}; this featurecache reads "
-                        f"{_FORMAT_VERSION}. Fit it again.")
+    from .persist import load_head_dict
+
+    data = load_head_dict(path)
     return Head(**{k: data[k] for k in Head.__dataclass_fields__})
 
 
@@ -200,8 +231,14 @@ def fit_heads(jobs: dict, kinds, *, kernel: str = "linear", cv: int = 5,
             raise HeadError(f"head {kind!r} is not one of {', '.join(HEAD_KINDS)}.")
     Xs, y, folds, how = {}, None, None, ""
     for key, (ff, layer) in jobs.items():
+        ff.check_complete()
         ff.check_layer(layer)
         X, yk, fk, how = training_data(ff, layer, cv=cv, seed=seed)
+        absent = [c for i, c in enumerate(ff.classes) if i not in set(yk.tolist())]
+        if absent:
+            raise HeadError(f"classes {absent} of {ff.path} have no training rows (they occur "
+                            f"only in other splits); a head cannot learn them. Add training "
+                            f"images of them, or leave them out of the data.")
         if y is None:
             y, folds = yk, fk
         elif not np.array_equal(y, yk):

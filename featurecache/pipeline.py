@@ -107,9 +107,13 @@ def _check_type(where: str, value, kind, allowed):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is list:
-        if not isinstance(value, list) or not all(isinstance(v, (str, int)) and
-                                                  not isinstance(v, bool) for v in value):
-            raise PipelineError(f"{where} must be a list of strings, got {value!r}.")
+        shots = where.endswith("shots")  # shots = [1, 5, "all"]
+        ok = (str, int) if shots else (str,)
+        if not isinstance(value, list) or not all(isinstance(v, ok) and not isinstance(v, bool)
+                                                  for v in value):
+            raise PipelineError(f"{where} must be a list of "
+                                f"{'numbers or strings' if shots else 'strings'}, "
+                                f"got {value!r}.")
     elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise PipelineError(f"{where} must be {kind.__name__}, got {type(value).__name__} {value!r}.")
     if allowed and value not in allowed:
@@ -222,7 +226,7 @@ def check_pipeline(plan: Plan) -> dict:
 def run_pipeline(plan: Plan, progress: bool = True) -> dict:
     """Run embed -> compare and write ``run.json``; returns its content."""
     from . import __version__
-    from .embed import embed
+    from .embedding import embed
     from .report import compare
 
     out = plan.output
@@ -257,7 +261,10 @@ def run_pipeline(plan: Plan, progress: bool = True) -> dict:
     }
     config = dict(record["config"])
     record["config"] = {"top": config.pop(""), **config}
-    (out / "run.json").write_text(json.dumps(record, indent=1, default=str))
+    from .files import atomic_output
+
+    with atomic_output(out / "run.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=1, default=str))
     record["table"] = res.table()
     return record
 

@@ -58,6 +58,7 @@ def plot_few_shot(path: Path, rows, winner, metric: str, n_lines: int = 4) -> No
     """Test score vs labelled images per class for the best rows by CV (mean ± std)."""
     plt = _pyplot()
     best = sorted(rows, key=lambda r: -r["cv_score"])[:n_lines]
+    several = len({r["backbone"] for r in rows}) > 1
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for r in best:
         shots = list(r["few_shot"])
@@ -68,7 +69,8 @@ def plot_few_shot(path: Path, rows, winner, metric: str, n_lines: int = 4) -> No
         ys = [r["few_shot"][s]["mean"] for s in shots]
         sd = [r["few_shot"][s]["std"] for s in shots]
         ax.errorbar(xs, ys, yerr=sd, marker="o", capsize=3,
-                    label=f"{r['layer']} ({r['head']})" + (" *" if r is winner else ""))
+                    label=(f"{r['backbone']} " if several else "") + f"{r['layer']} ({r['head']})"
+                    + (" *" if r is winner else ""))
         ax.set_xticks(xs)
         ax.set_xticklabels(numeric + (["all"] if "all" in shots else []))
     ax.set_xscale("log")

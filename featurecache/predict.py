@@ -27,6 +27,7 @@ from .data import ImageDataset, Record, collate
 from .data.sources import IMAGE_EXTENSIONS
 from .errors import DataError, FeaturecacheError
 from .extract import FeatureExtractor, default_device
+from .files import atomic_output
 from .heads import Head, load_head
 from .layers import LayerSpec
 
@@ -121,7 +122,8 @@ def predict(head, images, top_k: int = 3, batch_size: int = 32, device: str | No
         proba = head.predict_proba(X)
         return (proba, True) if proba is not None else (head.scores(X), False)
 
-    return _rows(paths, bb, score, head.classes, top_k, batch_size, num_workers, dev)
+    # score columns follow the fitted estimator's classes, which are indices into head.classes
+    return _rows(paths, bb, score, head.column_classes, top_k, batch_size, num_workers, dev)
 
 
 def predict_imagenet(images, backbone: str = DEFAULT_BACKBONE, weights: str = "DEFAULT",
@@ -141,15 +143,18 @@ def predict_imagenet(images, backbone: str = DEFAULT_BACKBONE, weights: str = "D
 def write_predictions(rows: list, path, fmt: str = "csv") -> Path:
     """Write prediction rows as CSV (top-k joined as ``class:score;...``) or JSON."""
     path = Path(path)
-    if fmt == "json":
-        path.write_text(json.dumps(rows, indent=1))
-        return path
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "predicted", "probability", "score", "top_k", "error"])
-        for r in rows:
-            w.writerow([r["path"], r["predicted"] or "",
-                        "" if r["probability"] is None else f"{r['probability']:.6f}",
-                        "" if r["score"] is None else f"{r['score']:.6f}",
-                        ";".join(f"{c}:{s:.4f}" for c, s in r["top_k"]), r["error"] or ""])
+    if not path.parent.is_dir():
+        raise FeaturecacheError(f"folder {path.parent} does not exist; create it first.")
+    with atomic_output(path) as tmp:
+        if fmt == "json":
+            tmp.write_text(json.dumps(rows, indent=1))
+            return path
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "predicted", "probability", "score", "top_k", "error"])
+            for r in rows:
+                w.writerow([r["path"], r["predicted"] or "",
+                            "" if r["probability"] is None else f"{r['probability']:.6f}",
+                            "" if r["score"] is None else f"{r['score']:.6f}",
+                            ";".join(f"{c}:{s:.4f}" for c, s in r["top_k"]), r["error"] or ""])
     return path

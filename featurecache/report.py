@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,9 +107,17 @@ def _open_all(features) -> list:
 def _labels(files) -> list:
     """A short name per file for the backbone column: the backbone, or the file name when two
     files share a backbone."""
+    from .files import same_file
+
+    for i, a in enumerate(files):
+        for b in files[:i]:
+            if same_file(a.path, b.path):
+                raise FeaturecacheError(f"{a.path} is given twice; give each feature file once.")
     names = [ff.provenance["backbone"] for ff in files]
     if len(set(names)) < len(names):
         names = [ff.path.name.removesuffix(".h5") for ff in files]
+    if len(set(names)) < len(names):  # same backbone and file name, in different folders
+        names = [str(ff.path.with_suffix("")) for ff in files]
     return names
 
 
@@ -162,11 +172,14 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
                                 f"{present}. compare reports on a held-out test split.")
     if len(np.unique(first.y("train"))) < 2:
         raise HeadError("the train split holds a single class; nothing to compare.")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        if not overwrite:
-            raise FeaturecacheError(f"output folder {out_dir} exists and is not empty; choose "
-                                    f"another or pass --overwrite.")
-        shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FeaturecacheError(f"{out_dir} is a file; give a folder for the report.")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FeaturecacheError(f"output folder {out_dir} exists and is not empty; choose "
+                                f"another or pass --overwrite (which replaces only the files "
+                                f"of a previous report).")
+    if not out_dir.parent.is_dir():
+        raise FeaturecacheError(f"folder {out_dir.parent} does not exist; create it first.")
 
     bar = _Progress(progress)
     fitted = fit_heads(jobs, heads, kernel=kernel, cv=cv, scoring=scoring,
@@ -199,14 +212,10 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
         _few_shot(rows, fitted, jobs, y_test, X_test, shots, repeats, kernel, class_weight,
                   seed, metric, n_jobs)
 
-    (out_dir / "heads").mkdir(parents=True, exist_ok=True)
     several = len(files) > 1
     for r in rows:
         stem = "-".join(([r["backbone"]] if several else []) + [r["layer"], r["head"]])
-        head = fitted[((r["backbone"], r["layer"]), r["head"])]
-        r["head_file"] = str(head.save(out_dir / "heads" / f"{stem.replace('+', '_')}.joblib")
-                             .relative_to(out_dir))
-    shutil.copyfile(out_dir / winner["head_file"], out_dir / "best.joblib")
+        r["head_file"] = f"heads/{stem.replace('+', '_')}.joblib"
     verdict = _verdict(rows, winner, runner, scoring, select, several)
     from sklearn.metrics import confusion_matrix
 
@@ -215,8 +224,52 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
                 "heads": heads, "kernel": kernel, "class_weight": class_weight, "seed": seed,
                 "n_boot": n_boot, "shots": [str(s) for s in shots], "repeats": repeats,
                 "seconds": round(time.perf_counter() - t0, 1)}
-    _write(out_dir, files, names, rows, winner, verdict, cm, settings)
+    out_dir.mkdir(exist_ok=True)
+    # everything is written into a hidden staging folder inside out_dir, then moved into
+    # place file by file (results.json last): a kill leaves the previous report's files whole
+    staging = Path(tempfile.mkdtemp(prefix=".compare-", dir=out_dir))
+    try:
+        (staging / "heads").mkdir()
+        for r in rows:
+            fitted[((r["backbone"], r["layer"]), r["head"])].save(staging / r["head_file"])
+        shutil.copyfile(staging / winner["head_file"], staging / "best.joblib")
+        _write(staging, files, names, rows, winner, verdict, cm, settings)
+        _publish(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return CompareResult(rows, winner, verdict, out_dir)
+
+
+_REPORT_FILES = ("results.csv", "report.md", "layer_depth.png", "few_shot.png", "confusion.png",
+                 "best.joblib", "results.json")
+
+
+def _own_files(folder: Path) -> set:
+    """The files a previous report in ``folder`` wrote (named by its results.json)."""
+    try:
+        old = json.loads((folder / "results.json").read_text())
+        heads = {r["head_file"] for r in old.get("rows", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {f for f in _REPORT_FILES if (folder / f).is_file()} | heads
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move the new report's files over the old ones, then remove the old report's files
+    that the new one does not have. Nothing else in ``out_dir`` is touched."""
+    from .files import fsync_dir
+
+    stale = _own_files(out_dir)
+    new = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+    new.sort(key=lambda f: f == "results.json")  # the index of the report goes last
+    for rel in new:
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / rel, out_dir / rel)
+    fsync_dir(out_dir)
+    for rel in stale - set(new):
+        target = (out_dir / rel).resolve()
+        if out_dir.resolve() in target.parents:  # never outside the report folder
+            target.unlink(missing_ok=True)
 
 
 def _check_shots(shots, repeats) -> list:
@@ -287,7 +340,8 @@ def _few_shot(rows, fitted, jobs, y_test, X_test, shots, repeats, kernel, class_
     from .heads import refit
     from .stats import few_shot_indices
 
-    y_train = jobs[next(iter(jobs))][0].y("train")
+    first = jobs[next(iter(jobs))][0]
+    y_train, n_classes = first.y("train"), len(first.classes)
     X_train = {key: ff.X(layer, "train") for key, (ff, layer) in jobs.items()}
     tasks = [(j, k, rep) for j in range(len(rows)) for k in shots if k != "all"
              for rep in range(repeats)]
@@ -297,11 +351,11 @@ def _few_shot(rows, fitted, jobs, y_test, X_test, shots, repeats, kernel, class_
         key = (r["backbone"], r["layer"])
         idx = few_shot_indices(y_train, k, seed, rep)
         pipe = refit(X_train[key][idx], y_train[idx], r["head"], r["params"], kernel=kernel,
-                     class_weight=class_weight, seed=seed)
+                     class_weight=class_weight, seed=seed, solver_rows=len(y_train))
         from .stats import metric_values
 
         p = pipe.predict(np.asarray(X_test[key], dtype=np.float32))
-        return metric_values(np.ones((1, len(y_test))), y_test, p, int(y_test.max()) + 1)[metric][0]
+        return metric_values(np.ones((1, len(y_test))), y_test, p, n_classes)[metric][0]
 
     scores = joblib.Parallel(n_jobs=n_jobs, prefer="threads")(
         joblib.delayed(one)(*t) for t in tasks)

@@ -134,10 +134,9 @@ class Writer:
 
     # -- opening -------------------------------------------------------------------------
     def __enter__(self) -> "Writer":
-        if self.overwrite:
-            for p in (self.path, self.partial):
-                p.unlink(missing_ok=True)
-        if self.path.exists():
+        if self.overwrite:  # start over, but keep an old complete file until the new one is
+            self.partial.unlink(missing_ok=True)  # complete and renamed over it
+        elif self.path.exists():
             old = self._check_same(self.path)
             self.already_complete = True
             self.n_done, self.n_committed, self.n_skipped = (
@@ -327,14 +326,34 @@ class FeatureFile:
                     raise StoreError(f"{path} has schema_version {version}; this featurecache "
                                      f"reads {SCHEMA_VERSION}. Re-run `featurecache embed`.")
                 specs = [LayerSpec.from_attrs(d.attrs) for d in f["layers"].values()]
+                missing = _missing_sources(path, f["layers"].values())
                 self.classes = [_decode(c) for c in f["classes"][()]]
                 self._splits = np.array([_decode(s) for s in f["splits"][: self.n_rows]])
         except OSError as exc:
             raise StoreError(f"cannot read {path} as HDF5 ({exc}).") from None
+        if missing:
+            raise StoreError(
+                f"{path} is a joined file whose shard files are missing: "
+                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Its layers point "
+                f"into them (paths relative to the joined file): put them back beside it, or "
+                f"re-join with `featurecache join --copy` for one self-contained file.")
         self.layers = {s.name: s for s in sorted(specs, key=lambda s: (s.depth, s.name))}
 
     n_rows = property(lambda self: int(self.provenance["n_committed"]))
     complete = property(lambda self: bool(self.provenance["complete"]))
+
+    def check_complete(self) -> None:
+        """Refuse a file whose embed has not finished (heads and reports need every row).
+
+        Raises:
+            StoreError: naming how many inputs are done and how to resume.
+        """
+        if not self.complete:
+            p = self.provenance
+            raise StoreError(
+                f"{self.path} is unfinished: {p.get('n_done')} of {p.get('n_inputs')} inputs "
+                f"embedded. Re-run the same `featurecache embed` command to resume it"
+                f"{' (' + p['rebuild'] + ')' if p.get('rebuild') else ''}, then try again.")
 
     def _mask(self, split):
         if split is None:
@@ -396,6 +415,21 @@ class FeatureFile:
         return {**{k: self.provenance.get(k) for k in keys}, "layer": layer, "specs": specs}
 
 
+def _missing_sources(path: Path, datasets) -> list:
+    """Source files of virtual datasets that do not exist (resolved as HDF5 does: relative to
+    the folder of the file that holds the virtual dataset)."""
+    missing = []
+    for d in datasets:
+        if not d.is_virtual:
+            continue
+        for vs in d.virtual_sources():
+            src = Path(vs.file_name)
+            full = src if src.is_absolute() else path.parent / src
+            if vs.file_name != "." and not full.is_file() and str(full) not in missing:
+                missing.append(str(full))
+    return missing
+
+
 def open_features(path) -> FeatureFile:
     """Open a feature file for reading; falls back to ``NAME.partial`` for an unfinished run.
 
@@ -410,19 +444,29 @@ def open_features(path) -> FeatureFile:
     return FeatureFile(path)
 
 
-def join_shards(shards, output, overwrite: bool = False) -> Path:
+def join_shards(shards, output, overwrite: bool = False, copy: bool = False) -> Path:
     """Join complete shard files (``embed --shard i/k``) into one file, in shard order.
 
     The layers become HDF5 virtual datasets that point into the shard files (kept beside the
-    output; nothing is copied); labels, paths and splits are copied. The result opens with
-    :func:`open_features` like any other file.
+    output; nothing is copied; a missing shard reads as NaN and opening the file refuses,
+    naming it), or with ``copy=True`` real datasets in one self-contained file. Labels, paths
+    and splits are copied. The output is written under a temporary name and renamed into place
+    when complete. The result opens with :func:`open_features` like any other file.
 
     Raises:
-        StoreError: a shard is missing, incomplete, from another run, or the set is not whole.
+        StoreError: a shard is missing, incomplete, from another run, the set is not whole, or
+            the output is one of the inputs.
     """
+    from .files import atomic_output, same_file
+
     output = Path(output)
+    for s in shards:
+        if same_file(s, output):
+            raise StoreError(f"the output {output} is also an input shard; choose another name.")
     if output.exists() and not overwrite:
         raise StoreError(f"{output} exists; choose another name or pass overwrite=True.")
+    if not output.parent.is_dir():
+        raise StoreError(f"folder {output.parent} does not exist; create it first.")
     files = sorted((open_features(p) for p in shards), key=lambda f: f.provenance["shard_index"])
     if not files:
         raise StoreError("no shard files given.")
@@ -447,19 +491,31 @@ def join_shards(shards, output, overwrite: bool = False) -> Path:
     meta.update(n_done=meta["n_inputs"], n_committed=total, complete=True,
                 n_skipped=sum(f.provenance["n_skipped"] for f in files))
     meta["fingerprint"] = fingerprint(meta)
-    with h5py.File(output, "w") as out:
+    meta["joined_as"] = "copy" if copy else "virtual"
+    with atomic_output(output) as tmp, h5py.File(tmp, "w") as out:
         _write_header(out, meta, files[0].classes)
         grp = out.create_group("layers")
+        dtype = np.dtype(first["dtype"])
         for spec in files[0].layers.values():
-            layout = h5py.VirtualLayout(shape=(total, spec.dim),
-                                        dtype=np.dtype(first["dtype"]))
-            start = 0
-            for f, n in zip(files, sizes):
-                rel = os.path.relpath(f.path, output.parent)
-                layout[start:start + n] = h5py.VirtualSource(rel, f"layers/{spec.name}",
-                                                             shape=(n, spec.dim))[:n]
-                start += n
-            d = grp.create_virtual_dataset(spec.name, layout)
+            if copy:
+                d = grp.create_dataset(spec.name, shape=(total, spec.dim), dtype=dtype,
+                                       chunks=(max(1, min(total, (1 << 20) // (spec.dim * dtype.itemsize))), spec.dim))
+                start = 0
+                for f, n in zip(files, sizes):
+                    with h5py.File(f.path, "r") as src_file:
+                        for s in range(0, n, 4096):  # bounded memory
+                            e = min(n, s + 4096)
+                            d[start + s:start + e] = src_file["layers"][spec.name][s:e]
+                    start += n
+            else:
+                layout = h5py.VirtualLayout(shape=(total, spec.dim), dtype=dtype)
+                start = 0
+                for f, n in zip(files, sizes):
+                    rel = os.path.relpath(f.path, output.parent)
+                    layout[start:start + n] = h5py.VirtualSource(rel, f"layers/{spec.name}",
+                                                                 shape=(n, spec.dim))[:n]
+                    start += n
+                d = grp.create_virtual_dataset(spec.name, layout, fillvalue=np.nan)
             for k, v in spec.to_attrs().items():
                 d.attrs[k] = v
         out.create_dataset("labels", data=np.concatenate([f.y() for f in files]).astype(np.int32))

@@ -17,7 +17,7 @@ from featurecache.heads import load_head, refit
 from featurecache.report import compare, select_winner
 from featurecache.stats import few_shot_indices
 
-from .conftest import png_spread
+from .conftest import make_image, png_spread
 
 
 @pytest.fixture
@@ -118,3 +118,24 @@ def test_compare_refuses_files_of_different_images(feats_path, image_folder, tin
                           str(fewer), "-o", str(tmp_path / "r")], capture_output=True, text=True)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "not of the same images" in out.stderr and not (tmp_path / "r").exists()
+
+
+def test_few_shot_when_the_test_split_lacks_a_class(tmp_path, tiny_backbone):
+    """A head may predict a class the test split does not hold (regression: IndexError)."""
+    root = tmp_path / "data"
+    for split, classes in (("train", ["a", "b", "c"]), ("test", ["a", "b"])):
+        for ci, c in enumerate(classes):
+            (root / split / c).mkdir(parents=True)
+            for i in range(4):
+                make_image(root / split / c / f"{i}.png", (80 * ci, 90, 200 - 80 * ci), ci * 10 + i)
+    with pytest.warns(Warning, match="not in test/"):
+        embed(root, tmp_path / "f.h5", backbone=tiny_backbone, layers=["avgpool"],
+              num_workers=0, progress=False)
+    res = compare(tmp_path / "f.h5", tmp_path / "r", heads=["logreg"], shots=[1, "all"],
+                  repeats=2, progress=False, n_boot=50, n_jobs=1)
+    assert 0 <= res.rows[0]["few_shot"]["1"]["mean"] <= 1
+
+
+def test_the_same_file_twice_is_refused(feats_path, tmp_path):
+    with pytest.raises(FeaturecacheError, match="given twice"):
+        compare([feats_path, feats_path], tmp_path / "r", progress=False)

@@ -7,8 +7,6 @@ import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
 from featurecache.errors import HeadError
@@ -87,12 +85,17 @@ def test_gram_svm_predicts_like_libsvms_linear_kernel():
 
 
 def test_linear_svm_head_is_gram_based_until_the_row_limit(monkeypatch):
-    import featurecache.estimators as est
+    import featurecache.search as s
 
     X, y = noisy_classes(n=90, d=8)
     assert isinstance(search(X, y, "svm", n_jobs=1)[0][-1], GramLinearSVC)
-    monkeypatch.setattr(est, "GRAM_MAX_ROWS", 50)
-    assert isinstance(est.make_estimator("svm", {"C": 1.0}, n_rows=90)[-1], LinearSVC)
+    monkeypatch.setattr(s, "GRAM_MAX_ROWS", 50)
+    assert isinstance(make_estimator("svm", {"C": 1.0}, n_rows=90)[-1], LinearSVC)
+    # the CV folds (72 rows) use the solver of the refit (90 rows), so C means the same
+    _, _, _, table = search(X, y, "svm", n_jobs=1)
+    assert isinstance(search(X, y, "svm", n_jobs=1)[0][-1], LinearSVC)
+    few = make_estimator("svm", {"C": 1.0}, n_rows=10, gram=False)
+    assert isinstance(few[-1], LinearSVC)
 
 
 def test_knn_matches_a_hand_computation():

@@ -141,8 +141,29 @@ def _folder_items(root: Path):
         items = []
         for sd in splits:
             items += _class_items(sd, SPLIT_NAMES[sd.name.lower()])
+        _warn_if_splits_disagree(root, items)
         return "split-folders", items
     return "folder", _class_items(root, None)
+
+
+def _warn_if_splits_disagree(root: Path, items) -> None:
+    """Say when the split folders do not hold the same classes (a head cannot learn a class
+    that has no training images, and a class missing from test is never scored)."""
+    import warnings
+
+    from ..errors import DataWarning
+
+    by_split: dict = {}
+    for _, c, s in items:
+        by_split.setdefault(s, set()).add(c)
+    every = set().union(*by_split.values())
+    gaps = [f"{sorted(every - have)} not in {s}/" for s, have in sorted(by_split.items())
+            if every - have]
+    if gaps:
+        warnings.warn(DataWarning(
+            f"the split folders of {root} hold different classes: {'; '.join(gaps)}. Heads "
+            f"cannot learn a class without training images; add the missing class folders or "
+            f"remove the extra ones."), stacklevel=3)
 
 
 def _class_items(folder: Path, split):

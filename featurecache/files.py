@@ -1,0 +1,67 @@
+"""Outputs that appear whole or not at all: write to a temporary name, then rename into place.
+
+Every file featurecache writes for the user (heads, reports, joined feature files,
+predictions, ``run.json``) goes through :func:`atomic_output`: the content is written to a
+hidden temporary file in the same folder, flushed to disk, and renamed over the final name
+only when it is complete. A kill or an error at any point leaves the previous file (or no
+file) under the final name, never a truncated one; the temporary file is removed on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["atomic_output", "replace_into", "fsync_dir", "same_file"]
+
+
+def fsync_dir(folder) -> None:
+    """Make a rename inside ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(path, suffix: str | None = None):
+    """Yield a temporary path beside ``path``; on success rename it to ``path``.
+
+    The temporary name keeps the final suffix (``.h5``, ``.png``, ``.joblib``) so libraries that
+    look at it (matplotlib, h5py) behave as for the final file.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp",
+                               dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def replace_into(src: Path, dst: Path) -> None:
+    """Move the finished file ``src`` over ``dst`` (same file system) atomically."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)
+
+
+def same_file(a, b) -> bool:
+    """Whether two paths name the same file (existing files compared by inode)."""
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()

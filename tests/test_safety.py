@@ -1,0 +1,275 @@
+"""No silent wrong answers and no lost outputs (issue 11): each test fails on the code before."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from featurecache import embed, load_backbone, open_features
+from featurecache.errors import DataWarning, HeadError, StoreError
+from featurecache.heads import Head, fit_head, load_head, refit
+from featurecache.predict import predict
+from featurecache.report import compare
+from featurecache.store import join_shards, partial_path
+
+from .conftest import make_image
+
+
+def cli(*args, cwd=None):
+    """The console script in a subprocess: (exit code, stdout, stderr)."""
+    out = subprocess.run([sys.executable, "-m", "featurecache.cli", *map(str, args)],
+                         capture_output=True, text=True, cwd=cwd)
+    assert "Traceback" not in out.stderr, out.stderr
+    return out.returncode, out.stdout, out.stderr
+
+
+@pytest.fixture
+def feats_path(image_folder, tiny_backbone, tmp_path):
+    out = tmp_path / "f.h5"
+    embed(image_folder, out, backbone=tiny_backbone, layers=["blocks.5", "avgpool"],
+          num_workers=0, progress=False)
+    return out
+
+
+# -- wrong answers ---------------------------------------------------------------------------
+
+def test_predict_names_classes_by_the_estimators_columns(feats_path, tmp_path):
+    """A head whose estimator never saw class 0 ('blue') must still name red images 'red'."""
+    ff = open_features(feats_path)
+    X, y = ff.X("avgpool", "train"), ff.y("train")
+    keep = y != 0
+    pipe = refit(X[keep], y[keep], "logreg", {"C": 1.0})
+    head = Head(pipe, "logreg", "linear", "avgpool", ff.classes, ff.layer_provenance("avgpool"),
+                {"C": 1.0}, 1.0, [])
+    assert head.column_classes == ["green", "red"]
+    head.save(tmp_path / "h.joblib")
+    reds = [p for p, c in zip(ff.paths("test"), ff.y("test")) if ff.classes[c] == "red"]
+    rows = predict(tmp_path / "h.joblib", reds)
+    assert [r["predicted"] for r in rows] == ["red"] * len(reds)
+    assert all(dict(r["top_k"]).keys() <= {"green", "red"} for r in rows)
+
+
+def test_a_class_without_training_rows_is_refused_and_announced(tmp_path, tiny_backbone):
+    root = tmp_path / "data"
+    for split, classes in (("train", ["a", "b"]), ("test", ["a", "b", "c"])):
+        for ci, c in enumerate(classes):
+            (root / split / c).mkdir(parents=True)
+            for i in range(3):
+                make_image(root / split / c / f"{i}.png", (60 * ci, 100, 200 - 60 * ci), ci * 10 + i)
+    with pytest.warns(DataWarning, match=r"\['c'\] not in train/"):
+        embed(root, tmp_path / "f.h5", backbone=tiny_backbone, layers=["avgpool"],
+              num_workers=0, progress=False)
+    with pytest.raises(HeadError, match=r"classes \['c'\] .* have no training rows"):
+        fit_head(tmp_path / "f.h5", "avgpool", "logreg")
+    code, _, err = cli("compare", tmp_path / "f.h5", "-o", tmp_path / "r")
+    assert code == 1 and "have no training rows" in err
+
+
+def test_joined_file_refuses_missing_shards_and_copy_is_self_contained(
+        image_folder, tiny_backbone, tmp_path):
+    parts = []
+    for i in range(2):
+        parts.append(tmp_path / f"part{i}.h5")
+        embed(image_folder, parts[-1], backbone=tiny_backbone, layers=["avgpool"], shard=(i, 2),
+              num_workers=0, progress=False)
+    join_shards(parts, tmp_path / "joined.h5")
+    join_shards(parts, tmp_path / "copied.h5", copy=True)
+    expected = open_features(tmp_path / "joined.h5").X("avgpool")
+    with h5py.File(tmp_path / "joined.h5") as f:
+        assert np.isnan(f["layers/avgpool"].fillvalue)
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.move(tmp_path / "joined.h5", moved / "joined.h5")
+    with pytest.raises(StoreError, match=r"shard files are missing: .*part0\.h5, .*part1\.h5.*--copy"):
+        open_features(moved / "joined.h5")
+    shutil.move(moved / "joined.h5", tmp_path / "joined.h5")
+    parts[1].unlink()
+    code, _, err = cli("info", tmp_path / "joined.h5")
+    assert code == 1 and "part1.h5" in err and "part0.h5" not in err
+    parts[0].unlink()
+    np.testing.assert_array_equal(open_features(tmp_path / "copied.h5").X("avgpool"), expected)
+
+
+def test_score_checks_provenance_and_matches_a_hand_computation(feats_path, image_folder,
+                                                                tiny_backbone, tmp_path):
+    head = fit_head(feats_path, "avgpool", "logreg")
+    head.save(tmp_path / "h.skops")
+    code, out, _ = cli("score", tmp_path / "h.skops", feats_path, "--json")
+    assert code == 0
+    res = json.loads(out)
+    ff = open_features(feats_path)
+    pred, y = head.predict(ff.X("avgpool", "test")), ff.y("test")
+    assert res["n"] == len(y) and res["accuracy"] == pytest.approx((pred == y).mean())
+    other = tmp_path / "max.h5"
+    embed(image_folder, other, backbone=tiny_backbone, layers=["avgpool"], pool="max",
+          num_workers=0, progress=False)
+    code, _, err = cli("score", tmp_path / "h.skops", other)
+    assert code == 1 and "specs" in err and "'pool': 'max'" in err
+
+
+def test_preprocessing_follows_the_weights_asked_for(tmp_path, monkeypatch):
+    """regnet_y_400mf: IMAGENET1K_V1 resizes to 256, the DEFAULT (V2) to 232."""
+    import torchvision
+
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    model = torchvision.models.regnet_y_400mf()
+    for w in torchvision.models.RegNet_Y_400MF_Weights:
+        torch.save(model.state_dict(), hub / "checkpoints" / w.url.rsplit("/", 1)[1])
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(hub))
+    try:
+        assert load_backbone("regnet_y_400mf", "IMAGENET1K_V1").preprocess.resize == 256
+        assert load_backbone("regnet_y_400mf", "IMAGENET1K_V2").preprocess.resize == 232
+        assert load_backbone("regnet_y_400mf", "DEFAULT").preprocess.resize == 232
+    finally:
+        torch.hub.set_dir(old)
+
+
+def test_unfinished_files_are_refused(feats_path, tmp_path):
+    unfinished = tmp_path / "u.h5"
+    shutil.copyfile(feats_path, partial_path(unfinished))
+    with h5py.File(partial_path(unfinished), "r+") as f:
+        f.attrs["complete"] = False
+        f.attrs["n_done"] = 9
+    with pytest.raises(StoreError, match=r"unfinished: 9 of 18 inputs.*resume"):
+        fit_head(unfinished, "avgpool", "logreg")
+    code, _, err = cli("compare", unfinished, "-o", tmp_path / "r")
+    assert code == 1 and "unfinished" in err and not (tmp_path / "r").exists()
+    code, out, _ = cli("info", unfinished)  # info still shows it
+    assert code == 0 and "INCOMPLETE" in out
+
+
+# -- lost outputs ----------------------------------------------------------------------------
+
+def test_compare_overwrite_replaces_only_its_own_files(feats_path, tmp_path):
+    work = feats_path.parent
+    (work / "notes.txt").write_text("mine")
+    code, _, err = cli("compare", feats_path, "-o", work, "--heads", "logreg,svm", "-q")
+    assert code == 1 and "--overwrite" in err
+    kw = dict(progress=False, n_boot=50, n_jobs=1)
+    compare(feats_path, work, heads=["logreg", "svm"], overwrite=True, **kw)
+    assert (work / "heads" / "avgpool-svm.joblib").is_file()
+    compare(feats_path, work, heads=["knn"], layers=["avgpool"], overwrite=True, **kw)
+    assert (work / "notes.txt").read_text() == "mine" and feats_path.is_file()
+    assert sorted(p.name for p in (work / "heads").iterdir()) == ["avgpool-knn.joblib"]
+    assert load_head(work / "best.joblib").kind == "knn"
+    assert not [p for p in work.iterdir() if p.name.startswith(".compare-")]
+
+
+def test_join_refuses_to_write_over_its_input(image_folder, tiny_backbone, tmp_path):
+    parts = []
+    for i in range(2):
+        parts.append(tmp_path / f"part{i}.h5")
+        embed(image_folder, parts[-1], backbone=tiny_backbone, layers=["avgpool"], shard=(i, 2),
+              num_workers=0, progress=False)
+    before = parts[0].read_bytes()
+    code, _, err = cli("join", parts[0], parts[0], parts[1], "--overwrite")
+    assert code == 1 and "also an input" in err
+    assert parts[0].read_bytes() == before
+
+
+def test_embed_overwrite_keeps_the_old_file_until_the_new_one_is_complete(
+        feats_path, image_folder, tiny_backbone, monkeypatch):
+    from featurecache.extract import FeatureExtractor
+
+    before = feats_path.read_bytes()
+
+    def crash(self, x):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(FeatureExtractor, "forward", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        embed(image_folder, feats_path, backbone=tiny_backbone, layers=["blocks.5", "avgpool"],
+              overwrite=True, num_workers=0, progress=False)
+    assert feats_path.read_bytes() == before
+
+
+# -- heads that are safe to share ------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["logreg", "svm", "knn"])
+def test_skops_heads_round_trip(feats_path, tmp_path, kind):
+    head = fit_head(feats_path, "avgpool", kind)
+    head.save(tmp_path / "h.skops")
+    again = load_head(tmp_path / "h.skops")
+    X = open_features(feats_path).X("avgpool")
+    np.testing.assert_array_equal(again.predict(X), head.predict(X))
+    assert again.classes == head.classes and again.provenance == head.provenance
+
+
+def test_skops_refuses_unknown_types(feats_path, tmp_path):
+    import skops.io as sio
+
+    head = fit_head(feats_path, "avgpool", "logreg")
+    head.save(tmp_path / "h.skops")
+    bad = {"format": "featurecache-head", "format_version": 1, "payload": os.system}
+    sio.dump(bad, tmp_path / "evil.skops")
+    with pytest.raises(HeadError, match=r"types .* could run code .*system"):
+        load_head(tmp_path / "evil.skops")
+    code, _, err = cli("predict", tmp_path / "evil.skops", feats_path)
+    assert code == 1 and "Refusing to load" in err
+
+
+# -- a kill at any write leaves the previous output or none ----------------------------------
+
+def _writes(cmd, cwd):
+    """Number of write(2)/pwrite64(2) calls of an uninterrupted run."""
+    out = subprocess.run(["strace", "-f", "--seccomp-bpf", "-c", "-e", "trace=write,pwrite64",
+                          "-o", "/dev/stdout",
+                          sys.executable, "-m", "featurecache.cli", *cmd], capture_output=True,
+                         text=True, cwd=cwd)
+    total = 0
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if parts and parts[-1] in ("write", "pwrite64"):
+            total += int(parts[3])
+    return total
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+@pytest.mark.parametrize("command", ["fit-head", "join", "compare", "predict"])
+def test_a_kill_at_any_write_leaves_the_old_output_or_none(command, image_folder, tiny_backbone,
+                                                          tmp_path, feats_path):
+    if command == "join":
+        for i in range(2):
+            embed(image_folder, tmp_path / f"p{i}.h5", backbone=tiny_backbone,
+                  layers=["avgpool"], shard=(i, 2), num_workers=0, progress=False)
+    fit_head(feats_path, "avgpool", "logreg").save(tmp_path / "given.joblib")
+    cmd, final = {  # one process (--n-jobs 1): a kill lands in the command, not in a worker
+        "fit-head": (["fit-head", "logreg", "f.h5", "--layer", "avgpool", "-o", "h.joblib",
+                      "--n-jobs", "1"], "h.joblib"),
+        "join": (["join", "j.h5", "p0.h5", "p1.h5", "--overwrite"], "j.h5"),
+        "compare": (["compare", "f.h5", "-o", "rep", "--heads", "logreg", "--layers", "avgpool",
+                     "--overwrite", "-q", "--n-jobs", "1"], "rep/best.joblib"),
+        "predict": (["predict", "given.joblib", str(image_folder), "-o", "p.csv"], "p.csv"),
+    }[command]
+    assert subprocess.run([sys.executable, "-m", "featurecache.cli", *cmd], cwd=tmp_path).returncode == 0
+    previous = (tmp_path / final).read_bytes()
+    n = _writes(cmd, tmp_path)
+    assert n > 8
+    # the command writes its output last (earlier writes are imports and helper processes)
+    for when in sorted({n - 7, n - 4, n - 2, n - 1}):
+        subprocess.run(["strace", "-f", "--seccomp-bpf", "-o", "/dev/null", "-e",
+                        "trace=write,pwrite64", "-e",
+                        f"inject=write,pwrite64:signal=KILL:when={when}", sys.executable, "-m",
+                        "featurecache.cli", *cmd], cwd=tmp_path, capture_output=True)
+        data = (tmp_path / final).read_bytes()
+        assert data == previous or _complete(tmp_path / final), (command, when)
+
+
+def _complete(path) -> bool:
+    """A whole output of the same kind: loads and has content."""
+    if path.suffix == ".joblib":
+        load_head(path)
+        return True
+    if path.suffix == ".h5":
+        return open_features(path).n_rows == 18
+    lines = path.read_text().splitlines()
+    return len(lines) == 19 and lines[0].startswith("path,")

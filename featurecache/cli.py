@@ -6,6 +6,7 @@ Every command parses its options, calls one function, and prints the result. A
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -31,6 +32,12 @@ def _friendly(fn):
             return fn(*args, **kwargs)
         except (FeaturecacheError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise click.ClickException(f"no space left on device while writing "
+                                           f"{exc.filename or 'the output'}; nothing was "
+                                           f"written under the final name.") from None
+            raise
 
     return wrapper
 

@@ -21,6 +21,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -158,12 +159,37 @@ def _run(records, offset, bb, extractor, dev, writer, batch_size, num_workers, o
                 feats = {k: v.cpu().numpy() for k, v in out.items()}
             rows = [records[i] for i in batch.index]
             skipped = [(records[i].path, reason) for i, reason in batch.failed]
+            bad = _unusable_rows(feats, writer.meta["dtype"])
+            if bad:
+                j, reason = next(iter(bad.items()))
+                if on_error == "fail":
+                    raise DataError(f"{rows[j].path}: {reason}. Use --on-error skip to log and "
+                                    f"skip such images.")
+                keep = [j for j in range(len(rows)) if j not in bad]
+                skipped += [(rows[j].path, r) for j, r in bad.items()]
+                feats = {k: v[keep] for k, v in feats.items()}
+                rows = [rows[j] for j in keep]
             writer.write(feats, [r.path for r in rows], [r.label for r in rows],
                          [r.split for r in rows], batch.n_inputs, skipped)
             bar.update(batch.n_inputs)
             if skipped:
                 bar.set_postfix(skipped=writer.n_skipped + len(skipped), refresh=False)
     writer.flush()
+
+
+def _unusable_rows(feats: dict, dtype: str) -> dict:
+    """Rows whose features are not finite, or do not fit the stored dtype (float16 overflow,
+    e.g. under GPU autocast): ``{row: reason}``. Such values are never stored silently."""
+    limit = float(np.finfo(np.float16).max) if dtype == "float16" else np.inf
+    bad = {}
+    for name, v in feats.items():
+        finite = np.isfinite(v).all(axis=1)
+        over = (np.abs(np.where(np.isfinite(v), v, 0)) > limit).any(axis=1)
+        for j in np.flatnonzero(~finite | over):
+            bad.setdefault(int(j), f"non-finite features (NaN/inf) in layer {name!r}"
+                           if not finite[j] else
+                           f"features of layer {name!r} exceed the float16 range; use --dtype float32")
+    return dict(sorted(bad.items()))
 
 
 def _check_choice(name, value, allowed):

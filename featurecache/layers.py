@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .errors import UnknownLayerError, close_matches
 from .extract import POOLS, TOKEN_POOLS, raw_extractor
+from .store.layout import LayerSpec  # the record the file stores; torch-free
 
 __all__ = ["LayerInfo", "LayerSpec", "Listing", "list_layers", "probe", "resolve_layers"]
 
@@ -59,26 +60,6 @@ class LayerInfo:
         else:
             return int(math.prod(self.shape))
         return 2 * c if pool == "avgmax" and self.kind != "tokens" else c
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """One stored layer: written as attributes of ``/layers/<name>`` and read by every stage."""
-
-    name: str   # key under /layers in the file, as the user asked for it (may be an alias)
-    node: str   # graph node / module name it is read from
-    kind: str   # map | map-nhwc | tokens | vector
-    pool: str   # avg | max | avgmax (maps), cls | mean (tokens), none (vectors)
-    dim: int    # width after pooling
-    depth: int  # depth index in the backbone's listing; the x-axis of the depth report
-
-    def to_attrs(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_attrs(cls, attrs) -> "LayerSpec":
-        return cls(name=str(attrs["name"]), node=str(attrs["node"]), kind=str(attrs["kind"]),
-                   pool=str(attrs["pool"]), dim=int(attrs["dim"]), depth=int(attrs["depth"]))
 
 
 @dataclass

@@ -144,7 +144,7 @@ def use_gram(n_rows: int) -> bool:
 
 
 # logistic regression: the same solver settings in the CV and in the refit
-LOGREG = {"max_iter": 1000, "tol": 1e-4}
+LOGREG = {"max_iter": 1000, "tol": 1e-3}
 
 
 def standardise(X_train, X_other=None):

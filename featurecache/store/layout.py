@@ -1,0 +1,165 @@
+"""Names, attributes and datasets of a feature file (the schema of ``docs/schema.md``).
+
+Only the store package touches h5py. A complete file::
+
+    /                       attrs: format="featurecache", schema_version, fingerprint,
+                            provenance (backbone, weights, weights_sha256, preprocess, pool,
+                            token_pool, dtype, extraction_method, data_root, data_fingerprint,
+                            split_origin, seed, shard_index, shard_count, versions, created),
+                            progress (n_inputs, n_done, n_committed, n_skipped, complete)
+    /layers/<name>          (N, dim) float16 (or float32), chunked; attrs = its LayerSpec
+    /labels                 (N,) int32 class index
+    /classes                (C,) str
+    /paths                  (N,) str
+    /splits                 (N,) str: train | test | val
+    /skipped/paths          (K,) str   inputs that could not be used
+    /skipped/reasons        (K,) str
+
+While a run is going, its rows live in the folder ``NAME.partial/`` as committed segments
+(see :mod:`featurecache.store.writer`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+__all__ = ["LayerSpec", "SCHEMA_VERSION", "FORMAT", "IDENTITY_KEYS", "partial_path", "fingerprint", "encode",
+           "decode", "write_header", "create_row_datasets", "write_rows", "created_now",
+           "check_structure"]
+
+SCHEMA_VERSION = 1
+FORMAT = "featurecache"
+# provenance keys that define what a file holds: a resume must agree on all of them
+IDENTITY_KEYS = ("backbone", "weights", "weights_sha256", "preprocess", "pool", "token_pool",
+                 "dtype", "layers", "data_fingerprint", "shard_index", "shard_count")
+STR = h5py.string_dtype()
+ROW_DATASETS = ("labels", "paths", "splits")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One stored layer: written as attributes of ``/layers/<name>`` and read by every stage."""
+
+    name: str   # key under /layers in the file, as the user asked for it (may be an alias)
+    node: str   # graph node / module name it is read from
+    kind: str   # map | map-nhwc | tokens | vector
+    pool: str   # avg | max | avgmax (maps), cls | mean (tokens), none (vectors)
+    dim: int    # width after pooling
+    depth: int  # depth index in the backbone's listing; the x-axis of the depth report
+
+    def to_attrs(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_attrs(cls, attrs) -> "LayerSpec":
+        return cls(name=str(attrs["name"]), node=str(attrs["node"]), kind=str(attrs["kind"]),
+                   pool=str(attrs["pool"]), dim=int(attrs["dim"]), depth=int(attrs["depth"]))
+
+
+def partial_path(path) -> Path:
+    """Where an unfinished run keeps its rows: the folder ``NAME.partial`` beside ``NAME``."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+def fingerprint(meta: dict) -> str:
+    """sha256 of the identity part of the provenance."""
+    ident = {k: meta.get(k) for k in IDENTITY_KEYS}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def created_now() -> str:
+    """UTC time of creation; ``SOURCE_DATE_EPOCH`` (reproducible builds) fixes it."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    now = (datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch
+           else datetime.datetime.now(datetime.timezone.utc))
+    return now.isoformat(timespec="seconds")
+
+
+def encode(value):
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value)
+    return str(value) if isinstance(value, str) else value  # str subclasses (TorchVersion)
+
+
+def decode(value):
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def write_header(f, attrs: dict, classes: list) -> None:
+    """Root attributes (format, schema version, creation time, then ``attrs``) and /classes."""
+    for k, v in {"format": FORMAT, "schema_version": SCHEMA_VERSION, "created": created_now(),
+                 **attrs}.items():
+        f.attrs[k] = encode(v)
+    f.create_dataset("classes", data=np.array(classes, dtype=object), dtype=STR)
+
+
+def create_row_datasets(f, specs, dtype, n: int, k: int) -> None:
+    """The datasets of ``n`` rows and ``k`` skipped inputs (fixed size, chunked by rows)."""
+    dtype = np.dtype(dtype)
+    grp = f.create_group("layers")
+    for s in specs:
+        rows = max(1, min(n, max(16, min(1024, (1 << 20) // (s.dim * dtype.itemsize)))))
+        d = grp.create_dataset(s.name, shape=(n, s.dim), dtype=dtype, chunks=(rows, s.dim) if n else None)
+        for key, v in s.to_attrs().items():
+            d.attrs[key] = v
+    f.create_dataset("labels", shape=(n,), dtype=np.int32)
+    for name in ("paths", "splits"):
+        f.create_dataset(name, shape=(n,), dtype=STR)
+    sk = f.create_group("skipped")
+    for name in ("paths", "reasons"):
+        sk.create_dataset(name, shape=(k,), dtype=STR)
+
+
+def write_rows(f, start: int, features: dict, labels, paths, splits, skip_start: int,
+               skipped) -> None:
+    """Write rows ``start..`` and skipped inputs ``skip_start..`` into datasets made by
+    :func:`create_row_datasets`."""
+    m = len(labels)
+    if m:
+        for name, rows in features.items():
+            f["layers"][name][start:start + m] = rows
+        f["labels"][start:start + m] = np.asarray(labels, dtype=np.int32)
+        f["paths"][start:start + m] = np.array(paths, dtype=object)
+        f["splits"][start:start + m] = np.array(splits, dtype=object)
+    if len(skipped):
+        for j, name in enumerate(("paths", "reasons")):
+            f["skipped"][name][skip_start:skip_start + len(skipped)] = np.array(
+                [s[j] for s in skipped], dtype=object)
+
+
+def check_structure(f, path, n_rows: int, n_skipped: int) -> None:
+    """Refuse a damaged file: missing datasets, or fewer rows than its counts claim."""
+    from ..errors import StoreError
+
+    need = ["layers", "classes", *ROW_DATASETS, "skipped/paths", "skipped/reasons"]
+    missing = [name for name in need if name not in f]
+    if missing:
+        raise StoreError(f"{path} is damaged: {', '.join('/' + m for m in missing)} missing. "
+                         f"Rebuild it with its embed command and --overwrite.")
+    short = [f"/{name} has {f[name].shape[0]} rows" for name in ROW_DATASETS
+             if f[name].shape[0] < n_rows]
+    short += [f"/layers/{name} has {d.shape[0]} rows" for name, d in f["layers"].items()
+              if d.shape[0] < n_rows]
+    short += [f"/skipped/{name} has {f['skipped'][name].shape[0]} entries"
+              for name in ("paths", "reasons") if f["skipped"][name].shape[0] < n_skipped]
+    if short:
+        raise StoreError(f"{path} is damaged: it claims {n_rows} rows and {n_skipped} skipped "
+                         f"inputs, but {'; '.join(short)}. Rebuild it with --overwrite.")

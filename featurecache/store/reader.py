@@ -1,0 +1,199 @@
+"""Reading feature files: a complete ``NAME``, a joined file, or the committed rows of a run
+still going (the segments in ``NAME.partial/``). Readers only open whole files, so reading
+never disturbs a writer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import StoreError, UnknownLayerError, close_matches
+from .layout import FORMAT, LayerSpec, SCHEMA_VERSION, check_structure, decode, partial_path
+
+__all__ = ["FeatureFile", "open_features"]
+
+
+class FeatureFile:
+    """Read access to a feature file (committed rows only). Get one with :func:`open_features`.
+
+    Attributes:
+        path: the file read (``NAME``, or the folder ``NAME.partial`` of an unfinished run).
+        provenance: root attributes, JSON values decoded.
+        layers: ``{name: LayerSpec}`` in depth order.
+        classes: class names; ``y`` holds indices into this list.
+        n_rows: committed rows.
+        complete: whether the run that made the file finished.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            if self.path.is_dir():
+                self._open_partial()
+            else:
+                self._open_file()
+        except (OSError, KeyError, ValueError) as exc:
+            raise StoreError(f"cannot read {self.path} as a feature file ({exc}); it may be "
+                             f"damaged: rebuild it with its embed command and --overwrite.") from None
+        self.layers = {s.name: s for s in sorted(self._specs, key=lambda s: (s.depth, s.name))}
+        self._splits = np.array(self._column("splits", decode_strings=True), dtype=object)
+
+    def _open_file(self) -> None:
+        with h5py.File(self.path, "r") as f:
+            self.provenance = {k: decode(v) for k, v in f.attrs.items()}
+            if self.provenance.get("format") != FORMAT:
+                raise StoreError(f"{self.path} is an HDF5 file but not a featurecache feature file.")
+            version = self.provenance.get("schema_version")
+            if version != SCHEMA_VERSION:
+                raise StoreError(f"{self.path} has schema_version {version}; this featurecache "
+                                 f"reads {SCHEMA_VERSION}. Re-run `featurecache embed`.")
+            n, k = int(self.provenance["n_committed"]), int(self.provenance["n_skipped"])
+            check_structure(f, self.path, n, k)
+            self._specs = [LayerSpec.from_attrs(d.attrs) for d in f["layers"].values()]
+            missing = _missing_sources(self.path, f["layers"].values())
+            self.classes = [decode(c) for c in f["classes"][()]]
+        if missing:
+            raise StoreError(
+                f"{self.path} is a joined file whose shard files are missing: "
+                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Its layers point "
+                f"into them (paths relative to the joined file): put them back beside it, or "
+                f"re-join with `featurecache join --copy` for one self-contained file.")
+        self._parts = [(self.path, 0, n, 0, k)]
+
+    def _open_partial(self) -> None:
+        from .writer import list_segments
+
+        try:
+            header = json.loads((self.path / "header.json").read_text())
+        except (OSError, ValueError):
+            raise StoreError(f"{self.path} holds no run header yet (the embed is starting, or "
+                             f"was stopped before its first commit).") from None
+        segments = list_segments(self.path)
+        n = sum(int(a["n_rows"]) for _, a in segments)
+        k = sum(int(a["n_skipped"]) for _, a in segments)
+        done = int(segments[-1][1]["input_end"]) if segments else 0
+        self.provenance = {**header["meta"], "n_committed": n, "n_skipped": k, "n_done": done,
+                           "complete": False}
+        self.classes = list(header["classes"])
+        self._specs = [LayerSpec.from_attrs(s) for s in header["specs"]]
+        self._parts = [(p, int(a["row_start"]), int(a["n_rows"]), int(a["skip_start"]),
+                        int(a["n_skipped"])) for p, a in segments]
+
+    n_rows = property(lambda self: int(self.provenance["n_committed"]))
+    complete = property(lambda self: bool(self.provenance["complete"]))
+
+    def check_complete(self) -> None:
+        """Refuse a file whose embed has not finished (heads and reports need every row).
+
+        Raises:
+            StoreError: naming how many inputs are done and how to resume.
+        """
+        if not self.complete:
+            p = self.provenance
+            raise StoreError(
+                f"{self.path} is unfinished: {p.get('n_done')} of {p.get('n_inputs')} inputs "
+                f"embedded. Re-run the same `featurecache embed` command to resume it"
+                f"{' (' + p['rebuild'] + ')' if p.get('rebuild') else ''}, then try again.")
+
+    def _column(self, name: str, decode_strings: bool = False, skipped: bool = False) -> list | np.ndarray:
+        """A dataset's committed rows across the file's parts."""
+        out = []
+        try:
+            for path, _, n, _, k in self._parts:
+                with h5py.File(path, "r") as f:
+                    out.append(f[name][: (k if skipped else n)])
+        except OSError as exc:
+            raise StoreError(f"{self.path} changed while being read ({exc}); open it again.") from None
+        if not out:
+            return [] if decode_strings else np.zeros((0,), dtype=np.int32)
+        col = np.concatenate(out)
+        return [decode(v) for v in col] if decode_strings else col
+
+    def _mask(self, split):
+        if split is None:
+            return slice(None)
+        if split not in set(self._splits.tolist()):
+            raise StoreError(f"{self.path} has no rows in split {split!r}; splits present: "
+                             f"{sorted(set(self._splits.tolist()))}.")
+        return self._splits == split
+
+    def check_layer(self, layer: str) -> list:
+        """Split ``a+b`` into stored layer names, raising for any that is not stored."""
+        parts = layer.split("+")
+        for p in parts:
+            if p not in self.layers:
+                raise UnknownLayerError(
+                    f"layer {p!r} is not stored in {self.path}; stored layers: "
+                    f"{', '.join(self.layers)} (close: {close_matches(p, self.layers)}).")
+        return parts
+
+    def X(self, layer: str, split: str | None = None) -> np.ndarray:
+        """Features ``(rows, dim)`` of a stored layer (as stored, e.g. float16).
+
+        ``layer`` may join stored layers with ``+`` (``"blocks.5+avgpool"``): their columns
+        are concatenated in that order.
+        """
+        names = self.check_layer(layer)
+        mask = self._mask(split)
+        cols = []
+        for p in names:
+            col = self._column(f"layers/{p}")
+            cols.append(col[mask] if len(col) else np.zeros((0, self.layers[p].dim), np.float32))
+        return cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
+
+    def y(self, split: str | None = None) -> np.ndarray:
+        """Class indices of the rows of ``split`` (all rows when None)."""
+        return np.asarray(self._column("labels"))[self._mask(split)].astype(np.int64)
+
+    def paths(self, split: str | None = None) -> list:
+        return np.array(self._column("paths", decode_strings=True), dtype=object)[
+            self._mask(split)].tolist()
+
+    def splits(self) -> list:
+        """Split of every row."""
+        return self._splits.tolist()
+
+    def skipped(self) -> list:
+        """``[(path, reason)]`` of inputs that could not be used."""
+        return list(zip(self._column("skipped/paths", True, skipped=True),
+                        self._column("skipped/reasons", True, skipped=True)))
+
+    def layer_provenance(self, layer: str) -> dict:
+        """What a head needs to reproduce ``layer``'s features from images."""
+        keys = ("backbone", "weights", "weights_sha256", "preprocess", "extraction_method",
+                "fingerprint", "dtype")
+        specs = [self.layers[p].to_attrs() for p in self.check_layer(layer)]
+        return {**{k: self.provenance.get(k) for k in keys}, "layer": layer, "specs": specs}
+
+
+def _missing_sources(path: Path, datasets) -> list:
+    """Source files of virtual datasets that do not exist (resolved as HDF5 does: relative to
+    the folder of the file that holds the virtual dataset)."""
+    missing = []
+    for d in datasets:
+        if not d.is_virtual:
+            continue
+        for vs in d.virtual_sources():
+            src = Path(vs.file_name)
+            full = src if src.is_absolute() else path.parent / src
+            if vs.file_name != "." and not full.is_file() and str(full) not in missing:
+                missing.append(str(full))
+    return missing
+
+
+def open_features(path) -> FeatureFile:
+    """Open a feature file for reading; falls back to the committed rows in ``NAME.partial``
+    for an unfinished run.
+
+    Raises:
+        StoreError: neither exists, or the file is damaged or not a featurecache file.
+    """
+    path = Path(path)
+    if not path.exists():
+        if partial_path(path).exists():
+            return FeatureFile(partial_path(path))
+        raise StoreError(f"feature file {path} does not exist; make it with `featurecache embed`.")
+    return FeatureFile(path)

@@ -1,0 +1,381 @@
+"""The writer: rows are committed as immutable segment files, the final file is assembled once.
+
+HDF5 keeps no journal, so a file changed in place can be broken by a crash in the middle of a
+metadata update. Here no committed byte is ever modified again:
+
+* ``NAME.partial/header.json`` holds the provenance, classes and layers of the run (written
+  once, atomically);
+* every commit writes its rows to a new segment ``NAME.partial/seg-000042.h5``: written under a
+  temporary name, fsynced, renamed, then the folder is fsynced. A segment exists whole or not
+  at all; its attributes say which inputs (``input_start .. input_end``) and rows it holds;
+* a resume lists the committed segments (a contiguous run of inputs from 0) and goes on after
+  the last; a temporary segment left by a crash is deleted;
+* at the end the segments are copied, in order, into ``NAME`` under a temporary name, which is
+  fsynced and renamed into place; then the folder is removed. The final file is the same, byte
+  for byte, however many times the run was interrupted (with ``SOURCE_DATE_EPOCH`` fixing the
+  creation time).
+
+A lock (``NAME.partial/.lock``, the ``filelock`` package) lets one writer at a time use the
+output; a second embed to the same file stops at once, naming the first. Readers never open a
+segment that is being written, so they cannot disturb the writer. After the first failed
+commit (a full disk, say) nothing more is committed in that run, so a resume starts at the
+right input.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import queue
+import shutil
+import socket
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import StoreError, StoreMismatchError
+from ..files import atomic_output, fsync_dir
+from .layout import (FORMAT, IDENTITY_KEYS, create_row_datasets, created_now, decode, write_header,
+                     fingerprint, partial_path, write_rows)
+
+__all__ = ["Writer", "Batch", "list_segments"]
+
+_F16_TINY = float(np.finfo(np.float16).tiny)  # below this float16 is subnormal: digits are lost
+_FLUSH, _STOP, _FINISH = object(), object(), object()
+
+
+@dataclass
+class Batch:
+    """One queued batch: ``features[name]`` is ``(B, dim)``; ``n_inputs`` counts the inputs it
+    consumed (rows + skipped); ``skipped`` is ``[(path, reason)]``."""
+
+    features: dict
+    paths: list
+    labels: list
+    splits: list
+    n_inputs: int
+    skipped: list
+
+
+def list_segments(folder: Path) -> list:
+    """Committed segments of a partial folder, in order, as ``(path, attrs)``; stops at the
+    first gap or unreadable segment (nothing after it can be trusted)."""
+    out, expected = [], 0
+    for p in sorted(folder.glob("seg-*.h5")):
+        try:
+            with h5py.File(p, "r") as f:
+                attrs = {k: decode(v) for k, v in f.attrs.items()}
+        except OSError:
+            break
+        if attrs.get("input_start") != expected:
+            break
+        out.append((p, attrs))
+        expected = attrs["input_end"]
+    return out
+
+
+def _no_space(exc: BaseException) -> bool:
+    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc) \
+        or "errno = 28" in str(exc)
+
+
+class Writer:
+    """Commit rows of a feature file from a background thread; resume after committed rows.
+
+    Use as a context manager. ``write`` queues a batch and returns at once; the thread commits
+    a segment every ``commit_rows`` rows and on :meth:`flush`. :meth:`close` with
+    ``complete=True`` assembles ``NAME`` from the segments.
+
+    Args:
+        path: final file name.
+        meta: provenance (see :data:`~featurecache.store.layout.IDENTITY_KEYS`); must hold
+            ``n_inputs``.
+        specs: the stored layers.
+        classes: class names.
+        overwrite: discard committed segments and start over (an existing complete ``NAME``
+            stays until the new one replaces it).
+
+    Raises:
+        StoreMismatchError: an existing file was made with other settings (names the fields).
+        StoreError: another process is writing the same output, or the folder is unusable.
+    """
+
+    def __init__(self, path, meta: dict, specs: list, classes: list, overwrite: bool = False,
+                 commit_rows: int = 512, queue_size: int = 8):
+        self.path = Path(path)
+        self.partial = partial_path(self.path)
+        self.meta = dict(meta)
+        self.meta["fingerprint"] = fingerprint(self.meta)
+        self.specs = list(specs)
+        self.classes = list(classes)
+        self.overwrite = overwrite
+        self.commit_rows = commit_rows
+        self._q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._buffer: list = []
+        self._error: BaseException | None = None
+        self._failed = False
+        self._thread: threading.Thread | None = None
+        self._lock = None
+        self.n_done = self.n_committed = self.n_skipped = 0
+        self._segments = 0
+        self.already_complete = False
+        self._warned: set = set()
+
+    # -- opening -------------------------------------------------------------------------
+    def __enter__(self) -> "Writer":
+        if not self.overwrite and self.path.exists():
+            old = self._check_same(self._final_attrs(), self.path)
+            self.already_complete = True
+            self.n_done, self.n_committed, self.n_skipped = (
+                int(old[k]) for k in ("n_done", "n_committed", "n_skipped"))
+            return self
+        if self.partial.is_file():  # NAME.partial of featurecache 0.1's in-place writer
+            if not self.overwrite:
+                raise StoreError(f"{self.partial} was written by an older featurecache and "
+                                 f"cannot be resumed; pass --overwrite to start over.")
+            self.partial.unlink()
+        self.partial.mkdir(exist_ok=True)
+        self._acquire()
+        try:
+            self._open_partial()
+        except BaseException:
+            self._release()
+            raise
+        self._thread = threading.Thread(target=self._run, name="featurecache-writer", daemon=True)
+        self._thread.start()
+        return self
+
+    def _acquire(self) -> None:
+        from filelock import FileLock, Timeout
+
+        owner = self.partial / "writer.json"
+        lock = FileLock(str(self.partial / ".lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            try:
+                who = json.loads(owner.read_text())
+                who = f"process {who['pid']} on {who['host']}, started {who['started']}"
+            except (OSError, ValueError, KeyError):
+                who = "another process"
+            raise StoreError(f"{self.path} is being written by {who}; wait for that embed to "
+                             f"finish (or stop it) before starting another.") from None
+        self._lock = lock
+        with atomic_output(owner) as tmp:
+            tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                       "started": created_now()}))
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _open_partial(self) -> None:
+        header = self.partial / "header.json"
+        for stale in self.partial.glob(".seg-*"):  # a segment a crash left half written
+            stale.unlink()
+        if self.overwrite:
+            for p in self.partial.glob("seg-*.h5"):
+                p.unlink()
+            header.unlink(missing_ok=True)
+        if header.exists():
+            try:
+                saved = json.loads(header.read_text())
+            except (OSError, ValueError) as exc:
+                raise StoreError(f"{header} is unreadable ({exc}); pass --overwrite to start "
+                                 f"over.") from None
+            self._check_same(saved["meta"], self.partial)
+            self.meta["created"] = saved["meta"].get("created")
+        else:
+            self.meta["created"] = created_now()
+            with atomic_output(header) as tmp:
+                tmp.write_text(json.dumps({"meta": self.meta, "classes": self.classes,
+                                           "specs": [s.to_attrs() for s in self.specs]},
+                                          default=str))
+        segments = list_segments(self.partial)
+        for p in sorted(self.partial.glob("seg-*.h5"))[len(segments):]:
+            p.unlink()  # after a gap or an unreadable segment: not part of the run
+        for _, a in segments:
+            self.n_committed += int(a["n_rows"])
+            self.n_skipped += int(a["n_skipped"])
+        self.n_done = int(segments[-1][1]["input_end"]) if segments else 0
+        self._segments = len(segments)
+        fsync_dir(self.partial)
+
+    def _final_attrs(self) -> dict:
+        try:
+            with h5py.File(self.path, "r") as f:
+                return {k: decode(v) for k, v in f.attrs.items()}
+        except OSError as exc:
+            raise StoreError(f"{self.path} exists but is not a readable HDF5 file ({exc}); "
+                             f"remove it or pass --overwrite.") from None
+
+    def _check_same(self, old: dict, path: Path) -> dict:
+        if old.get("format", FORMAT) != FORMAT:
+            raise StoreMismatchError(f"{path} exists and is not a featurecache file; choose "
+                                     f"another output or pass --overwrite.")
+        if old.get("fingerprint") != self.meta["fingerprint"]:
+            diff = [k for k in IDENTITY_KEYS if json.dumps(old.get(k), sort_keys=True, default=str)
+                    != json.dumps(self.meta.get(k), sort_keys=True, default=str)]
+            detail = "; ".join(f"{k}: file has {old.get(k)!r}, this run has {self.meta.get(k)!r}"
+                               for k in diff[:3])
+            raise StoreMismatchError(
+                f"{path} was made with different settings ({detail}). Use the same settings "
+                f"to resume, another output path, or --overwrite to start over.")
+        return old
+
+    # -- writing -------------------------------------------------------------------------
+    def write(self, features: dict, paths: list, labels: list, splits: list,
+              n_inputs: int, skipped: list = ()) -> None:
+        """Queue one batch (see :class:`Batch`)."""
+        self._raise()
+        self._q.put(Batch(features, list(paths), list(labels), list(splits), n_inputs,
+                          list(skipped)))
+
+    def flush(self) -> None:
+        """Block until every queued row is committed."""
+        self._q.put(_FLUSH)
+        self._q.join()
+        self._raise()
+
+    def close(self, complete: bool = False) -> None:
+        """Commit what is queued, stop the thread; if ``complete``, assemble the final file
+        (in the writer thread too: every byte of the store is written by that one thread)."""
+        try:
+            if self._thread is not None:
+                self._q.put(_FINISH if complete else _STOP)
+                self._thread.join()
+                self._thread = None
+            self._raise()
+            if complete:
+                self.already_complete = True
+        finally:
+            self._release()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close(complete=False)
+        except BaseException:
+            if exc_type is None:
+                raise
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            if isinstance(err, StoreError):
+                raise err
+            if _no_space(err):
+                raise StoreError(f"no space left on device while writing {self.partial}; the "
+                                 f"{self.n_committed} committed rows are kept: free some space "
+                                 f"and run the same command again to resume.") from None
+            raise StoreError(f"writing {self.partial} failed: {err}") from err
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            try:
+                if self._failed:
+                    pass  # after a failed commit nothing more is committed in this run
+                elif item is _STOP or item is _FLUSH:
+                    self._commit()
+                elif item is _FINISH:
+                    self._commit()
+                    self._assemble()
+                else:
+                    self._buffer.append(item)
+                    if sum(len(b.paths) for b in self._buffer) >= self.commit_rows:
+                        self._commit()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                self._error, self._failed, self._buffer = exc, True, []
+            finally:
+                self._q.task_done()
+            if item is _STOP or item is _FINISH:
+                return
+
+    def _commit(self) -> None:
+        if not self._buffer:
+            return
+        batches, self._buffer = self._buffer, []
+        features = {s.name: self._rows(s.name, batches) for s in self.specs}
+        paths = [p for b in batches for p in b.paths]
+        labels = [v for b in batches for v in b.labels]
+        splits = [v for b in batches for v in b.splits]
+        skipped = [s for b in batches for s in b.skipped]
+        n_inputs = sum(b.n_inputs for b in batches)
+        seg = self.partial / f"seg-{self._segments:06d}.h5"
+        tmp = self.partial / f".{seg.name}.tmp"
+        image = io.BytesIO()  # HDF5 never writes to disk itself, so a full disk cannot
+        with h5py.File(image, "w") as f:  # leave it half-flushed: the OS write below fails cleanly
+            create_row_datasets(f, self.specs, self.meta["dtype"], len(paths), len(skipped))
+            write_rows(f, 0, features, labels, paths, splits, 0, skipped)
+            for k, v in {"input_start": self.n_done, "input_end": self.n_done + n_inputs,
+                         "row_start": self.n_committed, "n_rows": len(paths),
+                         "skip_start": self.n_skipped, "n_skipped": len(skipped)}.items():
+                f.attrs[k] = v
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(image.getbuffer())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, seg)
+            fsync_dir(self.partial)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._segments += 1
+        self.n_committed += len(paths)
+        self.n_skipped += len(skipped)
+        self.n_done += n_inputs
+
+    def _rows(self, name: str, batches) -> np.ndarray:
+        dtype = np.dtype(self.meta["dtype"])
+        parts = [b.features[name] for b in batches if b.paths]
+        rows = np.concatenate(parts) if parts else np.zeros((0, 1))
+        if dtype == np.float16 and rows.size:
+            top = float(np.abs(rows).max())
+            if 0 < top < _F16_TINY and name not in self._warned:
+                self._warned.add(name)
+                warnings.warn(f"layer {name!r}: values reach only {top:.2g}, where float16 "
+                              f"loses precision or rounds to 0; use --dtype float32 (typical "
+                              f"of untrained weights).")
+        return rows.astype(dtype)
+
+    def _assemble(self) -> None:
+        """Copy the segments, in order, into the final file (written through a
+        :class:`~featurecache.store.shield.Shield`: complete and renamed, or an error), then
+        remove the partial folder."""
+        from .shield import hdf5_output
+
+        for stale in self.path.parent.glob(f".{self.path.name}.*"):  # an assembly a crash cut
+            stale.unlink(missing_ok=True)  # short (we hold the output's lock)
+        segments = list_segments(self.partial)
+        n = sum(int(a["n_rows"]) for _, a in segments)
+        k = sum(int(a["n_skipped"]) for _, a in segments)
+        attrs = {**self.meta, "n_done": self.n_done, "n_committed": n, "n_skipped": k,
+                 "complete": True}
+        try:
+            with hdf5_output(self.path) as out:
+                write_header(out, attrs, self.classes)  # attrs carry the run's "created"
+                create_row_datasets(out, self.specs, self.meta["dtype"], n, k)
+                for p, a in segments:
+                    with h5py.File(p, "r") as seg:
+                        m = int(a["n_rows"])
+                        write_rows(out, int(a["row_start"]),
+                                   {s.name: seg["layers"][s.name][:m] for s in self.specs},
+                                   seg["labels"][:m], [decode(v) for v in seg["paths"][:m]],
+                                   [decode(v) for v in seg["splits"][:m]], int(a["skip_start"]),
+                                   list(zip((decode(v) for v in seg["skipped/paths"][()]),
+                                            (decode(v) for v in seg["skipped/reasons"][()]))))
+        except OSError as exc:
+            if _no_space(exc):
+                raise StoreError(f"no space left on device while writing {self.path}; the "
+                                 f"committed rows are kept in {self.partial}: free some space "
+                                 f"and run the same command again to finish.") from None
+            raise
+        shutil.rmtree(self.partial, ignore_errors=True)
+        fsync_dir(self.path.parent)

@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .search import KNN_TEMPERATURE, LOGREG, _SVC_MAX_ITER, use_gram
+from .search import KNN_TEMPERATURE, LOGREG, _SVC_MAX_ITER, gram, use_gram
 
 __all__ = ["GramLinearSVC", "temperature_weights", "make_estimator"]
 
@@ -49,7 +49,7 @@ class GramLinearSVC(ClassifierMixin, BaseEstimator):
         X = np.ascontiguousarray(X, dtype=np.float64)  # the saved head: full precision
         svc = SVC(kernel="precomputed", C=self.C, class_weight=self.class_weight,
                   max_iter=self.max_iter, random_state=self.random_state)
-        svc.fit(X @ X.T, y)
+        svc.fit(gram(X), y)
         sv = X[svc.support_]
         self.classes_ = svc.classes_
         self.n_features_in_ = X.shape[1]

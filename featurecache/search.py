@@ -147,6 +147,17 @@ def use_gram(n_rows: int) -> bool:
 LOGREG = {"max_iter": 1000, "tol": 1e-3}
 
 
+def gram(A, B=None) -> np.ndarray:
+    """``A @ B.T`` (``B`` defaults to ``A``) as a plain matrix product.
+
+    ``A @ A.T`` lets numpy call BLAS ``syrk``, and the OpenBLAS bundled with numpy 2.4
+    segfaults there for float64 matrices of 16,000+ rows; transposing into a contiguous copy
+    first takes the ``gemm`` path, which is safe (and about as fast).
+    """
+    B = A if B is None else B
+    return A @ np.ascontiguousarray(B.T)
+
+
 def standardise(X_train, X_other=None):
     """Standardise by the training rows' mean and std (as StandardScaler: std 0 -> 1), float32."""
     mean = X_train.mean(0, dtype=np.float64)
@@ -268,8 +279,8 @@ def _fitter(kind: str, spec: _Spec, Xtr, ytr, Xte, yte):
             return score_predictions(spec.scoring, yte, m.predict(Xte))
         return fit_score
     if spec.gram:
-        K = (Xtr @ Xtr.T).astype(np.float64)
-        Kte = (Xte @ Xtr.T).astype(np.float64)
+        K = gram(Xtr).astype(np.float64)
+        Kte = gram(Xte, Xtr).astype(np.float64)
 
         def fit_score(p):
             m = SVC(kernel="precomputed", class_weight=cw, random_state=seed,

@@ -166,3 +166,16 @@ def test_bad_search_inputs():
         make_folds(np.zeros(10, int))
     with pytest.raises(HeadError, match="only 1 training row"):
         make_folds(np.r_[np.zeros(10, int), 1])
+
+
+@pytest.mark.slow
+def test_gram_matrix_of_many_float64_rows_does_not_crash():
+    """Regression: ``X @ X.T`` (BLAS syrk in numpy 2.4's OpenBLAS) segfaulted at 16,000 x 1,280."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from featurecache.search import gram; "
+            "X = np.random.default_rng(0).normal(size=(16000, 1280)); K = gram(X); "
+            "i = [0, 7, 15999]; print(np.allclose(K[np.ix_(i, i)], X[i] @ X[i].T))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-500:]

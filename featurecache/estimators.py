@@ -3,9 +3,10 @@
 Every head is ``Pipeline([("scale", StandardScaler()), ("clf", estimator)])``:
 
 * ``logreg``: ``LogisticRegression`` (lbfgs, multinomial).
-* ``svm`` (linear kernel): :class:`GramLinearSVC` up to
-  :data:`~featurecache.search.GRAM_MAX_ROWS` training rows (libsvm on the precomputed Gram matrix,
-  saved as one weight vector per pair of classes), ``LinearSVC`` beyond; ``svm`` (rbf): ``SVC``.
+* ``svm`` (linear kernel): :class:`GramLinearSVC` for wide features up to
+  :data:`~featurecache.search.GRAM_MAX_ROWS` training rows (libsvm on the precomputed Gram
+  matrix, saved as one weight vector per pair of classes), ``LinearSVC`` (primal) otherwise
+  (see :func:`~featurecache.search.use_gram`); ``svm`` (rbf): ``SVC``.
 * ``knn``: ``KNeighborsClassifier`` with cosine distance and DINOv2's temperature-weighted
   votes (:func:`temperature_weights`, T = 0.07).
 """
@@ -101,10 +102,12 @@ class GramLinearSVC(ClassifierMixin, BaseEstimator):
 
 
 def make_estimator(kind: str, params: dict, *, kernel: str = "linear", class_weight=None,
-                   seed: int = 0, n_rows: int = 0, probability: bool = False, gram=None):
-    """The unfitted pipeline of a head kind with chosen hyperparameters, for ``n_rows`` rows.
+                   seed: int = 0, n_rows: int = 0, n_features: int = 0,
+                   probability: bool = False, gram=None):
+    """The unfitted pipeline of a head kind with chosen hyperparameters, for ``n_rows`` x
+    ``n_features`` training data.
 
-    ``gram`` forces the linear SVM's solver (None: by ``n_rows``, as the search decides)."""
+    ``gram`` forces the linear SVM's solver (None: by the shape, as the search decides)."""
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
@@ -121,11 +124,11 @@ def make_estimator(kind: str, params: dict, *, kernel: str = "linear", class_wei
     elif kernel == "rbf":
         clf = SVC(kernel="rbf", C=params["C"], gamma=params["gamma"], class_weight=class_weight,
                   random_state=seed, max_iter=_SVC_MAX_ITER)
-    elif use_gram(n_rows) if gram is None else gram:
+    elif use_gram(n_rows, n_features) if gram is None else gram:
         clf = GramLinearSVC(C=params["C"], class_weight=class_weight, random_state=seed)
     else:
         clf = LinearSVC(C=params["C"], class_weight=class_weight, random_state=seed,
-                        max_iter=2000, tol=1e-3)
+                        dual=False, max_iter=2000, tol=1e-3)
     if probability and kind == "svm":  # sklearn's replacement for SVC(probability=True)
         clf = CalibratedClassifierCV(clf, ensemble=False, cv=3)
     return Pipeline([("scale", StandardScaler()), ("clf", clf)])

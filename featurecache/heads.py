@@ -55,8 +55,9 @@ def refit(X, y, kind: str, params: dict, *, kernel: str = "linear", class_weight
     from .search import use_gram
 
     pipe = make_estimator(kind, params, kernel=kernel, class_weight=class_weight, seed=seed,
-                          n_rows=len(y), probability=probability,
-                          gram=use_gram(len(y) if solver_rows is None else solver_rows))
+                          n_rows=len(y), n_features=X.shape[1], probability=probability,
+                          gram=use_gram(len(y) if solver_rows is None else solver_rows,
+                                        X.shape[1]))
     if probability and kind == "svm":
         pipe.set_params(clf__cv=min(5, _min_count(y)))
     with warnings.catch_warnings():

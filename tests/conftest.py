@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,8 @@ def lite0():
 def shared_data(name: str) -> Path:
     path = SHARED / name
     if not path.is_dir():
+        if os.environ.get("CI", "").lower() == "true":  # CI has the data: a missing set is a failure
+            pytest.fail(f"shared data set {path} is not present (CI=true)")
         pytest.skip(f"shared data set {path} is not present")
     return path
 

@@ -84,13 +84,15 @@ def test_gram_svm_predicts_like_libsvms_linear_kernel():
         assert mine.coef_.shape == (classes * (classes - 1) // 2, 12)
 
 
-def test_linear_svm_head_is_gram_based_until_the_row_limit(monkeypatch):
+def test_linear_svm_head_is_gram_based_for_wide_features_until_the_row_limit(monkeypatch):
     import featurecache.search as s
 
-    X, y = noisy_classes(n=90, d=8)
+    X, y = noisy_classes(n=90, d=600)
     assert isinstance(search(X, y, "svm", n_jobs=1)[0][-1], GramLinearSVC)
+    narrow = search(X[:, :20], y, "svm", n_jobs=1)[0][-1]  # narrow: the primal solver
+    assert isinstance(narrow, LinearSVC) and narrow.dual is False
     monkeypatch.setattr(s, "GRAM_MAX_ROWS", 50)
-    assert isinstance(make_estimator("svm", {"C": 1.0}, n_rows=90)[-1], LinearSVC)
+    assert isinstance(make_estimator("svm", {"C": 1.0}, n_rows=90, n_features=600)[-1], LinearSVC)
     # the CV folds (72 rows) use the solver of the refit (90 rows), so C means the same
     _, _, _, table = search(X, y, "svm", n_jobs=1)
     assert isinstance(search(X, y, "svm", n_jobs=1)[0][-1], LinearSVC)

@@ -183,11 +183,9 @@ def _unusable_rows(feats: dict, dtype: str) -> dict:
     limit = float(np.finfo(np.float16).max) if dtype == "float16" else np.inf
     bad = {}
     for name, v in feats.items():
-        finite = np.isfinite(v).all(axis=1)
-        over = (np.abs(np.where(np.isfinite(v), v, 0)) > limit).any(axis=1)
-        for j in np.flatnonzero(~finite | over):
+        for j in np.flatnonzero(~(np.abs(v) <= limit).all(axis=1)):  # NaN compares False
             bad.setdefault(int(j), f"non-finite features (NaN/inf) in layer {name!r}"
-                           if not finite[j] else
+                           if not np.isfinite(v[j]).all() else
                            f"features of layer {name!r} exceed the float16 range; use --dtype float32")
     return dict(sorted(bad.items()))
 

@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_output", "replace_into", "fsync_dir", "same_file"]
+__all__ = ["atomic_output", "fsync_dir", "same_file"]
 
 
 def fsync_dir(folder) -> None:
@@ -51,12 +51,6 @@ def atomic_output(path, suffix: str | None = None):
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def replace_into(src: Path, dst: Path) -> None:
-    """Move the finished file ``src`` over ``dst`` (same file system) atomically."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(src, dst)
 
 
 def same_file(a, b) -> bool:

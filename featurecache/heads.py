@@ -32,7 +32,8 @@ import numpy as np
 
 from . import __version__
 from .errors import HeadError
-from .search import HEAD_KINDS, KERNELS, SCORINGS, coarse_grid, make_folds, search_layers
+from .search import (HEAD_KINDS, KERNELS, SCORINGS, check_options, coarse_grid, make_folds,
+                     search_layers)
 
 __all__ = ["Head", "fit_head", "fit_heads", "training_data", "load_head", "search", "refit",
            "HEAD_KINDS", "KERNELS", "SCORINGS", "coarse_grid"]
@@ -73,8 +74,7 @@ def search(X, y, kind: str = "logreg", kernel: str = "linear", *, folds=None, cv
     Returns ``(fitted pipeline, best params, best CV score, cv table)``; the table has one row
     per grid point (see :class:`~featurecache.search.SearchResult`).
     """
-    if kind not in HEAD_KINDS:
-        raise HeadError(f"head {kind!r} is not one of {', '.join(HEAD_KINDS)}.")
+    check_options([kind], kernel, scoring)
     y = np.asarray(y)
     if folds is None:
         folds = make_folds(y, cv, seed)
@@ -227,9 +227,7 @@ def fit_heads(jobs: dict, kinds, *, kernel: str = "linear", cv: int = 5,
     """
     import sklearn
 
-    for kind in kinds:
-        if kind not in HEAD_KINDS:
-            raise HeadError(f"head {kind!r} is not one of {', '.join(HEAD_KINDS)}.")
+    check_options(kinds, kernel, scoring)  # before any feature is read
     Xs, y, folds, how = {}, None, None, ""
     for key, (ff, layer) in jobs.items():
         ff.check_complete()

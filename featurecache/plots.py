@@ -24,6 +24,14 @@ def _lines(rows):
     return out
 
 
+def _save(plt, fig, ax, path: Path, legend_size: int) -> None:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_depth(path: Path, rows, winner, metric: str) -> None:
     """Test score (95% CI) vs depth; one line per backbone x head. With several backbones the
     x axis is the relative depth (0..1) of the layer within its backbone's stored layers."""
@@ -47,11 +55,7 @@ def plot_depth(path: Path, rows, winner, metric: str) -> None:
         ax.set_xlabel("layer (by depth)")
     ax.set_ylabel(f"test {metric.replace('_', ' ')} (95% CI)")
     ax.set_title("Which layer? Test score vs depth (winner chosen by CV)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, ax, path, legend_size=7)
 
 
 def plot_few_shot(path: Path, rows, winner, metric: str, n_lines: int = 4) -> None:
@@ -78,11 +82,7 @@ def plot_few_shot(path: Path, rows, winner, metric: str, n_lines: int = 4) -> No
     ax.set_xlabel("labelled train images per class")
     ax.set_ylabel(f"test {metric.replace('_', ' ')} (mean ± std over draws)")
     ax.set_title("How many labels do I need?")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, ax, path, legend_size=8)
 
 
 def plot_confusion(path: Path, cm, classes, winner) -> None:

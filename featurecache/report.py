@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FeaturecacheError, HeadError
-from .search import HEAD_KINDS, SCORINGS
+from .search import HEAD_KINDS, check_options
 from .stats import METRICS, SCORING_METRIC, bootstrap, interval, paired_difference
 
 __all__ = ["compare", "CompareResult", "SELECT", "select_winner"]
@@ -150,11 +150,9 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
     files = _open_all(features)
     out_dir = Path(out_dir)
     heads = list(heads)
-    bad = [h for h in heads if h not in HEAD_KINDS]
-    if bad or not heads:
-        raise HeadError(f"heads {bad or heads} are not known; choose from {', '.join(HEAD_KINDS)}.")
-    if scoring not in SCORINGS:
-        raise HeadError(f"scoring {scoring!r} is not one of {', '.join(SCORINGS)}.")
+    if not heads:
+        raise HeadError(f"no head kind given; choose from {', '.join(HEAD_KINDS)}.")
+    check_options(heads, kernel, scoring)
     if select not in SELECT:
         raise HeadError(f"select {select!r} is not one of {', '.join(SELECT)}.")
     shots = _check_shots(shots, repeats)

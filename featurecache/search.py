@@ -35,7 +35,8 @@ import numpy as np
 from .errors import HeadError
 
 __all__ = ["HEAD_KINDS", "KERNELS", "SCORINGS", "GRAM_MAX_ROWS", "SearchResult", "make_folds",
-           "search_layers", "coarse_grid", "fine_grid", "score_predictions", "use_gram"]
+           "search_layers", "coarse_grid", "fine_grid", "score_predictions", "use_gram",
+           "check_options"]
 
 HEAD_KINDS = ("logreg", "svm", "knn")
 KERNELS = ("linear", "rbf")
@@ -82,6 +83,21 @@ def fine_grid(kind: str, best: dict) -> list[dict]:
     if kind == "knn":
         return []
     return [{**best, "C": best["C"] * 10.0 ** s} for s in (-0.75, -0.5, -0.25, 0.25, 0.5, 0.75)]
+
+
+def check_options(kinds=(), kernel: str = "linear", scoring: str = "balanced_accuracy") -> None:
+    """Refuse an unknown head kind, kernel or scoring (the one check every entry point uses).
+
+    Raises:
+        HeadError: naming the bad value and the choices.
+    """
+    for kind in kinds:
+        if kind not in HEAD_KINDS:
+            raise HeadError(f"head {kind!r} is not one of {', '.join(HEAD_KINDS)}.")
+    if kernel not in KERNELS:
+        raise HeadError(f"kernel {kernel!r} is not one of {', '.join(KERNELS)}.")
+    if scoring not in SCORINGS:
+        raise HeadError(f"scoring {scoring!r} is not one of {', '.join(SCORINGS)}.")
 
 
 def make_folds(y, cv: int = 5, seed: int = 0) -> list:
@@ -337,13 +353,7 @@ def search_layers(Xs: dict, y, kinds, *, folds, kernel: str = "linear",
     import joblib
 
     kinds = tuple(kinds)
-    for kind in kinds:
-        if kind not in HEAD_KINDS:
-            raise HeadError(f"head {kind!r} is not one of {', '.join(HEAD_KINDS)}.")
-    if kernel not in KERNELS:
-        raise HeadError(f"kernel {kernel!r} is not one of {', '.join(KERNELS)}.")
-    if scoring not in SCORINGS:
-        raise HeadError(f"scoring {scoring!r} is not one of {', '.join(SCORINGS)}.")
+    check_options(kinds, kernel, scoring)
     y = np.asarray(y)
     Xs = {name: np.ascontiguousarray(X, dtype=np.float32) for name, X in Xs.items()}
     spec = _Spec(kinds, kernel, scoring, class_weight, seed, early_stop, len(y))

@@ -41,6 +41,18 @@ def tiny_backbone():
     return dataclasses.replace(bb, preprocess=Preprocess(resize=64, crop=64))
 
 
+@pytest.fixture
+def feats_path(image_folder, tiny_backbone, tmp_path):
+    """A feature file of the colour images: stem, blocks.5 and avgpool (test files may
+    override it with other layers)."""
+    from featurecache import embed
+
+    out = tmp_path / "f.h5"
+    embed(image_folder, out, backbone=tiny_backbone, layers=["stem", "blocks.5", "avgpool"],
+          num_workers=0, progress=False)
+    return out
+
+
 @pytest.fixture(scope="session")
 def lite0():
     """EfficientNet-Lite0 with its real ImageNet weights."""

@@ -20,14 +20,6 @@ from featurecache.stats import few_shot_indices
 from .conftest import make_image, png_spread
 
 
-@pytest.fixture
-def feats_path(image_folder, tiny_backbone, tmp_path):
-    out = tmp_path / "f.h5"
-    embed(image_folder, out, backbone=tiny_backbone, layers=["stem", "blocks.5", "avgpool"],
-          num_workers=0, progress=False)
-    return out
-
-
 def test_selection_never_reads_the_test_split(feats_path, tmp_path):
     """Scrambling every test label changes the test scores, never the choice."""
     bad = tmp_path / "scrambled.h5"

@@ -16,14 +16,6 @@ from featurecache.predict import predict, write_predictions
 from featurecache.report import compare
 
 
-@pytest.fixture
-def feats_path(image_folder, tiny_backbone, tmp_path):
-    out = tmp_path / "f.h5"
-    embed(image_folder, out, backbone=tiny_backbone, layers=["stem", "blocks.5", "avgpool"],
-          num_workers=0, progress=False)
-    return out
-
-
 def png_content(path):
     img = np.asarray(Image.open(path).convert("L"), dtype=float)
     return img.shape, img.std()

@@ -134,6 +134,39 @@ def test_after_a_failed_commit_nothing_more_is_committed(crash_setup, tmp_path, 
     np.testing.assert_array_equal(done.X("avgpool"), open_features(ref).X("avgpool"))
 
 
+def test_the_final_file_does_not_depend_on_where_a_run_stopped(crash_setup, tmp_path,
+                                                                tiny_backbone, monkeypatch):
+    """An error outside the store (here in the forward pass) commits the rows queued so far,
+    so the resumed run's segments are cut at other rows than an uninterrupted run's; the
+    final file must still be the same bytes (HDF5 places variable-length strings per write)."""
+    from featurecache.extract import FeatureExtractor
+
+    root, _, _ = crash_setup
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    out = tmp_path / "f.h5"
+    kw = dict(backbone=tiny_backbone, layers=["blocks.5", "avgpool"], batch_size=4,
+              commit_rows=8, num_workers=0, progress=False)
+    embed(root, out, **kw)
+    expected = out.read_bytes()
+    out.unlink()
+    forward, calls = FeatureExtractor.forward, {"n": 0}
+
+    def fail_second(self, x):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("stop here")
+        return forward(self, x)
+
+    monkeypatch.setattr(FeatureExtractor, "forward", fail_second)
+    with pytest.raises(RuntimeError, match="stop here"):
+        embed(root, out, **kw)
+    monkeypatch.setattr(FeatureExtractor, "forward", forward)
+    assert open_features(out).n_rows == 4  # a segment of 4 rows, where the full run has 8
+    r = embed(root, out, **kw)
+    assert r.resumed_from == 4 and r.n_rows == 24
+    assert out.read_bytes() == expected
+
+
 def test_readers_and_a_second_writer_during_an_embed(crash_setup, tmp_path):
     root, script, env = crash_setup
     out = tmp_path / "f.h5"

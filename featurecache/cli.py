@@ -23,14 +23,23 @@ HEAD_CHOICES = ("logreg", "svm", "knn")
 SCORING_CHOICES = ("balanced_accuracy", "accuracy", "f1_macro")
 
 
-def _friendly(fn):
-    """Turn the package's errors (and ValueError from argument checks) into ClickException."""
+def _friendly(fn=None, *, style: str = "cli"):
+    """Turn the package's errors (and ValueError from argument checks) into ClickException,
+    naming options as ``style`` shows them (``cli``: --overwrite; ``pipeline``:
+    embed.overwrite = true)."""
+    if fn is None:
+        return functools.partial(_friendly, style=style)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:
+            ctx.meta["featurecache.style"] = style  # for the warnings main() prints
         try:
             return fn(*args, **kwargs)
-        except (FeaturecacheError, ValueError) as exc:
+        except FeaturecacheError as exc:
+            raise click.ClickException(exc.message(style, _table_of)) from None
+        except ValueError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
@@ -40,6 +49,13 @@ def _friendly(fn):
             raise
 
     return wrapper
+
+
+def _table_of(name: str):
+    """The pipeline table that holds key ``name`` (for messages in pipeline style)."""
+    from .pipeline import SCHEMA
+
+    return next((table for table, keys in SCHEMA.items() if name in keys and table), None)
 
 
 def _shard(value: str) -> tuple:
@@ -145,12 +161,15 @@ Run the same command again after an interruption: it resumes after the committed
               help="Unreadable images: skip and log them in the file, or stop.")
 @click.option("--shard", default="0/1", show_default=True,
               help="INDEX/COUNT: embed only this part of the data into a self-contained file.")
+@click.option("--commit-every", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds between commits (also every 512 rows): an interruption loses at "
+                   "most this much work.")
 @click.option("--overwrite", is_flag=True, help="Start over instead of resuming.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="No phases, no progress bar.")
 @_friendly
 def embed(data, output, backbone, layer_opts, weights, weights_file, pool, token_pool, dtype,
           batch_size, workers, device, test_size, seed, max_per_class, on_error, shard,
-          overwrite, quiet):
+          commit_every, overwrite, quiet):
     """Embed the images in DATA and store pooled features of several layers in one file.
 
     DATA is an image folder (DATA/<class>/*.jpg, or DATA/train/<class>/..., DATA/test/...),
@@ -159,19 +178,23 @@ def embed(data, output, backbone, layer_opts, weights, weights_file, pool, token
     """
     from .embedding import embed as run_embed
 
-    names = [n.strip() for opt in layer_opts for n in opt.split(",") if n.strip()] or ["avgpool"]
+    names = [n.strip() for opt in layer_opts for n in opt.split(",") if n.strip()] \
+        if layer_opts else ["avgpool"]
     r = run_embed(data, output, backbone=backbone, layers=names, weights=weights,
                   weights_file=weights_file, pool=pool, token_pool=token_pool, dtype=dtype,
                   batch_size=batch_size, num_workers=workers, device=device, test_size=test_size,
                   seed=seed, max_per_class=max_per_class, on_error=on_error, shard=_shard(shard),
-                  overwrite=overwrite, progress=not quiet)
+                  commit_every=commit_every, overwrite=overwrite, progress=not quiet)
     if r.already_complete:
         click.echo(f"{r.path} is already complete ({r.n_rows} rows); nothing to do.")
     else:
         resumed = f", resumed after {r.resumed_from} inputs" if r.resumed_from else ""
+        see = " (see `featurecache info --skipped`)" if r.n_skipped else ""
+        ignored = sum(r.ignored.values())
+        ignored = f", {ignored} ignored (hidden, system or non-image files)" if ignored else ""
         click.echo(f"wrote {r.path}: {r.n_rows} rows x {len(r.layers)} layers "
-                   f"({', '.join(f'{s.name}[{s.dim}]' for s in r.layers)}), {r.n_skipped} skipped"
-                   f"{resumed}, {r.seconds:.1f}s")
+                   f"({', '.join(f'{s.name}[{s.dim}]' for s in r.layers)}), {r.n_skipped} "
+                   f"skipped{see}{ignored}{resumed}, {r.seconds:.1f}s")
 
 
 @cli.command(epilog="\b\nExample:\n  featurecache info feats.h5 --skipped")
@@ -263,20 +286,23 @@ joblib files are pickles: load only heads you trust; .skops heads are safe to sh
 @click.option("--n-jobs", default=-1, show_default=True, type=int,
               help="Parallel CV folds (-1: all cores).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_friendly
 def fit_head_cmd(kind, features, layer, output, kernel, cv, scoring, class_weight, probability,
-                 n_jobs, seed):
+                 n_jobs, seed, quiet):
     """Search hyperparameters by stratified CV, refit on the train split, save the head.
 
     logreg and svm walk C = 1e-6..1e6 a decade apart (each fold stops two decades past its
     best), then quarter-decades around the best; knn (cosine, temperature-weighted votes)
     picks k from 10, 20, 50.
     """
+    from .files import require_folder
     from .heads import fit_head
 
+    require_folder(output)  # before the search, not after it
     head = fit_head(features, layer, kind, kernel=kernel, cv=cv, scoring=scoring, seed=seed,
                     n_jobs=n_jobs, class_weight=None if class_weight == "none" else class_weight,
-                    probability=probability)
+                    probability=probability, progress=not quiet)
     path = head.save(output)
     params = ", ".join(f"{k}={v:.3g}" for k, v in head.params_.items())
     done = sum(r["status"] == "evaluated" for r in head.cv_results_)
@@ -384,9 +410,12 @@ def predict(args, imagenet, backbone, weights, output, fmt, top_k, batch_size):
     """
     import tempfile
 
+    from .files import require_folder
     from .predict import predict as run_predict
     from .predict import predict_imagenet, write_predictions
 
+    if output:
+        require_folder(output)  # before any image is decoded
     if imagenet:
         rows = predict_imagenet(args, backbone=backbone, weights=weights, top_k=top_k,
                                 batch_size=batch_size)
@@ -415,7 +444,7 @@ Examples:
               help="Override a key, e.g. --set data.max_per_class=10 (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Validate, check the inputs, show the plan; run nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-@_friendly
+@_friendly(style="pipeline")
 def run(pipeline_file, overrides, dry_run, quiet):
     """Run a pipeline file: embed -> compare -> report, in one command.
 
@@ -453,7 +482,11 @@ def main():
     def show(message, category, *args, **kwargs):
         """The package's own warnings as one clean line; others as Python prints them."""
         if issubclass(category, FeaturecacheWarning):
-            click.echo(f"warning: {message}", err=True)
+            ctx = click.get_current_context(silent=True)
+            style = ctx.meta.get("featurecache.style", "cli") if ctx is not None else "cli"
+            text = message.message(style, _table_of) if isinstance(message, FeaturecacheWarning) \
+                else str(message)
+            click.echo(f"warning: {text}", err=True)
         else:
             python_show(message, category, *args, **kwargs)
 

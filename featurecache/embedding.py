@@ -16,9 +16,10 @@ from __future__ import annotations
 import os
 import platform
 import shlex
+import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,9 @@ import torch
 from . import __version__
 from .backbones import DEFAULT_BACKBONE, Backbone, load_backbone
 from .data import ImageDataset, collate, open_source, shard_range
-from .errors import DataError, FeaturecacheError
+from .errors import DataError, FeaturecacheError, option
 from .extract import FeatureExtractor, default_device
+from .files import require_folder
 from .layers import resolve_layers
 from .store import Writer
 
@@ -49,6 +51,7 @@ class EmbedResult:
     seconds: float
     already_complete: bool
     layers: list          # LayerSpec of each stored layer
+    ignored: dict = field(default_factory=dict)  # entries the folder listing left out: {why: n}
 
 
 def embed(source, output, backbone: str | Backbone = DEFAULT_BACKBONE, layers=("avgpool",),
@@ -57,7 +60,7 @@ def embed(source, output, backbone: str | Backbone = DEFAULT_BACKBONE, layers=("
           num_workers: int | None = None, device: str | None = None, test_size: float = 0.3,
           seed: int = 0, max_per_class: int | None = None, on_error: str = "skip",
           shard: tuple = (0, 1), overwrite: bool = False, progress: bool = True,
-          commit_rows: int = 512) -> EmbedResult:
+          commit_rows: int = 512, commit_every: float = 30.0) -> EmbedResult:
     """Embed a data set with a frozen backbone and store several layers in one HDF5 file.
 
     Args:
@@ -80,7 +83,9 @@ def embed(source, output, backbone: str | Backbone = DEFAULT_BACKBONE, layers=("
         shard: ``(index, count)``: embed only this contiguous part of the records, into a
             self-contained file.
         overwrite: start over instead of resuming or refusing a different existing file.
-        commit_rows: rows per commit of the resume marker.
+        progress: print the phases and a progress bar on stderr.
+        commit_rows, commit_every: commit the rows done so far every ``commit_rows`` rows or
+            ``commit_every`` seconds, whichever comes first (a kill loses at most that much).
 
     Raises:
         FeaturecacheError: for any bad input; nothing is created before all inputs are checked.
@@ -93,16 +98,25 @@ def embed(source, output, backbone: str | Backbone = DEFAULT_BACKBONE, layers=("
     batch_size = batch_size or (64 if dev.type == "cuda" else 16)
     if batch_size < 1:
         raise FeaturecacheError(f"batch_size == {batch_size}, must be >= 1.")
-    if not output.parent.is_dir():
-        raise FeaturecacheError(f"output folder {output.parent} does not exist; create it first "
-                                f"(mkdir -p {shlex.quote(str(output.parent))}).")
+    require_folder(output)
+    if not commit_every > 0 or commit_rows < 1:
+        raise FeaturecacheError(f"commit_every == {commit_every} s and commit_rows == "
+                                f"{commit_rows}: both must be positive.")
+    say = _Say(progress)
     src = open_source(source, test_size=test_size, seed=seed, max_per_class=max_per_class)
     start, stop = shard_range(len(src.records), *shard)
     records = src.records[start:stop]
+    say(src.summary())
     if not records:
         raise DataError(f"shard {shard[0]} of {shard[1]} of {source} holds no images.")
+    if tuple(shard) != (0, 1):
+        say(f"shard {shard[0]} of {shard[1]}: inputs {start:,} to {stop - 1:,}")
+    if not isinstance(backbone, Backbone):
+        say(f"loading {backbone} (weights {weights_file or weights}) ...")
     bb = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, weights, weights_file)
     specs = resolve_layers(bb, layers, pool=pool, token_pool=token_pool)
+    say(f"{len(specs)} layer{'s' * (len(specs) > 1)}: "
+        f"{', '.join(f'{s.name}[{s.dim}]' for s in specs)}, {dtype}, on {dev}")
     model = bb.model.to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -121,14 +135,27 @@ def embed(source, output, backbone: str | Backbone = DEFAULT_BACKBONE, layers=("
                                     seed, max_per_class, shard, weights, weights_file),
     }
     with Writer(output, meta, specs, src.classes, overwrite=overwrite,
-                commit_rows=commit_rows) as w:
+                commit_rows=commit_rows, commit_every=commit_every) as w:
         resumed = w.n_done
+        if resumed and not w.already_complete:
+            say(f"resuming after {resumed:,} of {len(records):,} inputs committed earlier")
         if not w.already_complete:
             _run(records[w.n_done:], w.n_done, bb, extractor, dev, w, batch_size, num_workers,
                  on_error, progress)
             w.close(complete=True)
         return EmbedResult(output, w.n_committed, w.n_skipped, resumed,
-                           time.perf_counter() - t0, resumed == len(records), specs)
+                           time.perf_counter() - t0, resumed == len(records), specs, src.ignored)
+
+
+class _Say:
+    """Print a phase of the run on stderr (nothing when ``progress`` is off)."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __call__(self, message: str) -> None:
+        if self.on:
+            print(message, file=sys.stderr, flush=True)
 
 
 def _run(records, offset, bb, extractor, dev, writer, batch_size, num_workers, on_error,
@@ -138,7 +165,7 @@ def _run(records, offset, bb, extractor, dev, writer, batch_size, num_workers, o
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1)
     loader = torch.utils.data.DataLoader(
-        ImageDataset(records, bb.preprocess.transform()), batch_size=batch_size,
+        ImageDataset(records, bb.preprocess.transform(), bb.preprocess.exif), batch_size=batch_size,
         num_workers=num_workers, collate_fn=collate, pin_memory=dev.type == "cuda",
         persistent_workers=False)
     bar = tqdm(total=len(records) + offset, initial=offset, unit="img", disable=not progress,
@@ -148,7 +175,7 @@ def _run(records, offset, bb, extractor, dev, writer, batch_size, num_workers, o
         for batch in loader:
             if batch.failed and on_error == "fail":
                 i, reason = batch.failed[0]
-                raise DataError(f"{reason}. Use --on-error skip to log and skip unreadable images.")
+                raise DataError(f"{reason}. Use {option('on_error', 'skip')} to log and skip unreadable images.")
             feats = {}
             if batch.images is not None:
                 images = batch.images.to(dev, non_blocking=True)
@@ -163,7 +190,7 @@ def _run(records, offset, bb, extractor, dev, writer, batch_size, num_workers, o
             if bad:
                 j, reason = next(iter(bad.items()))
                 if on_error == "fail":
-                    raise DataError(f"{rows[j].path}: {reason}. Use --on-error skip to log and "
+                    raise DataError(f"{rows[j].path}: {reason}. Use {option('on_error', 'skip')} to log and "
                                     f"skip such images.")
                 keep = [j for j in range(len(rows)) if j not in bad]
                 skipped += [(rows[j].path, r) for j, r in bad.items()]
@@ -186,7 +213,7 @@ def _unusable_rows(feats: dict, dtype: str) -> dict:
         for j in np.flatnonzero(~(np.abs(v) <= limit).all(axis=1)):  # NaN compares False
             bad.setdefault(int(j), f"non-finite features (NaN/inf) in layer {name!r}"
                            if not np.isfinite(v[j]).all() else
-                           f"features of layer {name!r} exceed the float16 range; use --dtype float32")
+                           f"features of layer {name!r} exceed the float16 range; use {option('dtype', 'float32')}")
     return dict(sorted(bad.items()))
 
 
@@ -203,8 +230,10 @@ def _tv_version() -> str:
 
 def _rebuild_command(source, output, bb, specs, pool, token_pool, dtype, test_size, seed,
                      max_per_class, shard, weights, weights_file) -> str:
-    parts = ["featurecache", "embed", str(source), "-o", str(output), "--backbone", bb.name]
-    parts += ["--weights-file", str(weights_file)] if weights_file else ["--weights", str(weights)]
+    source = str(source) if str(source).startswith("builtin:") else os.path.abspath(source)
+    parts = ["featurecache", "embed", source, "-o", os.path.abspath(output), "--backbone", bb.name]
+    parts += (["--weights-file", os.path.abspath(weights_file)] if weights_file
+              else ["--weights", str(weights)])
     for s in specs:
         parts += ["--layer", s.name]
     parts += ["--pool", pool, "--token-pool", token_pool, "--dtype", dtype,

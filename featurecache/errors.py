@@ -2,15 +2,53 @@
 
 from __future__ import annotations
 
-__all__ = [
+import json
+import re
+
+__all__ = ["option", "render",
     "FeaturecacheError", "UnknownBackboneError", "UnknownLayerError", "WeightsError",
     "DataError", "StoreError", "StoreMismatchError", "HeadError", "PipelineError",
     "FeaturecacheWarning", "DataWarning",
 ]
 
 
+_MARK = "\x1f"  # ASCII unit separator: never typed by a user
+_OPTION = re.compile(f"{_MARK}([^{_MARK}]*){_MARK}([^{_MARK}]*){_MARK}")
+
+
+def option(name: str, value=True) -> str:
+    """An option named in a message (``name`` as the Python keyword). Each front end shows
+    it in its own words: ``overwrite=True`` (Python), ``--overwrite`` (the CLI),
+    ``embed.overwrite = true`` (a pipeline file); see :func:`render`."""
+    return f"{_MARK}{name}{_MARK}{json.dumps(value)}{_MARK}"
+
+
+def render(message: str, style: str = "python", table_of=None) -> str:
+    """Write the options of ``message`` as ``style`` (``python``, ``cli`` or ``pipeline``;
+    ``table_of(name)`` gives a pipeline key's table, e.g. ``embed``)."""
+    def one(m) -> str:
+        name, value = m.group(1), json.loads(m.group(2))
+        if style == "cli":
+            flag = "--" + name.replace("_", "-")
+            return flag if value is True else f"{flag} {value}"
+        if style == "pipeline":
+            table = table_of(name) if table_of else None
+            toml = json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+            return f"{table + '.' if table else ''}{name} = {toml}"
+        return f"{name}={value!r}"
+
+    return _OPTION.sub(one, message)
+
+
 class FeaturecacheError(Exception):
-    """Base class: a problem the user can fix; the message says what and how."""
+    """Base class: a problem the user can fix; the message says what and how (options named
+    with :func:`option`, shown by each front end in its own words)."""
+
+    def __str__(self) -> str:
+        return render(super().__str__())
+
+    def message(self, style: str = "python", table_of=None) -> str:
+        return render(super().__str__(), style, table_of)
 
 
 class UnknownBackboneError(FeaturecacheError, ValueError):
@@ -48,6 +86,12 @@ class PipelineError(FeaturecacheError):
 class FeaturecacheWarning(UserWarning):
     """Something the user should know that does not stop the run; the CLI prints it as one
     ``warning:`` line."""
+
+    def __str__(self) -> str:
+        return render(super().__str__())
+
+    def message(self, style: str = "python", table_of=None) -> str:
+        return render(super().__str__(), style, table_of)
 
 
 class DataWarning(FeaturecacheWarning):

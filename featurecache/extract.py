@@ -34,8 +34,29 @@ KINDS = ("map", "map-nhwc", "tokens", "vector")
 
 
 def default_device(device: str | None = None) -> torch.device:
-    """``device`` if given, else cuda when present, else cpu."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """``device`` if given, else cuda when present, else cpu.
+
+    Raises:
+        FeaturecacheError: an unknown device name, or a device this machine does not have.
+    """
+    from .errors import FeaturecacheError, option
+
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise FeaturecacheError(f"device {device!r} is not a device name; use cpu, cuda or "
+                                f"cuda:N (or leave it out: cuda when present).") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FeaturecacheError(f"device {device!r} asked for, but torch sees no CUDA GPU on this "
+                                f"machine; use {option('device', 'cpu')} (or leave it out).")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise FeaturecacheError(f"device {device!r}: this machine has "
+                                f"{torch.cuda.device_count()} CUDA GPU(s), numbered from 0.")
+    if dev.type not in ("cpu", "cuda"):
+        raise FeaturecacheError(f"device {device!r} is not supported; use cpu or cuda.")
+    return dev
 
 
 def pool_output(t: torch.Tensor, kind: str, pool: str) -> torch.Tensor:

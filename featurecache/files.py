@@ -14,7 +14,23 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_output", "fsync_dir", "same_file"]
+__all__ = ["atomic_output", "fsync_dir", "same_file", "require_folder"]
+
+
+def require_folder(path) -> None:
+    """Refuse an output whose folder does not exist, before any work is done.
+
+    Raises:
+        FeaturecacheError: naming the folder and the command that creates it.
+    """
+    import shlex
+
+    from .errors import FeaturecacheError
+
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise FeaturecacheError(f"output folder {folder} does not exist; create it first "
+                                f"(mkdir -p {shlex.quote(str(folder))}).")
 
 
 def fsync_dir(folder) -> None:

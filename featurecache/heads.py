@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import datetime
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
 import joblib
 import numpy as np
 
 from . import __version__
-from .errors import HeadError
+from .errors import DataWarning, HeadError
 from .search import (HEAD_KINDS, KERNELS, SCORINGS, check_options, coarse_grid, make_folds,
                      search_layers)
 
@@ -198,7 +198,19 @@ def load_head(path) -> Head:
     from .persist import load_head_dict
 
     data = load_head_dict(path)
-    return Head(**{k: data[k] for k in Head.__dataclass_fields__})
+    required = [k for k, f in Head.__dataclass_fields__.items()
+                if f.default is MISSING and f.default_factory is MISSING]
+    missing = [k for k in required if k not in data]
+    prov = data.get("provenance")
+    if not missing and isinstance(prov, dict):
+        missing = [f"provenance.{k}" for k in ("backbone", "weights", "preprocess", "specs")
+                   if k not in prov]
+    if missing or not hasattr(data["pipeline_"], "predict") or not isinstance(prov, dict) \
+            or not isinstance(data["classes"], list) or not data["classes"]:
+        what = f"it lacks {', '.join(missing)}" if missing else "its fields have the wrong types"
+        raise HeadError(f"{path} is a damaged or edited featurecache head ({what}); fit it "
+                        f"again with `featurecache fit-head` (or `compare`).")
+    return Head(**{k: data[k] for k in Head.__dataclass_fields__ if k in data})
 
 
 def training_data(ff, layer: str, *, cv: int = 5, seed: int = 0):
@@ -263,15 +275,52 @@ def fit_heads(jobs: dict, kinds, *, kernel: str = "linear", cv: int = 5,
                 "cv_fold_scores": res.folds, "cv_std": res.std,
                 "refit_on": "train + val" if how == "val split" else "train",
                 "estimator": type(pipe[-1]).__name__}
+        if _no_signal(res, y, scoring):
+            meta["no_signal"] = True
+            warnings.warn(DataWarning(
+                f"{kind} on {layer}: every hyperparameter tried scored the same CV {scoring} "
+                f"({res.score:.3f}, chance level): the features carry no signal for these "
+                f"labels, or the labels are shuffled. Its predictions are guesses."))
         heads[(key, kind)] = Head(pipe, kind, kernel, layer, list(ff.classes),
                                   ff.layer_provenance(layer), res.params, res.score, res.table,
                                   scoring, meta)
     return heads
 
 
+def _no_signal(res, y, scoring: str) -> bool:
+    """Every grid point tied, at chance level (1/k balanced; the largest class's share for
+    accuracy): no hyperparameter found anything to fit."""
+    scores = {round(r["mean"], 12) for r in res.table if r["status"] == "evaluated"}
+    counts = np.bincount(y)
+    counts = counts[counts > 0]
+    chance = counts.max() / counts.sum() if scoring == "accuracy" else 1 / len(counts)
+    return len(scores) == 1 and len(res.table) > 1 and res.score <= chance + 0.05
+
+
+class Progress:
+    """A progress bar of CV tasks (folds x search stages) for ``progress=`` callbacks."""
+
+    def __init__(self, enabled: bool, desc: str):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=0, desc=desc, unit="fold", dynamic_ncols=True)
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.n = done
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def fit_head(features, layer: str, kind: str = "logreg", *, kernel: str = "linear",
              cv: int = 5, scoring: str = "balanced_accuracy", class_weight=None, seed: int = 0,
-             n_jobs=-1, probability: bool = False) -> Head:
+             n_jobs=-1, probability: bool = False, progress: bool = False) -> Head:
     """Search, refit and return a head on ``layer`` of a feature file.
 
     Args:
@@ -285,6 +334,7 @@ def fit_head(features, layer: str, kind: str = "logreg", *, kernel: str = "linea
         class_weight: ``None`` or ``"balanced"``.
         n_jobs: parallel CV folds (joblib; -1: all cores).
         probability: calibrate SVM probability estimates (sigmoid, by CV; slower).
+        progress: show a progress bar of the CV folds on stderr.
 
     Raises:
         UnknownLayerError: the layer is not stored (the message lists the stored ones).
@@ -293,6 +343,10 @@ def fit_head(features, layer: str, kind: str = "logreg", *, kernel: str = "linea
     from .store import FeatureFile, open_features
 
     ff = features if isinstance(features, FeatureFile) else open_features(features)
-    return fit_heads({layer: (ff, layer)}, [kind], kernel=kernel, cv=cv, scoring=scoring,
-                     class_weight=class_weight, seed=seed, n_jobs=n_jobs,
-                     probability=probability)[(layer, kind)]
+    bar = Progress(progress, f"fit-head {kind} on {layer} (CV)")
+    try:
+        return fit_heads({layer: (ff, layer)}, [kind], kernel=kernel, cv=cv, scoring=scoring,
+                         class_weight=class_weight, seed=seed, n_jobs=n_jobs,
+                         probability=probability, progress=bar.update)[(layer, kind)]
+    finally:
+        bar.close()

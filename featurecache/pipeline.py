@@ -16,8 +16,10 @@ default is in :data:`SCHEMA`, and ``pipelines/reference.toml`` shows all of them
     [compare]
     heads = ["logreg", "svm"]
 
-The file is validated as a whole before anything runs: unknown keys, wrong types and bad
-choices are errors that name the key. Relative paths are relative to the current folder.
+The file is validated as a whole before anything runs: unknown keys, wrong types, bad
+choices and out-of-range numbers are errors that name the key. Relative paths in the file
+(``output``, ``data.root``, ``embed.weights_file``) are relative to the pipeline file's folder;
+those given with ``--set`` are relative to the current folder.
 An existing feature file with the same settings is reused (or resumed); one with other
 settings is an error unless ``embed.overwrite = true``.
 
@@ -30,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 import tomllib
@@ -63,6 +66,12 @@ SCHEMA = {
                 "class_weight": (str, "none", ("none", "balanced")),
                 "n_jobs": (int, -1, None), "n_boot": (int, 1000, None)},
 }
+
+
+# the smallest value each number may take
+MINIMUM = {("data", "test_size"): 0.0, ("data", "max_per_class"): 0, ("embed", "batch_size"): 0,
+           ("compare", "cv"): 2, ("compare", "repeats"): 1, ("compare", "n_boot"): 1}
+PATH_KEYS = (("", "output"), ("data", "root"), ("embed", "weights_file"))
 
 
 @dataclass
@@ -137,8 +146,10 @@ def load_pipeline(path=None, overrides=(), text: str | None = None) -> Plan:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PipelineError(f"{path}: not valid TOML ({exc}).") from None
+    overridden = set()
     for item in overrides:
         key, value = _parse_override(item)
+        overridden.add(key)
         table, _, name = key.rpartition(".")
         target = raw.setdefault(table, {}) if table else raw
         if not isinstance(target, dict):
@@ -171,6 +182,21 @@ def load_pipeline(path=None, overrides=(), text: str | None = None) -> Plan:
                 config[table][name] = _check_type(where, given[name], kind, allowed)
     if not config["embed"]["layers"]:
         raise PipelineError("embed.layers must name at least one layer.")
+    for (table, name), low in MINIMUM.items():
+        if config[table][name] < low:
+            raise PipelineError(f"{table}.{name} = {config[table][name]} is too small; it must be "
+                                f"at least {low}.")
+    if not 0 < config["data"]["test_size"] < 1:
+        raise PipelineError(f"data.test_size = {config['data']['test_size']} must be between 0 "
+                            f"and 1.")
+    if path is not None:  # the file's relative paths are relative to the file
+        base = Path(path).resolve().parent
+        for table, name in PATH_KEYS:
+            value = config[table][name]
+            given = (f"{table}.{name}" if table else name) in overridden
+            if value and not given and not value.startswith("builtin:") and \
+                    not Path(value).expanduser().is_absolute():
+                config[table][name] = os.path.normpath(base / Path(value).expanduser())
     return Plan(config, Path(path) if path else None)
 
 
@@ -218,9 +244,30 @@ def check_pipeline(plan: Plan) -> dict:
     for layer in k["layers"] + [p for e in k["extra_layers"] for p in e.split("+")]:
         if layer not in stored:
             raise PipelineError(f"compare layer {layer!r} is not in embed.layers ({', '.join(stored)}).")
+    _check_data(src, k["cv"])
     splits = sorted({r.split for r in src.records})
     return {"images": len(src.records), "classes": len(src.classes), "splits": splits,
             "layers": {s.name: s.dim for s in specs}, "weights": bb.weights}
+
+
+def _check_data(src, cv: int) -> None:
+    """Refuse, before any image is decoded, data that compare cannot use: no test rows, or a
+    class with fewer training images than CV folds asked."""
+    from collections import Counter
+
+    splits = Counter(r.split for r in src.records)
+    if not splits["test"]:
+        raise PipelineError(f"{src.root} has no test images (splits: {dict(splits)}); compare "
+                            f"reports on a held-out test split. Add a test split, or leave "
+                            f"the split out and set data.test_size.")
+    if splits["val"]:
+        return  # the val split is the one fold
+    train = Counter(r.label for r in src.records if r.split == "train")
+    few = sorted((train[i], c) for i, c in enumerate(src.classes) if train[i] < cv)
+    if few:
+        shown = ", ".join(f"{c!r} has {n}" for n, c in few[:5])
+        raise PipelineError(f"compare.cv = {cv} needs at least {cv} training images per class, "
+                            f"but {shown}. Lower compare.cv (at least 2) or add images.")
 
 
 def run_pipeline(plan: Plan, progress: bool = True) -> dict:
@@ -229,6 +276,12 @@ def run_pipeline(plan: Plan, progress: bool = True) -> dict:
     from .embedding import embed
     from .report import compare
 
+    from .data import open_source
+
+    kw = _embed_kwargs(plan.config)
+    _check_data(open_source(plan.config["data"]["root"], test_size=kw["test_size"],
+                            seed=kw["seed"], max_per_class=kw["max_per_class"]),
+                plan.config["compare"]["cv"])
     out = plan.output
     out.mkdir(parents=True, exist_ok=True)
     timings = {}

@@ -27,7 +27,7 @@ from .data import ImageDataset, Record, collate
 from .data.sources import IMAGE_EXTENSIONS
 from .errors import DataError, FeaturecacheError
 from .extract import FeatureExtractor, default_device
-from .files import atomic_output
+from .files import atomic_output, require_folder
 from .heads import Head, load_head
 from .layers import LayerSpec
 
@@ -35,14 +35,18 @@ __all__ = ["predict", "predict_imagenet", "expand_images", "write_predictions", 
 
 
 def expand_images(items) -> list[str]:
-    """Files, folders (searched recursively for images) and glob patterns -> sorted paths."""
+    """Files, folders (searched recursively for images, hidden entries left out) and glob
+    patterns -> sorted paths. A name that exists is taken as it is, even with ``[`` or ``*``
+    in it (``photo [1].png``); only a name that does not exist is expanded as a pattern."""
     out = []
     for item in items:
         item = str(item)
         p = Path(item)
         if p.is_dir():
-            out += sorted(str(q) for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS)
-        elif any(ch in item for ch in "*?["):
+            out += sorted(str(q) for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS
+                          and not any(part.startswith(".") or part == "__MACOSX"
+                                      for part in q.relative_to(p).parts))
+        elif not p.exists() and not p.is_symlink() and any(ch in item for ch in "*?["):
             out += sorted(glob.glob(item, recursive=True))
         else:
             out.append(item)  # a missing file is reported in its row
@@ -75,8 +79,8 @@ def _rows(paths, bb, score_fn, classes, top_k, batch_size, num_workers, dev) -> 
     """Decode ``paths`` in batches and turn ``score_fn(images) -> (scores, are_probabilities)``
     into one row per image; an unreadable image gets a row with its reason."""
     records = [Record(p, -1, "") for p in paths]
-    loader = torch.utils.data.DataLoader(ImageDataset(records, bb.preprocess.transform()),
-                                         batch_size=batch_size, collate_fn=collate,
+    dataset = ImageDataset(records, bb.preprocess.transform(), bb.preprocess.exif)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
                                          num_workers=num_workers)
     rows: list = [None] * len(paths)
     for batch in loader:
@@ -143,8 +147,7 @@ def predict_imagenet(images, backbone: str = DEFAULT_BACKBONE, weights: str = "D
 def write_predictions(rows: list, path, fmt: str = "csv") -> Path:
     """Write prediction rows as CSV (top-k joined as ``class:score;...``) or JSON."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise FeaturecacheError(f"folder {path.parent} does not exist; create it first.")
+    require_folder(path)
     with atomic_output(path) as tmp:
         if fmt == "json":
             tmp.write_text(json.dumps(rows, indent=1))

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FeaturecacheError, HeadError
+from .errors import FeaturecacheError, HeadError, option
 from .search import HEAD_KINDS, check_options
 from .stats import METRICS, SCORING_METRIC, bootstrap, interval, paired_difference
 
@@ -144,7 +144,7 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
         FeaturecacheError: the folder exists, a layer or head is unknown, the files are not
             of the same images, or there is no test split.
     """
-    from .heads import fit_heads
+    from .heads import Progress, fit_heads
 
     t0 = time.perf_counter()
     files = _open_all(features)
@@ -156,6 +156,9 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
     if select not in SELECT:
         raise HeadError(f"select {select!r} is not one of {', '.join(SELECT)}.")
     shots = _check_shots(shots, repeats)
+    if n_boot < 1:
+        raise HeadError(f"n_boot == {n_boot}: the confidence intervals need at least 1 bootstrap "
+                        f"resample (1000 is the default).")
     names = _labels(files)
     jobs = {}
     for name, ff in zip(names, files):
@@ -174,12 +177,12 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
         raise FeaturecacheError(f"{out_dir} is a file; give a folder for the report.")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FeaturecacheError(f"output folder {out_dir} exists and is not empty; choose "
-                                f"another or pass --overwrite (which replaces only the files "
+                                f"another or pass {option('overwrite')} (which replaces only the files "
                                 f"of a previous report).")
     if not out_dir.parent.is_dir():
         raise FeaturecacheError(f"folder {out_dir.parent} does not exist; create it first.")
 
-    bar = _Progress(progress)
+    bar = Progress(progress, "compare (CV folds)")
     fitted = fit_heads(jobs, heads, kernel=kernel, cv=cv, scoring=scoring,
                        class_weight=class_weight, seed=seed, n_jobs=n_jobs, progress=bar.update)
     bar.close()
@@ -286,25 +289,6 @@ def _check_shots(shots, repeats) -> list:
     if out and repeats < 1:
         raise FeaturecacheError(f"repeats must be at least 1; got {repeats}.")
     return sorted(set(out), key=lambda s: (s == "all", s if s != "all" else 0))
-
-
-class _Progress:
-    def __init__(self, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=0, desc="compare (CV folds)", unit="task", dynamic_ncols=True)
-
-    def update(self, done: int, total: int) -> None:
-        if self.bar is not None:
-            self.bar.total = total
-            self.bar.n = done
-            self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _row(name, layer, kind, head, jobs) -> dict:

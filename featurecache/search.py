@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import HeadError
+from .errors import HeadError, option
 
 __all__ = ["HEAD_KINDS", "KERNELS", "SCORINGS", "GRAM_MAX_ROWS", "SearchResult", "make_folds",
            "search_layers", "coarse_grid", "fine_grid", "score_predictions", "use_gram",
@@ -118,6 +118,14 @@ def make_folds(y, cv: int = 5, seed: int = 0) -> list:
     if k < 2:
         raise HeadError(f"a class has only {counts.min()} training row(s); stratified CV needs "
                         f"at least 2 per class.")
+    if k < cv:
+        import warnings
+
+        from .errors import DataWarning
+
+        warnings.warn(DataWarning(
+            f"{option('cv', cv)} asked, but the smallest class has {k} training rows: using "
+            f"{k}-fold CV."), stacklevel=2)
     return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
 
 

@@ -34,7 +34,7 @@ def test_unknown_weights_member_lists_the_valid_ones():
 
 def test_weights_missing_from_hub_cache_say_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(WeightsError, match=r"not in the torch hub cache.*--weights-file"):
+    with pytest.raises(WeightsError, match=r"not in the torch hub cache.*weights_file='PATH.pth'"):
         load_backbone("resnet18", weights="DEFAULT")
 
 

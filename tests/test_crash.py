@@ -227,7 +227,7 @@ def test_non_finite_features_are_never_stored(image_folder, tiny_backbone, tmp_p
     monkeypatch.setattr(FeatureExtractor, "forward", poisoned)
     kw = dict(backbone=tiny_backbone, layers=["avgpool"], num_workers=0, progress=False,
               batch_size=6)
-    with pytest.raises(DataError, match=r"non-finite features .*'avgpool'.*--on-error skip"):
+    with pytest.raises(DataError, match=r"non-finite features .*'avgpool'.*on_error='skip'"):
         embed(image_folder, tmp_path / "a.h5", on_error="fail", **kw)
     r = embed(image_folder, tmp_path / "b.h5", **kw)
     ff = open_features(tmp_path / "b.h5")

@@ -156,7 +156,7 @@ def test_complete_file_is_not_recomputed_and_mismatch_is_refused(image_folder, t
     run(image_folder, out, tiny_backbone)
     again = run(image_folder, out, tiny_backbone)
     assert again.already_complete and again.n_rows == 18
-    with pytest.raises(StoreMismatchError, match=r"layers: file has \['blocks.5', 'avgpool'\].*--overwrite"):
+    with pytest.raises(StoreMismatchError, match=r"layers: file has \['blocks.5', 'avgpool'\].*overwrite=True"):
         run(image_folder, out, tiny_backbone, layers=["avgpool"])
     with pytest.raises(StoreMismatchError, match="pool"):
         run(image_folder, out, tiny_backbone, pool="max")
@@ -183,7 +183,7 @@ def test_unreadable_images_are_skipped_and_logged(image_folder, tiny_backbone, t
     one = run(image_folder, tmp_path / "one.h5", tiny_backbone, batch_size=1, commit_rows=64)
     assert (one.n_rows, one.n_skipped) == (19, 3)
     assert open_features(tmp_path / "one.h5").paths() == ff.paths()
-    with pytest.raises(DataError, match=r"(empty|notes|truncated).*--on-error skip"):
+    with pytest.raises(DataError, match=r"(empty|notes|truncated).*on_error='skip'"):
         run(image_folder, tmp_path / "g.h5", tiny_backbone, on_error="fail")
 
 
@@ -287,7 +287,7 @@ def test_float16_underflow_is_warned(tmp_path, image_folder):
 
     bb = load_backbone("efficientnet_b0", weights="none")  # untrained: activations ~1e-14
     bb = dataclasses.replace(bb, preprocess=Preprocess(resize=64, crop=64))
-    with pytest.warns(UserWarning, match=r"layer 'avgpool'.*--dtype float32"):
+    with pytest.warns(UserWarning, match=r"layer 'avgpool'.*dtype='float32'"):
         run(image_folder, tmp_path / "f.h5", bb, layers=["avgpool"], max_per_class=1)
 
 

@@ -23,8 +23,8 @@ def test_there_are_pipelines_for_the_demo_every_shared_set_and_the_reference():
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.stem)
-def test_every_pipeline_file_passes_a_dry_run(path, monkeypatch):
-    monkeypatch.chdir(path.parents[1])  # paths in the files are relative to the repository root
+def test_every_pipeline_file_passes_a_dry_run(path, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # paths in the files are relative to the file, not to here
     if "shared/data" in path.read_text() and not SHARED.is_dir():
         pytest.skip("shared data not present")
     r = CliRunner().invoke(cli, ["run", str(path), "--dry-run"])

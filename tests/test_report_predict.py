@@ -46,7 +46,7 @@ def test_compare_writes_every_report_file(feats_path, tmp_path):
         assert shape[0] > 200 and shape[1] > 200 and spread > 10
     head = load_head(out / "best.joblib")
     assert (head.layer, head.kind) == (res.winner["layer"], res.winner["head"])
-    with pytest.raises(FeaturecacheError, match="exists and is not empty.*--overwrite"):
+    with pytest.raises(FeaturecacheError, match="exists and is not empty.*overwrite=True"):
         compare(feats_path, out, heads=["logreg"], progress=False)
     again = compare(feats_path, out, heads=["logreg"], layers=["avgpool"], overwrite=True,
                     progress=False, n_boot=50)

@@ -6,16 +6,21 @@ and :func:`collate` separates the good from the failed, so the runner can skip-a
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import DataError
 
-__all__ = ["load_image", "ImageDataset", "Batch", "collate"]
+__all__ = ["load_image", "ImageDataset", "Batch", "collate", "MAX_PIXELS", "MAX_ASPECT"]
+
+MAX_PIXELS = 100_000_000  # larger images are skipped: a decompression bomb, or not a photo
+MAX_ASPECT = 4  # the long side is center-cropped to 4x the short one before any resizing
 
 
 @lru_cache(maxsize=2)
@@ -25,27 +30,59 @@ def _builtin_images(name: str) -> np.ndarray:
     return load_digits().images  # (1797, 8, 8), values 0..16
 
 
-def load_image(path: str) -> Image.Image:
+def load_image(path: str, exif: bool = True) -> Image.Image:
     """Decode one image to 8-bit RGB.
 
-    Grayscale, palette, CMYK and 16-bit images are converted; transparency is flattened
-    onto white. ``builtin:digits/NNNN`` reads scikit-learn's bundled digit NNNN.
+    With ``exif``, the EXIF orientation is applied (a phone photo taken upright comes out
+    upright). Grayscale, palette, CMYK and 16-bit images are converted; transparency is
+    flattened onto white. An image longer than :data:`MAX_ASPECT` times its short side is
+    center-cropped to that ratio (the part a center crop keeps anyway), so the work per image
+    is bounded. ``builtin:digits/NNNN`` reads scikit-learn's bundled digit NNNN.
 
     Raises:
-        DataError: the file is missing, empty, truncated or not an image.
+        DataError: the file is missing (or a broken link), empty, truncated, not an image, or
+            over :data:`MAX_PIXELS` pixels; the message names the file.
     """
     if path.startswith("builtin:"):
         name, _, index = path[len("builtin:"):].partition("/")
         pixels = np.round(_builtin_images(name)[int(index)] * 255 / 16).astype(np.uint8)
         return Image.fromarray(pixels, mode="L").convert("RGB")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
+            img = Image.open(path)
+        with img:
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise DataError(f"{path}: {w}x{h} is {w * h / 1e6:.0f} megapixels, over the "
+                                f"limit of {MAX_PIXELS / 1e6:.0f} (a decompression bomb?); "
+                                f"downscale it first")
+            if exif:
+                img = ImageOps.exif_transpose(img)
             img.load()
-            return _to_rgb(img)
+            return _bound_aspect(_to_rgb(img))
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise DataError(f"{path}: broken symbolic link (to {os.readlink(path)}, which does "
+                            f"not exist)") from None
         raise DataError(f"{path}: file not found") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # PIL's own limit, checked on opening
+        raise DataError(f"{path}: over the limit of {MAX_PIXELS / 1e6:.0f} megapixels ({exc}; a "
+                        f"decompression bomb?); downscale it first") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+def _bound_aspect(img: Image.Image) -> Image.Image:
+    w, h = img.size
+    short = max(1, min(w, h))
+    if max(w, h) <= MAX_ASPECT * short:
+        return img
+    if w > h:
+        left = (w - MAX_ASPECT * short) // 2
+        return img.crop((left, 0, left + MAX_ASPECT * short, h))
+    top = (h - MAX_ASPECT * short) // 2
+    return img.crop((0, top, w, top + MAX_ASPECT * short))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -62,18 +99,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """``records[i] -> (tensor or None, i, reason or None)``; never raises for a bad image."""
+    """``records[i] -> (tensor or None, i, reason or None)``; never raises for a bad image.
+    ``exif``: apply EXIF orientation (part of the backbone's :class:`Preprocess`)."""
 
-    def __init__(self, records, transform):
+    def __init__(self, records, transform, exif: bool = True):
         self.records = records
         self.transform = transform
+        self.exif = exif
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int):
         try:
-            return self.transform(load_image(self.records[i].path)), i, None
+            return self.transform(load_image(self.records[i].path, self.exif)), i, None
         except DataError as exc:
             return None, i, str(exc)
 

@@ -18,13 +18,17 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from dataclasses import dataclass
+import os
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
 
 __all__ = ["Record", "Source", "open_source", "shard_range", "BUILTINS", "IMAGE_EXTENSIONS"]
 
+MISSING_SHOWN = 5  # missing files named in the error
+IGNORED_NAMES = ("__MACOSX",)  # folders that archive tools add beside the data
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 SPLIT_NAMES = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
 BUILTINS = ("digits",)
@@ -37,6 +41,7 @@ class Record:
     path: str
     label: int
     split: str
+    stamp: str = ""  # "size:mtime_ns" of the file when listed ("" when it has none)
 
 
 @dataclass
@@ -48,13 +53,26 @@ class Source:
     classes: list
     records: list
     split_origin: str     # given | seeded(test_size=..., seed=...)
+    ignored: dict = field(default_factory=dict)  # what the listing left out: {why: count}
 
     def fingerprint(self) -> str:
-        """sha256 over classes and every (path, label, split): changes when the data set does."""
+        """sha256 over classes and every (path, label, split, size, mtime): changes when the
+        data set does, including an image rewritten under the same name."""
         h = hashlib.sha256(json.dumps(self.classes).encode())
         for r in self.records:
-            h.update(f"{r.path}\t{r.label}\t{r.split}\n".encode())
+            h.update(f"{r.path}\t{r.label}\t{r.split}\t{r.stamp}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
+
+    def summary(self) -> str:
+        """One line: images, classes, split sizes, and what was ignored."""
+        from collections import Counter
+
+        n = Counter(r.split for r in self.records)
+        splits = " / ".join(f"{s} {n[s]:,}" for s in ("train", "val", "test") if n[s])
+        ignored = "; ignored " + ", ".join(f"{v:,} {k}" for k, v in self.ignored.items()) \
+            if self.ignored else ""
+        return (f"{len(self.records):,} images in {len(self.classes)} classes ({splits}) from "
+                f"{self.root}{ignored}")
 
 
 def shard_range(n: int, index: int, count: int) -> tuple[int, int]:
@@ -68,6 +86,10 @@ def open_source(spec, test_size: float = 0.3, seed: int = 0,
                 max_per_class: int | None = None) -> Source:
     """Resolve ``spec`` (a folder, a ``.csv`` manifest, or ``builtin:NAME``) into records.
 
+    Folders: hidden entries (``.DS_Store``, AppleDouble ``._x.jpg``, ``.ipynb_checkpoints``)
+    and ``__MACOSX`` are ignored and counted; a broken symbolic link stays a record, which the
+    embed skips with its reason. Manifests: every file is checked up front.
+
     Args:
         test_size: share of each class put in ``test`` when the source gives no split.
         seed: seed of that split.
@@ -75,9 +97,12 @@ def open_source(spec, test_size: float = 0.3, seed: int = 0,
             order): a quick subset for demos and tests.
 
     Raises:
-        DataError: the source is missing, empty, has a class without images, or a bad manifest.
+        DataError: the source is missing or empty, has fewer than two classes, a class without
+            images, a folder mixing split and class folders, or a bad manifest (undecodable,
+            duplicate rows, empty labels, missing files: all named).
     """
     spec = str(spec)
+    ignored: dict = {}
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         if name not in BUILTINS:
@@ -94,23 +119,27 @@ def open_source(spec, test_size: float = 0.3, seed: int = 0,
         if path.is_file():
             kind, items = "manifest", _manifest_items(path)
         else:
-            kind, items = _folder_items(path)
+            kind, items = _folder_items(path, ignored)
     if not items:
         raise DataError(f"data source {spec} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}).")
-    classes = sorted({c for _, c, _ in items})
-    given = all(s is not None for _, _, s in items)
+    classes = sorted({c for _, c, _, _ in items})
+    if len(classes) < 2:
+        raise DataError(f"data source {spec} holds a single class ({classes[0]!r}); a classifier "
+                        f"needs at least two. Put each class's images in its own folder (or "
+                        f"label column).")
+    given = all(s is not None for _, _, s, _ in items)
     if not given:
-        if any(s is not None for _, _, s in items):
+        if any(s is not None for _, _, s, _ in items):
             raise DataError(f"data source {spec}: some rows have a split and some do not; "
                             f"give a split for every row or for none.")
         items = _seeded_split(items, test_size, seed, spec)
     index = {c: i for i, c in enumerate(classes)}
-    records = sorted((Record(p, index[c], s) for p, c, s in items),
+    records = sorted((Record(p, index[c], s, st) for p, c, s, st in items),
                      key=lambda r: (r.split, r.label, r.path))
     if max_per_class is not None:
         records = _limit(records, max_per_class)
     origin = "given" if given else f"seeded(test_size={test_size}, seed={seed})"
-    return Source(root, kind, classes, records, origin)
+    return Source(root, kind, classes, records, origin, ignored)
 
 
 def _limit(records: list, k: int) -> list:
@@ -123,27 +152,98 @@ def _limit(records: list, k: int) -> list:
     return kept
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def _stamp(path: str) -> str:
+    """``size:mtime_ns`` of a file, or "" when it cannot be read (a broken link)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+def _utf8(name: str) -> bool:
+    """False for a file name with bytes that are not UTF-8 (Python holds them as surrogates);
+    the file stores names as UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
-def _folder_items(root: Path):
-    dirs = _class_dirs(root)
+def _shown(name: str) -> str:
+    return name.encode("utf-8", "backslashreplace").decode() if not _utf8(name) else name
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name in IGNORED_NAMES
+
+
+def _visible_dirs(folder: Path, ignored: dict) -> list[Path]:
+    out = []
+    for d in sorted(folder.iterdir()):
+        if d.is_dir():
+            if _hidden(d.name):
+                _count(ignored, "hidden or system entries")
+            elif not _utf8(d.name):
+                raise DataError(f"folder name {_shown(str(d))} is not valid UTF-8, and class "
+                                f"names are stored as UTF-8; rename the folder.")
+            else:
+                out.append(d)
+    return out
+
+
+def _count(ignored: dict, why: str, n: int = 1) -> None:
+    ignored[why] = ignored.get(why, 0) + n
+
+
+def _images_in(folder: Path, ignored: dict) -> list[tuple]:
+    """``(path, stamp)`` of the images under ``folder`` (any depth), sorted; hidden entries and
+    other files are counted in ``ignored``; broken links are kept (the embed skips them)."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        keep = sorted(d for d in dirs if not _hidden(d))
+        if len(keep) < len(dirs):
+            _count(ignored, "hidden or system entries", len(dirs) - len(keep))
+        dirs[:] = keep
+        for name in files:
+            if _hidden(name):
+                _count(ignored, "hidden or system entries")
+            elif not _utf8(name):
+                _count(ignored, f"files whose names are not UTF-8 (e.g. {_shown(os.path.join(top, name))}: "
+                                f"rename them)")
+            elif os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                _count(ignored, "files that are not images")
+            else:
+                p = os.path.join(top, name)
+                found.append((os.path.abspath(p), _stamp(p)))
+    return sorted(found)
+
+
+def _folder_items(root: Path, ignored: dict):
+    dirs = _visible_dirs(root, ignored)
     if not dirs:
         raise DataError(f"folder {root} has no class subfolders; lay it out as "
                         f"{root}/<class>/<image> or {root}/<split>/<class>/<image>.")
     splits = [d for d in dirs if d.name.lower() in SPLIT_NAMES]
-    if splits and len(splits) == len(dirs):
+    if splits and len(splits) < len(dirs):
+        others = [d.name for d in dirs if d not in splits]
+        raise DataError(
+            f"folder {root} mixes split folders ({', '.join(d.name for d in splits)}) with other "
+            f"folders ({', '.join(others[:5])}); use {root}/<split>/<class>/<image> throughout, or, "
+            f"if {splits[0].name!r} is a class, a CSV manifest (path,label).")
+    if splits:
         items = []
         for sd in splits:
-            items += _class_items(sd, SPLIT_NAMES[sd.name.lower()])
+            items += _class_items(sd, SPLIT_NAMES[sd.name.lower()], ignored)
         _warn_if_splits_disagree(root, items)
         return "split-folders", items
-    return "folder", _class_items(root, None)
+    return "folder", _class_items(root, None, ignored)
 
 
 def _warn_if_splits_disagree(root: Path, items) -> None:
@@ -154,7 +254,7 @@ def _warn_if_splits_disagree(root: Path, items) -> None:
     from ..errors import DataWarning
 
     by_split: dict = {}
-    for _, c, s in items:
+    for _, c, s, _ in items:
         by_split.setdefault(s, set()).add(c)
     every = set().union(*by_split.values())
     gaps = [f"{sorted(every - have)} not in {s}/" for s, have in sorted(by_split.items())
@@ -166,36 +266,75 @@ def _warn_if_splits_disagree(root: Path, items) -> None:
             f"remove the extra ones."), stacklevel=3)
 
 
-def _class_items(folder: Path, split):
+def _class_items(folder: Path, split, ignored: dict):
     items = []
-    for cd in _class_dirs(folder):
-        images = _images_in(cd)
+    for cd in _visible_dirs(folder, ignored):
+        images = _images_in(cd, ignored)
         if not images:
             raise DataError(f"class folder {cd} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                             f"add images or remove the folder.")
-        items += [(str(p.resolve()), cd.name, split) for p in images]
+        items += [(p, cd.name, split, stamp) for p, stamp in images]
     return items
 
 
 def _manifest_items(path: Path):
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise DataError(f"manifest {path} has no rows.")
-    cols = set(rows[0])
-    if not {"path", "label"} <= cols:
-        raise DataError(f"manifest {path} has columns {sorted(cols)}; it needs a header with "
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"manifest {path} is not UTF-8 text (byte {exc.object[exc.start]:#x} at "
+                        f"offset {exc.start}); save it as UTF-8 (in Excel: CSV UTF-8).") from None
+    except csv.Error as exc:
+        raise DataError(f"manifest {path} is not a readable CSV file ({exc}).") from None
+    if len(rows) < 2:
+        raise DataError(f"manifest {path} has no rows; it needs a header path,label[,split] and "
+                        f"one row per image.")
+    header = [h.strip().lower() for h in rows[0]]
+    if not {"path", "label"} <= set(header):
+        raise DataError(f"manifest {path} has columns {rows[0]}; it needs a header with "
                         f"path,label and optionally split.")
-    items = []
-    for i, row in enumerate(rows, start=2):
-        p = Path(row["path"])
-        p = p if p.is_absolute() else (path.parent / p)
-        split = (row.get("split") or "").strip().lower() or None
+    col = {name: header.index(name) for name in ("path", "label", "split") if name in header}
+    items, first_line = [], {}
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(v.strip() for v in row):
+            continue  # a blank line
+        get = (lambda name: row[col[name]].strip() if name in col and col[name] < len(row) else "")
+        if not get("path"):
+            raise DataError(f"manifest {path} line {line}: the path is empty.")
+        label = get("label")
+        if not label:
+            raise DataError(f"manifest {path} line {line}: the label of {get('path')} is empty; "
+                            f"give every row a label (or remove the row).")
+        split = get("split").lower() or None
         if split is not None and split not in SPLIT_NAMES:
-            raise DataError(f"manifest {path} line {i}: split {row['split']!r} is not one of "
+            raise DataError(f"manifest {path} line {line}: split {get('split')!r} is not one of "
                             f"train, test, val.")
-        items.append((str(p.resolve()), str(row["label"]).strip(), SPLIT_NAMES.get(split)))
-    return items
+        p = Path(get("path"))
+        p = os.path.abspath(p if p.is_absolute() else path.parent / p)
+        if p in first_line:
+            raise DataError(f"manifest {path} line {line}: {p} is listed again (first on line "
+                            f"{first_line[p]}); each image may appear once, or it could land in "
+                            f"both train and test. Remove the duplicate rows.")
+        first_line[p] = line
+        items.append((p, label, SPLIT_NAMES.get(split)))
+    stamps = _stamps([p for p, _, _ in items])
+    missing = [p for p, st in zip((p for p, _, _ in items), stamps) if not st]
+    if missing:
+        shown = ", ".join(missing[:MISSING_SHOWN]) + (" ..." if len(missing) > MISSING_SHOWN else "")
+        raise DataError(f"manifest {path}: {len(missing)} of {len(items)} files do not exist or "
+                        f"cannot be read: {shown}. Fix the paths (relative paths are relative to "
+                        f"the manifest's folder) or remove those rows.")
+    return [(p, c, s, st) for (p, c, s), st in zip(items, stamps)]
+
+
+def _stamps(paths: list) -> list:
+    """:func:`_stamp` of many files, in threads (stat releases the GIL; network disks are slow)."""
+    if len(paths) < 256:
+        return [_stamp(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(_stamp, paths, chunksize=256))
 
 
 def _seeded_split(items, test_size: float, seed: int, spec: str):
@@ -203,22 +342,24 @@ def _seeded_split(items, test_size: float, seed: int, spec: str):
 
     if not 0 < test_size < 1:
         raise DataError(f"test_size == {test_size}, must be between 0 and 1.")
-    labels = [c for _, c, _ in items]
-    small = sorted({c for c in labels if labels.count(c) < 2})
+    labels = [c for _, c, _, _ in items]
+    small = sorted(c for c, n in Counter(labels).items() if n < 2)
     if small:
         raise DataError(f"data source {spec}: classes {small} have fewer than 2 images; a "
                         f"stratified train/test split needs at least 2 per class.")
-    idx = list(range(len(items)))
     try:
-        _, test = train_test_split(idx, test_size=test_size, random_state=seed, stratify=labels)
+        _, test = train_test_split(range(len(items)), test_size=test_size, random_state=seed,
+                                   stratify=labels)
     except ValueError as exc:
         raise DataError(f"cannot split {spec} with test_size={test_size}: {exc}") from None
-    test = set(test)
-    return [(p, c, "test" if i in test else "train") for i, (p, c, _) in enumerate(items)]
+    is_test = bytearray(len(items))
+    for i in test:
+        is_test[i] = 1
+    return [(p, c, "test" if is_test[i] else "train", st) for i, (p, c, _, st) in enumerate(items)]
 
 
 def _builtin_items(name: str):
     from sklearn.datasets import load_digits
 
     target = load_digits().target
-    return [(f"builtin:{name}/{i:04d}", str(int(t)), None) for i, t in enumerate(target)]
+    return [(f"builtin:{name}/{i:04d}", str(int(t)), None, "") for i, t in enumerate(target)]

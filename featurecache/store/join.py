@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import StoreError, option
 from .layout import IDENTITY_KEYS, STR, fingerprint, write_header
 from .reader import open_features
 
@@ -36,7 +36,7 @@ def join_shards(shards, output, overwrite: bool = False, copy: bool = False) -> 
         if same_file(s, output):
             raise StoreError(f"the output {output} is also an input shard; choose another name.")
     if output.exists() and not overwrite:
-        raise StoreError(f"{output} exists; choose another name or pass overwrite=True.")
+        raise StoreError(f"{output} exists; choose another name or pass {option('overwrite')}.")
     if not output.parent.is_dir():
         raise StoreError(f"folder {output.parent} does not exist; create it first.")
     files = sorted((open_features(p) for p in shards), key=lambda f: f.provenance["shard_index"])

@@ -147,13 +147,13 @@ def write_rows(f, start: int, features: dict, labels, paths, splits, skip_start:
 
 def check_structure(f, path, n_rows: int, n_skipped: int) -> None:
     """Refuse a damaged file: missing datasets, or fewer rows than its counts claim."""
-    from ..errors import StoreError
+    from ..errors import StoreError, option
 
     need = ["layers", "classes", *ROW_DATASETS, "skipped/paths", "skipped/reasons"]
     missing = [name for name in need if name not in f]
     if missing:
         raise StoreError(f"{path} is damaged: {', '.join('/' + m for m in missing)} missing. "
-                         f"Rebuild it with its embed command and --overwrite.")
+                         f"Rebuild it with its embed command and {option('overwrite')}.")
     short = [f"/{name} has {f[name].shape[0]} rows" for name in ROW_DATASETS
              if f[name].shape[0] < n_rows]
     short += [f"/layers/{name} has {d.shape[0]} rows" for name, d in f["layers"].items()
@@ -162,4 +162,4 @@ def check_structure(f, path, n_rows: int, n_skipped: int) -> None:
               for name in ("paths", "reasons") if f["skipped"][name].shape[0] < n_skipped]
     if short:
         raise StoreError(f"{path} is damaged: it claims {n_rows} rows and {n_skipped} skipped "
-                         f"inputs, but {'; '.join(short)}. Rebuild it with --overwrite.")
+                         f"inputs, but {'; '.join(short)}. Rebuild it with {option('overwrite')}.")

@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import StoreError, UnknownLayerError, close_matches
+from ..errors import StoreError, UnknownLayerError, close_matches, option
 from .layout import FORMAT, LayerSpec, SCHEMA_VERSION, check_structure, decode, partial_path
 
 __all__ = ["FeatureFile", "open_features"]
@@ -37,7 +37,7 @@ class FeatureFile:
                 self._open_file()
         except (OSError, KeyError, ValueError) as exc:
             raise StoreError(f"cannot read {self.path} as a feature file ({exc}); it may be "
-                             f"damaged: rebuild it with its embed command and --overwrite.") from None
+                             f"damaged: rebuild it with its embed command and {option('overwrite')}.") from None
         self.layers = {s.name: s for s in sorted(self._specs, key=lambda s: (s.depth, s.name))}
         self._splits = np.array(self._column("splits", decode_strings=True), dtype=object)
 

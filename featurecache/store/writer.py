@@ -32,6 +32,7 @@ import queue
 import shutil
 import socket
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import StoreError, StoreMismatchError
+from ..errors import DataWarning, StoreError, StoreMismatchError, option
 from ..files import atomic_output, fsync_dir
 from .layout import (FORMAT, IDENTITY_KEYS, create_row_datasets, created_now, decode, write_header,
                      fingerprint, partial_path, write_rows)
@@ -89,7 +90,8 @@ class Writer:
     """Commit rows of a feature file from a background thread; resume after committed rows.
 
     Use as a context manager. ``write`` queues a batch and returns at once; the thread commits
-    a segment every ``commit_rows`` rows and on :meth:`flush`. :meth:`close` with
+    a segment every ``commit_rows`` rows or ``commit_every`` seconds (whichever comes first)
+    and on :meth:`flush`. :meth:`close` with
     ``complete=True`` assembles ``NAME`` from the segments.
 
     Args:
@@ -107,7 +109,7 @@ class Writer:
     """
 
     def __init__(self, path, meta: dict, specs: list, classes: list, overwrite: bool = False,
-                 commit_rows: int = 512, queue_size: int = 8):
+                 commit_rows: int = 512, queue_size: int = 8, commit_every: float = 30.0):
         self.path = Path(path)
         self.partial = partial_path(self.path)
         self.meta = dict(meta)
@@ -116,6 +118,8 @@ class Writer:
         self.classes = list(classes)
         self.overwrite = overwrite
         self.commit_rows = commit_rows
+        self.commit_every = commit_every
+        self._last_commit = time.monotonic()
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._buffer: list = []
         self._error: BaseException | None = None
@@ -138,7 +142,7 @@ class Writer:
         if self.partial.is_file():  # NAME.partial of featurecache 0.1's in-place writer
             if not self.overwrite:
                 raise StoreError(f"{self.partial} was written by an older featurecache and "
-                                 f"cannot be resumed; pass --overwrite to start over.")
+                                 f"cannot be resumed; pass {option('overwrite')} to start over.")
             self.partial.unlink()
         self.partial.mkdir(exist_ok=True)
         self._acquire()
@@ -188,7 +192,7 @@ class Writer:
             try:
                 saved = json.loads(header.read_text())
             except (OSError, ValueError) as exc:
-                raise StoreError(f"{header} is unreadable ({exc}); pass --overwrite to start "
+                raise StoreError(f"{header} is unreadable ({exc}); pass {option('overwrite')} to start "
                                  f"over.") from None
             self._check_same(saved["meta"], self.partial)
             self.meta["created"] = saved["meta"].get("created")
@@ -214,20 +218,22 @@ class Writer:
                 return {k: decode(v) for k, v in f.attrs.items()}
         except OSError as exc:
             raise StoreError(f"{self.path} exists but is not a readable HDF5 file ({exc}); "
-                             f"remove it or pass --overwrite.") from None
+                             f"remove it or pass {option('overwrite')}.") from None
 
     def _check_same(self, old: dict, path: Path) -> dict:
         if old.get("format", FORMAT) != FORMAT:
             raise StoreMismatchError(f"{path} exists and is not a featurecache file; choose "
-                                     f"another output or pass --overwrite.")
+                                     f"another output or pass {option('overwrite')}.")
         if old.get("fingerprint") != self.meta["fingerprint"]:
             diff = [k for k in IDENTITY_KEYS if json.dumps(old.get(k), sort_keys=True, default=str)
                     != json.dumps(self.meta.get(k), sort_keys=True, default=str)]
-            detail = "; ".join(f"{k}: file has {old.get(k)!r}, this run has {self.meta.get(k)!r}"
-                               for k in diff[:3])
+            detail = "; ".join(
+                "the images differ (files added, removed, relabelled or rewritten since)"
+                if k == "data_fingerprint" else
+                f"{k}: file has {old.get(k)!r}, this run has {self.meta.get(k)!r}" for k in diff[:3])
             raise StoreMismatchError(
                 f"{path} was made with different settings ({detail}). Use the same settings "
-                f"to resume, another output path, or --overwrite to start over.")
+                f"to resume, another output path, or {option('overwrite')} to start over.")
         return old
 
     # -- writing -------------------------------------------------------------------------
@@ -289,7 +295,8 @@ class Writer:
                     self._assemble()
                 else:
                     self._buffer.append(item)
-                    if sum(len(b.paths) for b in self._buffer) >= self.commit_rows:
+                    if sum(len(b.paths) for b in self._buffer) >= self.commit_rows or \
+                            time.monotonic() - self._last_commit >= self.commit_every:
                         self._commit()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
                 self._error, self._failed, self._buffer = exc, True, []
@@ -299,6 +306,7 @@ class Writer:
                 return
 
     def _commit(self) -> None:
+        self._last_commit = time.monotonic()
         if not self._buffer:
             return
         batches, self._buffer = self._buffer, []
@@ -340,9 +348,10 @@ class Writer:
             top = float(np.abs(rows).max())
             if 0 < top < _F16_TINY and name not in self._warned:
                 self._warned.add(name)
-                warnings.warn(f"layer {name!r}: values reach only {top:.2g}, where float16 "
-                              f"loses precision or rounds to 0; use --dtype float32 (typical "
-                              f"of untrained weights).")
+                warnings.warn(DataWarning(
+                    f"layer {name!r}: values reach only {top:.2g}, where float16 loses "
+                    f"precision or rounds to 0; use {option('dtype', 'float32')} (typical of "
+                    f"untrained weights)."))
         return rows.astype(dtype)
 
     def _assemble(self) -> None:

@@ -1,0 +1,108 @@
+"""Every ordinary mistake gets one line naming the problem and the fix, exit 1 (2 for usage
+errors, as click does), and never a traceback: the console script, run as a user runs it."""
+
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from featurecache import embed
+from featurecache.heads import fit_head
+
+from .conftest import make_image
+
+
+def _cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", "featurecache.cli", *args], cwd=cwd,
+                          capture_output=True)
+
+
+@pytest.fixture
+def world(tmp_path, image_folder, feats_path):
+    """Inputs for the table: images, a feature file, a head, and broken versions of each."""
+    import joblib
+    import torch
+
+    w = tmp_path / "w"
+    w.mkdir()
+    head = fit_head(feats_path, "avgpool", "logreg", cv=2, n_jobs=1)
+    head.save(w / "head.joblib")
+    data = joblib.load(w / "head.joblib")
+    del data["pipeline_"]  # an edited head file
+    joblib.dump(data, w / "tampered.joblib")
+    (w / "junk.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    (w / "existing.h5").write_bytes(b"x")
+    red = sorted((image_folder / "red").glob("*.png"))
+    (w / "latin1.csv").write_bytes("path,label\n".encode() + f"{red[0]},caf\xe9\n".encode("latin-1"))
+    (w / "dup.csv").write_text(f"path,label\n{red[0]},red\n{red[1]},red\n{red[0]},blue\n")
+    (w / "nolabel.csv").write_text(f"path,label\n{red[0]},red\n{red[1]},\n")
+    (w / "missing.csv").write_text(f"path,label\n{red[0]},red\ngone1.png,red\ngone2.png,blue\n")
+    one = w / "one" / "only"
+    one.mkdir(parents=True)
+    for i in range(3):
+        make_image(one / f"{i}.png", (200, 0, 0), i)
+    (w / "nboot.toml").write_text(f'[data]\nroot = "{image_folder}"\n[compare]\nn_boot = 0\n')
+    # a pipeline whose output already holds a feature file made with other settings
+    (w / "run" ).mkdir()
+    shutil.copyfile(feats_path, w / "run" / "features.h5")
+    (w / "clash.toml").write_text(f'output = "run"\n[data]\nroot = "{image_folder}"\n'
+                                  f'[embed]\nweights = "none"\n[compare]\ncv = 2\n')
+    return w, image_folder, feats_path, red, torch.cuda.is_available()
+
+
+def test_a_table_of_bad_invocations(world):
+    w, images, feats, red, has_gpu = world
+    out = str(w / "out.h5")
+    cases = [
+        (["embed", str(images), "-o", out, "--device", "tpu"], 1, "'tpu' is not a device name"),
+        (["predict", str(w / "tampered.joblib"), str(red[0])], 1,
+         "damaged or edited featurecache head (it lacks pipeline_)"),
+        (["info", str(w / "junk.h5")], 1, "junk.h5"),
+        (["compare", str(feats), "--heads", ",", "-o", str(w / "r1")], 1, "no head kind given"),
+        (["compare", str(feats), "--cv", "1", "-o", str(w / "r2")], 2, "Invalid value for '--cv'"),
+        (["run", str(w / "nboot.toml")], 1, "compare.n_boot = 0 is too small"),
+        (["info", os.fsdecode(b"\xff.h5")], 1, "does not exist"),
+        (["embed", os.fsdecode(b"\xffdir"), "-o", out], 1, "does not exist"),
+        (["join", str(w / "existing.h5"), str(feats)], 1, "pass --overwrite"),
+        (["run", str(w / "clash.toml")], 1, "or embed.overwrite = true to start over"),
+        (["predict", str(w / "head.joblib"), str(red[0]), "-o", str(w / "nodir" / "p.csv")], 1,
+         "output folder"),
+        (["fit-head", "logreg", str(feats), "--layer", "avgpool", "-o",
+          str(w / "nodir" / "h.joblib")], 1, "does not exist; create it first"),
+        (["embed", str(w / "latin1.csv"), "-o", out], 1, "latin1.csv is not UTF-8 text"),
+        (["embed", str(w / "dup.csv"), "-o", out], 1, "line 4: " + str(red[0]) + " is listed again"),
+        (["embed", str(w / "nolabel.csv"), "-o", out], 1, "line 3: the label of"),
+        (["embed", str(w / "missing.csv"), "-o", out], 1, "2 of 3 files do not exist"),
+        (["embed", str(w / "one"), "-o", out], 1, "holds a single class ('only')"),
+        (["embed", str(images), "-o", out, "--commit-every", "0"], 2, "--commit-every"),
+        (["embed", str(images), "-o", out, "--layer", ","], 1, "no layer requested"),
+    ]
+    if not has_gpu:
+        cases.append((["embed", str(images), "-o", out, "--device", "cuda"], 1, "no CUDA GPU"))
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda c: _cli(c[0], w), cases))
+    for (args, code, fragment), res in zip(cases, results):
+        err = res.stderr.decode("utf-8", "replace")
+        assert res.returncode == code, (args, err[-1500:])
+        assert fragment in err, (args, err[-1500:])
+        assert "Traceback" not in err, (args, err[-1500:])
+        if code == 1:
+            assert err.startswith("Error: ") or "\nError: " in err, (args, err)
+    assert not (w / "out.h5").exists() and not (w / "out.h5.partial").exists()
+    assert not (w / "r1").exists() and not (w / "nodir").exists()
+    # the refused pipeline left the other file as it was
+    assert (w / "run" / "features.h5").read_bytes() == feats.read_bytes()
+
+
+def test_a_name_with_brackets_is_a_file_not_a_pattern(world):
+    w, images, feats, red, _ = world
+    odd = w / "photo [1].png"
+    shutil.copyfile(red[0], odd)
+    (w / "photo 1.png").write_bytes(b"")  # what the pattern [1] would match
+    res = _cli(["predict", str(w / "head.joblib"), str(odd), "--format", "json"], w)
+    out = res.stdout.decode()
+    assert res.returncode == 0, res.stderr.decode()
+    assert "photo [1].png" in out and '"predicted": "red"' in out and "photo 1.png" not in out

@@ -449,7 +449,8 @@ def run(pipeline_file, overrides, dry_run, quiet):
     """Run a pipeline file: embed -> compare -> report, in one command.
 
     Writes OUTPUT/features.h5, OUTPUT/report/ and OUTPUT/run.json. A matching feature
-    file from an earlier run is reused (or resumed), not recomputed.
+    file from an earlier run is reused (or resumed), not recomputed. Relative paths in the
+    file are relative to the file's folder; those given with --set, to the current folder.
     """
     from .pipeline import check_pipeline, load_pipeline, run_pipeline
 

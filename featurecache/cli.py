@@ -9,8 +9,8 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import os
 import sys
-from pathlib import Path
 
 import click
 
@@ -39,16 +39,32 @@ def _friendly(fn=None, *, style: str = "cli"):
             return fn(*args, **kwargs)
         except FeaturecacheError as exc:
             raise click.ClickException(exc.message(style, _table_of)) from None
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise click.ClickException(f"no space left on device while writing "
                                            f"{exc.filename or 'the output'}; nothing was "
                                            f"written under the final name.") from None
+            if _debug(ctx):
+                raise
+            raise click.ClickException(f"{exc.strerror or exc}"
+                                       f"{': ' + str(exc.filename) if exc.filename else ''}.") from None
+        except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
             raise
+        except Exception as exc:  # noqa: BLE001 - anything else is a bug in featurecache
+            if _debug(ctx):
+                raise
+            raise click.ClickException(
+                f"internal error ({type(exc).__name__}: {exc}). This is a bug in featurecache: "
+                f"run again with --debug (or FEATURECACHE_DEBUG=1) for the traceback, and "
+                f"report it.") from None
 
     return wrapper
+
+
+def _debug(ctx) -> bool:
+    root = ctx.find_root() if ctx is not None else None
+    return bool(root is not None and root.params.get("debug")) or \
+        os.environ.get("FEATURECACHE_DEBUG", "") not in ("", "0")
 
 
 def _table_of(name: str):
@@ -68,7 +84,8 @@ def _shard(value: str) -> tuple:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="featurecache")
-def cli():
+@click.option("--debug", is_flag=True, help="Show the full traceback of an unexpected error.")
+def cli(debug):
     """Embed images once with a frozen backbone; compare layer depths with shallow heads.
 
     \b
@@ -204,41 +221,37 @@ def embed(data, output, backbone, layer_opts, weights, weights_file, pool, token
 @_friendly
 def info(path, show_skipped, as_json):
     """Show what a feature file holds: layers, rows, splits, provenance."""
-    from collections import Counter
-
     from .store import open_features
 
-    ff = open_features(path)
-    p = ff.provenance
-    splits = dict(sorted(Counter(ff.splits()).items()))
+    d = open_features(path).describe(skipped=show_skipped)
     if as_json:
-        out = {"path": str(ff.path), "complete": ff.complete, "rows": ff.n_rows, "splits": splits,
-               "classes": ff.classes, "layers": {k: v.to_attrs() for k, v in ff.layers.items()},
-               "provenance": p, "skipped": ff.skipped() if show_skipped else p["n_skipped"]}
-        click.echo(json.dumps(out, indent=1, default=str))
+        click.echo(json.dumps(d, indent=1, default=str))
         return
-    state = "complete" if ff.complete else (
-        f"INCOMPLETE: {p['n_done']} of {p['n_inputs']} inputs done; re-run the same embed to resume")
-    click.echo(f"{ff.path}: {state}")
-    click.echo(f"rows: {ff.n_rows}  splits: {splits}  skipped: {p['n_skipped']}")
-    click.echo(f"classes ({len(ff.classes)}): {', '.join(ff.classes[:20])}"
-               f"{' ...' if len(ff.classes) > 20 else ''}")
+    p = d["provenance"]
+    state = "complete" if d["complete"] else (
+        f"INCOMPLETE: {d['n_done']} of {d['n_inputs']} inputs done; re-run the same embed to resume")
+    n_skipped = len(d["skipped"]) if show_skipped else d["skipped"]
+    click.echo(f"{d['path']}: {state}")
+    click.echo(f"rows: {d['rows']}  splits: {d['splits']}  skipped: {n_skipped}")
+    click.echo(f"classes ({len(d['classes'])}): {', '.join(d['classes'][:20])}"
+               f"{' ...' if len(d['classes']) > 20 else ''}")
     click.echo(f"backbone: {p['backbone']}  weights: {p['weights']}  dtype: {p['dtype']}  "
                f"extraction: {p['extraction_method']}")
     pre = p["preprocess"]
     click.echo(f"preprocess: resize {pre['resize']}, crop {pre['crop']}, {pre['interpolation']}, "
-               f"mean {pre['mean']}, std {pre['std']}")
+               f"mean {pre['mean']}, std {pre['std']}, EXIF orientation "
+               f"{'applied' if pre.get('exif') else 'not applied'}")
     click.echo("layers:")
-    for s in ff.layers.values():
-        click.echo(f"  {s.name:<20} node={s.node:<24} kind={s.kind:<8} pool={s.pool:<6} "
-                   f"dim={s.dim:<6} depth={s.depth}")
+    for s in d["layers"].values():
+        click.echo(f"  {s['name']:<20} node={s['node']:<24} kind={s['kind']:<8} "
+                   f"pool={s['pool']:<6} dim={s['dim']:<6} depth={s['depth']}")
     click.echo(f"data: {p['data_root']} ({p['data_kind']}, split {p['split_origin']}), "
                f"shard {p['shard_index']}/{p['shard_count']}")
     click.echo(f"made: {p['created']} with featurecache {p['featurecache_version']}, torch "
                f"{p['torch_version']}, torchvision {p['torchvision_version']} on {p['device']}")
     click.echo(f"rebuild: {p['rebuild']}")
     if show_skipped:
-        for sp, reason in ff.skipped():
+        for sp, reason in d["skipped"]:
             click.echo(f"skipped: {sp}: {reason}")
 
 
@@ -408,8 +421,6 @@ def predict(args, imagenet, backbone, weights, output, fmt, top_k, batch_size):
 
     Unreadable images get a row with the reason; the others are still predicted.
     """
-    import tempfile
-
     from .files import require_folder
     from .predict import predict as run_predict
     from .predict import predict_imagenet, write_predictions
@@ -428,8 +439,7 @@ def predict(args, imagenet, backbone, weights, output, fmt, top_k, batch_size):
         bad = sum(1 for r in rows if r["error"])
         click.echo(f"wrote {len(rows)} predictions to {output}" + (f" ({bad} unreadable)" if bad else ""))
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            click.echo(write_predictions(rows, Path(tmp) / "p", fmt).read_text(), nl=False)
+        write_predictions(rows, click.get_text_stream("stdout"), fmt)
     if all(r["error"] for r in rows):
         raise click.ClickException("no image could be read.")
 

@@ -28,8 +28,8 @@ import torch
 from . import __version__
 from .backbones import DEFAULT_BACKBONE, Backbone, load_backbone
 from .data import ImageDataset, collate, open_source, shard_range
-from .errors import DataError, FeaturecacheError, option
-from .extract import FeatureExtractor, default_device
+from .errors import DataError, OptionError, check_choice, option
+from .extract import FeatureExtractor, default_device, on_device
 from .files import require_folder
 from .layers import resolve_layers
 from .store import Writer
@@ -92,15 +92,15 @@ def embed(source, output, backbone: str | Backbone = DEFAULT_BACKBONE, layers=("
     """
     t0 = time.perf_counter()
     output = Path(output)
-    _check_choice("dtype", dtype, DTYPES)
-    _check_choice("on_error", on_error, ON_ERROR)
+    check_choice("dtype", dtype, DTYPES)
+    check_choice("on_error", on_error, ON_ERROR)
     dev = default_device(device)
     batch_size = batch_size or (64 if dev.type == "cuda" else 16)
     if batch_size < 1:
-        raise FeaturecacheError(f"batch_size == {batch_size}, must be >= 1.")
+        raise OptionError(f"batch_size == {batch_size}, must be >= 1.")
     require_folder(output)
     if not commit_every > 0 or commit_rows < 1:
-        raise FeaturecacheError(f"commit_every == {commit_every} s and commit_rows == "
+        raise OptionError(f"commit_every == {commit_every} s and commit_rows == "
                                 f"{commit_rows}: both must be positive.")
     say = _Say(progress)
     src = open_source(source, test_size=test_size, seed=seed, max_per_class=max_per_class)
@@ -117,10 +117,7 @@ def embed(source, output, backbone: str | Backbone = DEFAULT_BACKBONE, layers=("
     specs = resolve_layers(bb, layers, pool=pool, token_pool=token_pool)
     say(f"{len(specs)} layer{'s' * (len(specs) > 1)}: "
         f"{', '.join(f'{s.name}[{s.dim}]' for s in specs)}, {dtype}, on {dev}")
-    model = bb.model.to(dev)
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    extractor = FeatureExtractor(model, specs)
+    extractor = FeatureExtractor(bb.model, specs)  # shares the model's modules: moved below
     meta = {
         **bb.provenance(), "pool": pool, "token_pool": token_pool, "dtype": dtype,
         "layers": [s.name for s in specs], "extraction_method": extractor.method,
@@ -134,8 +131,8 @@ def embed(source, output, backbone: str | Backbone = DEFAULT_BACKBONE, layers=("
         "rebuild": _rebuild_command(source, output, bb, specs, pool, token_pool, dtype, test_size,
                                     seed, max_per_class, shard, weights, weights_file),
     }
-    with Writer(output, meta, specs, src.classes, overwrite=overwrite,
-                commit_rows=commit_rows, commit_every=commit_every) as w:
+    with on_device(bb.model, dev), Writer(output, meta, specs, src.classes, overwrite=overwrite,
+                                         commit_rows=commit_rows, commit_every=commit_every) as w:
         resumed = w.n_done
         if resumed and not w.already_complete:
             say(f"resuming after {resumed:,} of {len(records):,} inputs committed earlier")
@@ -215,11 +212,6 @@ def _unusable_rows(feats: dict, dtype: str) -> dict:
                            if not np.isfinite(v[j]).all() else
                            f"features of layer {name!r} exceed the float16 range; use {option('dtype', 'float32')}")
     return dict(sorted(bad.items()))
-
-
-def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise FeaturecacheError(f"{name} == {value!r}, must be one of: {', '.join(allowed)}.")
 
 
 def _tv_version() -> str:

@@ -7,7 +7,8 @@ import re
 
 __all__ = ["option", "render",
     "FeaturecacheError", "UnknownBackboneError", "UnknownLayerError", "WeightsError",
-    "DataError", "StoreError", "StoreMismatchError", "HeadError", "PipelineError",
+    "DataError", "StoreError", "StoreMismatchError", "HeadError", "PipelineError", "OptionError",
+    "HeadOptionError", "check_choice",
     "FeaturecacheWarning", "DataWarning",
 ]
 
@@ -59,6 +60,10 @@ class UnknownLayerError(FeaturecacheError, ValueError):
     """A layer name that the backbone (or the feature file) does not have."""
 
 
+class OptionError(FeaturecacheError, ValueError):
+    """An option outside its choices or range (the same type wherever the option is given)."""
+
+
 class WeightsError(FeaturecacheError):
     """Weights that cannot be found, read, or do not fit the architecture."""
 
@@ -79,6 +84,10 @@ class HeadError(FeaturecacheError):
     """A head bundle that is invalid, or a head that cannot be fitted."""
 
 
+class HeadOptionError(HeadError, OptionError):
+    """A head kind, kernel, scoring or selection rule that does not exist."""
+
+
 class PipelineError(FeaturecacheError):
     """A pipeline file with a bad key, value or type."""
 
@@ -96,6 +105,12 @@ class FeaturecacheWarning(UserWarning):
 
 class DataWarning(FeaturecacheWarning):
     """Input data that are usable but probably not what the user meant."""
+
+
+def check_choice(name: str, value, allowed, error=OptionError) -> None:
+    """Refuse ``value`` unless it is one of ``allowed``, naming the option and the choices."""
+    if value not in allowed:
+        raise error(f"{name} {value!r} is not one of {', '.join(map(str, allowed))}.")
 
 
 def close_matches(name: str, choices, n: int = 5) -> str:

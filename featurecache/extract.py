@@ -20,10 +20,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
-from .errors import UnknownLayerError
+from .errors import OptionError, UnknownLayerError
 
 __all__ = ["FeatureExtractor", "raw_extractor", "pool_output", "default_device", "POOLS",
            "TOKEN_POOLS", "KINDS"]
@@ -59,6 +61,24 @@ def default_device(device: str | None = None) -> torch.device:
     return dev
 
 
+@contextlib.contextmanager
+def on_device(model: nn.Module, dev: torch.device):
+    """``model`` on ``dev`` (channels_last on CUDA) for the block; afterwards it is moved
+    back to where it was and to its memory format, so the caller's model is not changed."""
+    first = next(model.parameters(), None)
+    home = first.device if first is not None else torch.device("cpu")
+    cuda = dev.type == "cuda"
+    model.to(dev)
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        if cuda:
+            model.to(memory_format=torch.contiguous_format)
+        model.to(home)
+
+
 def pool_output(t: torch.Tensor, kind: str, pool: str) -> torch.Tensor:
     """Reduce one node's output to ``(N, dim)`` according to its kind.
 
@@ -74,16 +94,16 @@ def pool_output(t: torch.Tensor, kind: str, pool: str) -> torch.Tensor:
             return t.amax(axes)
         if pool == "avgmax":
             return torch.cat([t.mean(axes), t.amax(axes)], dim=1)
-        raise ValueError(f"pool {pool!r} is not one of {POOLS}")
+        raise OptionError(f"pool {pool!r} is not one of {', '.join(POOLS)}.")
     if kind == "tokens":
         if pool == "cls":
             return t[:, 0]
         if pool == "mean":
             return t[:, 1:].mean(1)
-        raise ValueError(f"token pool {pool!r} is not one of {TOKEN_POOLS}")
+        raise OptionError(f"token pool {pool!r} is not one of {', '.join(TOKEN_POOLS)}.")
     if kind == "vector":
         return t.flatten(1)
-    raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+    raise OptionError(f"kind {kind!r} is not one of {', '.join(KINDS)}.")
 
 
 class _HookExtractor(nn.Module):
@@ -99,19 +119,24 @@ class _HookExtractor(nn.Module):
                 f"layers {missing} are not module names of this model, and FX tracing (which "
                 f"knows finer nodes) is not available for it; use module names from "
                 f"`featurecache layers`.")
-        self._out: dict = {}
-        for n in nodes:
-            modules[n].register_forward_hook(self._saver(n))
-
-    def _saver(self, name: str):
-        def hook(_module, _inputs, output):
-            self._out[name] = output
-        return hook
+        self._hooked = {n: modules[n] for n in nodes}
 
     def forward(self, x: torch.Tensor) -> dict:
-        self._out = {}
-        self.model(x)
-        out, self._out = self._out, {}
+        """Run the model with the hooks in place; they are removed again afterwards, so the
+        caller's model is left as it was."""
+        out: dict = {}
+
+        def saver(name):
+            def hook(_module, _inputs, output):
+                out[name] = output
+            return hook
+
+        handles = [m.register_forward_hook(saver(n)) for n, m in self._hooked.items()]
+        try:
+            self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
         return out
 
 

@@ -15,7 +15,7 @@ Example::
 
     >>> from featurecache.backbones import load_backbone
     >>> bb = load_backbone("efficientnet_lite0", weights="none")
-    >>> [(l.name, l.kind, l.width()) for l in list_layers(bb)][-3:]
+    >>> [(l.name, l.kind, l.width()) for l in list_layers(bb).layers][-3:]
     [('avgpool', 'map', 1280), ('classifier', 'vector', 1000), ('classifier.1', 'vector', 1000)]
 """
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import UnknownLayerError, close_matches
+from .errors import OptionError, UnknownLayerError, close_matches
 from .extract import POOLS, TOKEN_POOLS, raw_extractor
 from .store.layout import LayerSpec  # the record the file stores; torch-free
 
@@ -206,9 +206,9 @@ def resolve_layers(backbone, names, pool: str = "avg", token_pool: str = "cls",
         UnknownLayerError: a name is not storable; the message gives close matches.
     """
     if pool not in POOLS:
-        raise ValueError(f"pool {pool!r} is not one of {', '.join(POOLS)}")
+        raise OptionError(f"pool {pool!r} is not one of {', '.join(POOLS)}.")
     if token_pool not in TOKEN_POOLS:
-        raise ValueError(f"token pool {token_pool!r} is not one of {', '.join(TOKEN_POOLS)}")
+        raise OptionError(f"token pool {token_pool!r} is not one of {', '.join(TOKEN_POOLS)}.")
     names = list(dict.fromkeys(names))
     if not names:
         raise UnknownLayerError("no layer requested; pass at least one --layer.")

@@ -1,4 +1,7 @@
-"""The report's figures (matplotlib, Agg backend): score vs depth, few-shot curve, confusion."""
+"""The report's figures: score vs depth, few-shot curve, confusion.
+
+Figures are made with :class:`matplotlib.figure.Figure` directly (not pyplot), so nothing
+global changes: no backend is selected for the caller, no figure is left registered."""
 
 from __future__ import annotations
 
@@ -7,13 +10,12 @@ from pathlib import Path
 __all__ = ["plot_depth", "plot_few_shot", "plot_confusion"]
 
 
-def _pyplot():
-    import matplotlib
+def _figure(figsize, dpi: int = 110):
+    """A figure and its axes, outside pyplot (saved through the Agg canvas)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.add_subplot()
 
 
 def _lines(rows):
@@ -24,21 +26,19 @@ def _lines(rows):
     return out
 
 
-def _save(plt, fig, ax, path: Path, legend_size: int) -> None:
+def _save(fig, ax, path: Path, legend_size: int) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def plot_depth(path: Path, rows, winner, metric: str) -> None:
     """Test score (95% CI) vs depth; one line per backbone x head. With several backbones the
     x axis is the relative depth (0..1) of the layer within its backbone's stored layers."""
-    plt = _pyplot()
     several = len({r["backbone"] for r in rows}) > 1
     xkey = "rel_depth" if several else "depth"
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    fig, ax = _figure((8, 4.5))
     for (backbone, kind), rs in _lines(rows).items():
         rs = sorted(rs, key=lambda r: r[xkey])
         err = [[r[metric] - r[metric + "_lo"] for r in rs], [r[metric + "_hi"] - r[metric] for r in rs]]
@@ -55,15 +55,14 @@ def plot_depth(path: Path, rows, winner, metric: str) -> None:
         ax.set_xlabel("layer (by depth)")
     ax.set_ylabel(f"test {metric.replace('_', ' ')} (95% CI)")
     ax.set_title("Which layer? Test score vs depth (winner chosen by CV)")
-    _save(plt, fig, ax, path, legend_size=7)
+    _save(fig, ax, path, legend_size=7)
 
 
 def plot_few_shot(path: Path, rows, winner, metric: str, n_lines: int = 4) -> None:
     """Test score vs labelled images per class for the best rows by CV (mean ± std)."""
-    plt = _pyplot()
     best = sorted(rows, key=lambda r: -r["cv_score"])[:n_lines]
     several = len({r["backbone"] for r in rows}) > 1
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, ax = _figure((7, 4.5))
     for r in best:
         shots = list(r["few_shot"])
         numeric = [s for s in shots if s != "all"]
@@ -82,13 +81,12 @@ def plot_few_shot(path: Path, rows, winner, metric: str, n_lines: int = 4) -> No
     ax.set_xlabel("labelled train images per class")
     ax.set_ylabel(f"test {metric.replace('_', ' ')} (mean ± std over draws)")
     ax.set_title("How many labels do I need?")
-    _save(plt, fig, ax, path, legend_size=8)
+    _save(fig, ax, path, legend_size=8)
 
 
 def plot_confusion(path: Path, cm, classes, winner) -> None:
-    plt = _pyplot()
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * n, 1.0 + 0.5 * n), dpi=110)
+    fig, ax = _figure((1.2 + 0.5 * n, 1.0 + 0.5 * n))
     ax.imshow(cm, cmap="Blues")
     for i in range(n):
         for j in range(n):
@@ -103,4 +101,4 @@ def plot_confusion(path: Path, cm, classes, winner) -> None:
     ax.set_title(f"{winner['layer']} ({winner['head']}), test split", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
+

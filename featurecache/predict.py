@@ -144,20 +144,28 @@ def predict_imagenet(images, backbone: str = DEFAULT_BACKBONE, weights: str = "D
                  top_k, batch_size, 0, dev)
 
 
-def write_predictions(rows: list, path, fmt: str = "csv") -> Path:
-    """Write prediction rows as CSV (top-k joined as ``class:score;...``) or JSON."""
-    path = Path(path)
+def write_predictions(rows: list, dest, fmt: str = "csv"):
+    """Write prediction rows as CSV (top-k joined as ``class:score;...``) or JSON, to a path
+    (atomically: whole or not at all) or to an open text stream such as ``sys.stdout``."""
+    if hasattr(dest, "write"):
+        _write_rows(rows, dest, fmt)
+        return dest
+    path = Path(dest)
     require_folder(path)
     with atomic_output(path) as tmp:
-        if fmt == "json":
-            tmp.write_text(json.dumps(rows, indent=1))
-            return path
         with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "predicted", "probability", "score", "top_k", "error"])
-            for r in rows:
-                w.writerow([r["path"], r["predicted"] or "",
-                            "" if r["probability"] is None else f"{r['probability']:.6f}",
-                            "" if r["score"] is None else f"{r['score']:.6f}",
-                            ";".join(f"{c}:{s:.4f}" for c, s in r["top_k"]), r["error"] or ""])
+            _write_rows(rows, f, fmt)
     return path
+
+
+def _write_rows(rows: list, f, fmt: str) -> None:
+    if fmt == "json":
+        f.write(json.dumps(rows, indent=1) + "\n")
+        return
+    w = csv.writer(f)
+    w.writerow(["path", "predicted", "probability", "score", "top_k", "error"])
+    for r in rows:
+        w.writerow([r["path"], r["predicted"] or "",
+                    "" if r["probability"] is None else f"{r['probability']:.6f}",
+                    "" if r["score"] is None else f"{r['score']:.6f}",
+                    ";".join(f"{c}:{s:.4f}" for c, s in r["top_k"]), r["error"] or ""])

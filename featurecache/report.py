@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FeaturecacheError, HeadError, option
+from .errors import FeaturecacheError, HeadError, HeadOptionError, option
 from .search import HEAD_KINDS, check_options
 from .stats import METRICS, SCORING_METRIC, bootstrap, interval, paired_difference
 
@@ -74,7 +74,7 @@ def select_winner(rows, select: str = "cv") -> dict:
     if select == "cv":
         return best
     if select != "cv-1se":
-        raise HeadError(f"select {select!r} is not one of {', '.join(SELECT)}.")
+        raise HeadOptionError(f"select {select!r} is not one of {', '.join(SELECT)}.")
     floor = best["cv_score"] - best["cv_sem"]
     return min((r for r in rows if r["cv_score"] >= floor), key=simplicity)
 
@@ -154,7 +154,7 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
         raise HeadError(f"no head kind given; choose from {', '.join(HEAD_KINDS)}.")
     check_options(heads, kernel, scoring)
     if select not in SELECT:
-        raise HeadError(f"select {select!r} is not one of {', '.join(SELECT)}.")
+        raise HeadOptionError(f"select {select!r} is not one of {', '.join(SELECT)}.")
     shots = _check_shots(shots, repeats)
     if n_boot < 1:
         raise HeadError(f"n_boot == {n_boot}: the confidence intervals need at least 1 bootstrap "

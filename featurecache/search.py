@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import HeadError, option
+from .errors import HeadError, HeadOptionError, option
 
 __all__ = ["HEAD_KINDS", "KERNELS", "SCORINGS", "GRAM_MAX_ROWS", "SearchResult", "make_folds",
            "search_layers", "coarse_grid", "fine_grid", "score_predictions", "use_gram",
@@ -63,7 +63,7 @@ def score_predictions(scoring: str, y_true, y_pred) -> float:
         return float(accuracy_score(y_true, y_pred))
     if scoring == "f1_macro":
         return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
-    raise HeadError(f"scoring {scoring!r} is not one of {', '.join(SCORINGS)}.")
+    raise HeadOptionError(f"scoring {scoring!r} is not one of {', '.join(SCORINGS)}.")
 
 
 def coarse_grid(kind: str, kernel: str, n_features: int) -> list[dict]:
@@ -93,11 +93,11 @@ def check_options(kinds=(), kernel: str = "linear", scoring: str = "balanced_acc
     """
     for kind in kinds:
         if kind not in HEAD_KINDS:
-            raise HeadError(f"head {kind!r} is not one of {', '.join(HEAD_KINDS)}.")
+            raise HeadOptionError(f"head {kind!r} is not one of {', '.join(HEAD_KINDS)}.")
     if kernel not in KERNELS:
-        raise HeadError(f"kernel {kernel!r} is not one of {', '.join(KERNELS)}.")
+        raise HeadOptionError(f"kernel {kernel!r} is not one of {', '.join(KERNELS)}.")
     if scoring not in SCORINGS:
-        raise HeadError(f"scoring {scoring!r} is not one of {', '.join(SCORINGS)}.")
+        raise HeadOptionError(f"scoring {scoring!r} is not one of {', '.join(SCORINGS)}.")
 
 
 def make_folds(y, cv: int = 5, seed: int = 0) -> list:

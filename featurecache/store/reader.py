@@ -161,6 +161,19 @@ class FeatureFile:
         return list(zip(self._column("skipped/paths", True, skipped=True),
                         self._column("skipped/reasons", True, skipped=True)))
 
+    def describe(self, skipped: bool = False) -> dict:
+        """What the file holds, as plain data (``info`` prints it as text or JSON): path,
+        state, rows per split, classes, layers, provenance, and the skipped inputs (their
+        count, or the list with ``skipped=True``)."""
+        from collections import Counter
+
+        p = self.provenance
+        return {"path": str(self.path), "complete": self.complete, "rows": self.n_rows,
+                "n_done": p["n_done"], "n_inputs": p["n_inputs"],
+                "splits": dict(sorted(Counter(self.splits()).items())), "classes": self.classes,
+                "layers": {k: v.to_attrs() for k, v in self.layers.items()}, "provenance": p,
+                "skipped": self.skipped() if skipped else p["n_skipped"]}
+
     def layer_provenance(self, layer: str) -> dict:
         """What a head needs to reproduce ``layer``'s features from images."""
         keys = ("backbone", "weights", "weights_sha256", "preprocess", "extraction_method",

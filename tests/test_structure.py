@@ -1,0 +1,79 @@
+"""No global side effects and no leaks (issue 14): hooks removed, the caller's model left as it
+was, no pyplot state; the CLI treats only featurecache's errors as user errors."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from featurecache.errors import HeadError, HeadOptionError, OptionError
+
+
+def test_hook_extraction_leaves_no_hooks_on_the_callers_model(tiny_backbone):
+    from featurecache.extract import FeatureExtractor
+    from featurecache.layers import resolve_layers
+
+    model = tiny_backbone.model
+    specs = resolve_layers(tiny_backbone, ["blocks.5", "avgpool"])
+    count = lambda: sum(len(m._forward_hooks) for m in model.modules())
+    before = count()
+    ex = FeatureExtractor(model, specs, method="hooks")
+    out = ex(torch.zeros(2, 3, 64, 64))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"blocks.5": (2, 80), "avgpool": (2, 1280)}
+    assert count() == before  # today's hooks stayed on the model for good
+    fx = FeatureExtractor(model, specs, method="fx")(torch.zeros(2, 3, 64, 64))
+    for k in out:
+        torch.testing.assert_close(out[k], fx[k])
+
+
+def test_the_callers_model_is_put_back(tiny_backbone, image_folder, tmp_path):
+    from featurecache import embed
+
+    model = tiny_backbone.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    embed(image_folder, tmp_path / "f.h5", backbone=tiny_backbone, layers=["avgpool"],
+          num_workers=0, progress=False)
+    assert next(model.parameters()).device.type == "cpu" and not model.training
+    assert not any(len(m._forward_hooks) for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_plots_leave_no_pyplot_state(tmp_path):
+    code = ("import sys, numpy as np; from featurecache.plots import plot_confusion; "
+            "plot_confusion(sys.argv[1], np.eye(3, dtype=int) * 4, ['a', 'b', 'c'], "
+            "{'layer': 'avgpool', 'head': 'logreg'}); print('matplotlib.pyplot' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.png")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False" and (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_the_same_mistake_raises_the_same_type():
+    from featurecache import embed
+    from featurecache.layers import resolve_layers
+    from featurecache.search import check_options
+
+    with pytest.raises(OptionError, match="dtype 'float8'"):
+        embed("builtin:digits", "x.h5", dtype="float8")
+    with pytest.raises(OptionError, match="pool 'median'"):
+        resolve_layers(None, ["avgpool"], pool="median")
+    with pytest.raises(HeadOptionError, match="head 'tree'") as caught:
+        check_options(["tree"])
+    assert isinstance(caught.value, HeadError) and isinstance(caught.value, ValueError)
+
+
+def test_an_unexpected_error_is_a_short_bug_report_with_debug_for_the_traceback(tmp_path):
+    code = ("import sys, featurecache.store as st\n"
+            "def boom(*a, **k):\n    raise TypeError('boom')\n"
+            "st.open_features = boom\n"
+            "from featurecache.cli import main\n"
+            "sys.argv = ['featurecache'] + sys.argv[1:]\nmain()\n")
+    plain = subprocess.run([sys.executable, "-c", code, "info", "x.h5"], capture_output=True,
+                           text=True)
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    assert "internal error (TypeError: boom)" in plain.stderr and "--debug" in plain.stderr
+    debug = subprocess.run([sys.executable, "-c", code, "--debug", "info", "x.h5"],
+                           capture_output=True, text=True)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "TypeError: boom" in debug.stderr

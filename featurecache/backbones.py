@@ -35,11 +35,11 @@ from torch import nn
 from .effnet_lite import VARIANTS as _LITE_VARIANTS
 from .effnet_lite import convert_lukemelas_state_dict, efficientnet_lite
 from .errors import UnknownBackboneError, WeightsError, close_matches, option
+from .options import DEFAULT_BACKBONE
 
 __all__ = ["Backbone", "Preprocess", "load_backbone", "available_backbones", "DEFAULT_BACKBONE",
            "imagenet_categories"]
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _NONE_SEED = 0  # untrained weights are drawn with this seed, so they are reproducible

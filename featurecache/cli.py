@@ -14,13 +14,12 @@ import sys
 
 import click
 
+from . import options
 from .errors import FeaturecacheError
 
 __all__ = ["cli", "main"]
 
-# kept here (not imported from .search) so that `featurecache --help` stays cheap
-HEAD_CHOICES = ("logreg", "svm", "knn")
-SCORING_CHOICES = ("balanced_accuracy", "accuracy", "f1_macro")
+HEAD_CHOICES, SCORING_CHOICES = options.HEAD_KINDS, options.SCORINGS
 
 
 def _friendly(fn=None, *, style: str = "cli"):
@@ -108,11 +107,11 @@ def backbones():
 
 @cli.command(epilog="\b\nExamples:\n  featurecache layers efficientnet_lite0\n"
                     "  featurecache layers resnet50 --weights none --all")
-@click.argument("backbone", default="efficientnet_lite0")
+@click.argument("backbone", default=options.DEFAULT_BACKBONE)
 @click.option("--weights", default="none", show_default=True,
               help="Weights to load (shapes do not depend on them; none is fastest).")
 @click.option("--all", "all_nodes", is_flag=True, help="Also list every FX graph node, not just modules.")
-@click.option("--pool", default="avg", type=click.Choice(["avg", "max", "avgmax"]), show_default=True,
+@click.option("--pool", default="avg", type=click.Choice(options.POOLS), show_default=True,
               help="Pooling the widths are computed for.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_friendly
@@ -151,42 +150,17 @@ Run the same command again after an interruption: it resumes after the committed
 @click.argument("data")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="HDF5 file to write (its folder must exist).")
-@click.option("--backbone", default="efficientnet_lite0", show_default=True,
-              help="Backbone name; see `featurecache backbones`.")
 @click.option("--layer", "layer_opts", multiple=True,
               help="Layer to store (repeat, or comma-separate); see `featurecache layers NAME`. "
                    "Default: avgpool.")
-@click.option("--weights", default="DEFAULT", show_default=True,
-              help="DEFAULT, a weights-enum name such as IMAGENET1K_V2, or none.")
-@click.option("--weights-file", type=click.Path(dir_okay=False), help="Local .pth state dict to load.")
-@click.option("--pool", default="avg", type=click.Choice(["avg", "max", "avgmax"]), show_default=True,
-              help="Pooling of feature maps.")
-@click.option("--token-pool", default="cls", type=click.Choice(["cls", "mean"]), show_default=True,
-              help="Pooling of token sequences (ViT).")
-@click.option("--dtype", default="float16", type=click.Choice(["float16", "float32"]), show_default=True)
-@click.option("--batch-size", default=None, type=click.IntRange(min=1),
-              help="Images per forward pass (default: 16 on CPU, 64 on GPU).")
-@click.option("--workers", default=None, type=click.IntRange(min=0),
-              help="Decode workers (default: CPU count, at most 8).")
-@click.option("--device", default=None, help="cuda or cpu (default: cuda when present).")
-@click.option("--test-size", default=0.3, show_default=True, type=float,
-              help="Test share of each class when the data have no split.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of that split.")
-@click.option("--max-per-class", default=None, type=click.IntRange(min=1),
-              help="Keep at most N images per class and split (quick runs).")
-@click.option("--on-error", default="skip", type=click.Choice(["skip", "fail"]), show_default=True,
-              help="Unreadable images: skip and log them in the file, or stop.")
+@options.click_options(options.EMBED)
+@options.click_options(options.DATA, skip=("root",))
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")
 @click.option("--shard", default="0/1", show_default=True,
               help="INDEX/COUNT: embed only this part of the data into a self-contained file.")
-@click.option("--commit-every", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
-              help="Seconds between commits (also every 512 rows): an interruption loses at "
-                   "most this much work.")
-@click.option("--overwrite", is_flag=True, help="Start over instead of resuming.")
 @click.option("-q", "--quiet", is_flag=True, help="No phases, no progress bar.")
 @_friendly
-def embed(data, output, backbone, layer_opts, weights, weights_file, pool, token_pool, dtype,
-          batch_size, workers, device, test_size, seed, max_per_class, on_error, shard,
-          commit_every, overwrite, quiet):
+def embed(data, output, layer_opts, shard, quiet, **kwargs):
     """Embed the images in DATA and store pooled features of several layers in one file.
 
     DATA is an image folder (DATA/<class>/*.jpg, or DATA/train/<class>/..., DATA/test/...),
@@ -197,11 +171,7 @@ def embed(data, output, backbone, layer_opts, weights, weights_file, pool, token
 
     names = [n.strip() for opt in layer_opts for n in opt.split(",") if n.strip()] \
         if layer_opts else ["avgpool"]
-    r = run_embed(data, output, backbone=backbone, layers=names, weights=weights,
-                  weights_file=weights_file, pool=pool, token_pool=token_pool, dtype=dtype,
-                  batch_size=batch_size, num_workers=workers, device=device, test_size=test_size,
-                  seed=seed, max_per_class=max_per_class, on_error=on_error, shard=_shard(shard),
-                  commit_every=commit_every, overwrite=overwrite, progress=not quiet)
+    r = run_embed(data, output, layers=names, shard=_shard(shard), progress=not quiet, **kwargs)
     if r.already_complete:
         click.echo(f"{r.path} is already complete ({r.n_rows} rows); nothing to do.")
     else:
@@ -289,12 +259,7 @@ joblib files are pickles: load only heads you trust; .skops heads are safe to sh
 @click.option("--layer", required=True, help="Stored layer, or several joined with + (concatenated).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Head file: .joblib (a pickle) or .skops (safe to share and load).")
-@click.option("--kernel", default="linear", type=click.Choice(["linear", "rbf"]), show_default=True,
-              help="SVM kernel.")
-@click.option("--cv", default=5, show_default=True, type=click.IntRange(min=2), help="CV folds.")
-@click.option("--scoring", default="balanced_accuracy", show_default=True,
-              type=click.Choice(SCORING_CHOICES), help="CV score that picks the hyperparameters.")
-@click.option("--class-weight", default="none", type=click.Choice(["none", "balanced"]), show_default=True)
+@options.click_options(options.COMPARE, only=("kernel", "cv", "scoring", "class_weight"))
 @click.option("--probability", is_flag=True, help="Fit SVM probability estimates (slower).")
 @click.option("--n-jobs", default=-1, show_default=True, type=int,
               help="Parallel CV folds (-1: all cores).")
@@ -314,7 +279,7 @@ def fit_head_cmd(kind, features, layer, output, kernel, cv, scoring, class_weigh
 
     require_folder(output)  # before the search, not after it
     head = fit_head(features, layer, kind, kernel=kernel, cv=cv, scoring=scoring, seed=seed,
-                    n_jobs=n_jobs, class_weight=None if class_weight == "none" else class_weight,
+                    n_jobs=n_jobs, class_weight=options.class_weight(class_weight),
                     probability=probability, progress=not quiet)
     path = head.save(output)
     params = ", ".join(f"{k}={v:.3g}" for k, v in head.params_.items())
@@ -362,24 +327,12 @@ Examples:
               help=f"Comma-separated head kinds ({', '.join(HEAD_CHOICES)}).")
 @click.option("--layers", default=None, help="Comma-separated stored layers (default: all).")
 @click.option("--extra", "extra", multiple=True, help="A concatenation such as blocks.5+avgpool (repeatable).")
-@click.option("--kernel", default="linear", type=click.Choice(["linear", "rbf"]), show_default=True)
-@click.option("--cv", default=5, show_default=True, type=click.IntRange(min=2))
-@click.option("--scoring", default="balanced_accuracy", show_default=True,
-              type=click.Choice(SCORING_CHOICES), help="CV score that picks heads and the winner.")
-@click.option("--select", default="cv", show_default=True, type=click.Choice(["cv", "cv-1se"]),
-              help="cv: best CV score; cv-1se: narrowest/shallowest within one standard error.")
-@click.option("--shots", default=None, help="Few-shot curve, e.g. 1,5,10,25,all (images per class).")
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
-              help="Seeded draws per few-shot size.")
-@click.option("--class-weight", default="none", type=click.Choice(["none", "balanced"]), show_default=True)
-@click.option("--n-jobs", default=-1, show_default=True, type=int,
-              help="Parallel CV tasks (layers x folds; -1: all cores).")
+@options.click_options(options.COMPARE)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Replace an existing report folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_friendly
-def compare(features, output, heads, layers, extra, kernel, cv, scoring, select, shots, repeats,
-            class_weight, n_jobs, seed, overwrite, quiet):
+def compare(features, output, heads, layers, extra, shots, seed, overwrite, quiet, **kwargs):
     """Compare every stored layer x head (x backbone); pick the winner by CV; report on test.
 
     FEATURES is one feature file, or several files of the same images made with different
@@ -390,12 +343,10 @@ def compare(features, output, heads, layers, extra, kernel, cv, scoring, select,
     """
     from .report import compare as run_compare
 
+    kwargs["class_weight"] = options.class_weight(kwargs["class_weight"])
     res = run_compare(list(features), output, layers=_csv(layers), heads=_csv(heads) or [],
-                      extra_layers=extra, kernel=kernel, cv=cv, scoring=scoring, select=select,
-                      shots=_csv(shots) or (), repeats=repeats, seed=seed, n_jobs=n_jobs,
-                      overwrite=overwrite,
-                      class_weight=None if class_weight == "none" else class_weight,
-                      progress=not quiet)
+                      extra_layers=extra, shots=_csv(shots) or (), seed=seed,
+                      overwrite=overwrite, progress=not quiet, **kwargs)
     click.echo(res.table())
     click.echo(res.verdict.replace("**", ""))
     click.echo(f"\nreport: {res.out_dir / 'report.md'}; best head: {res.out_dir / 'best.joblib'}")
@@ -409,7 +360,8 @@ Examples:
 @click.argument("args", nargs=-1, required=True)
 @click.option("--imagenet", is_flag=True, help="Use the backbone's own 1000-class ImageNet head; "
               "then every argument is an image.")
-@click.option("--backbone", default="efficientnet_lite0", show_default=True, help="With --imagenet.")
+@click.option("--backbone", default=options.DEFAULT_BACKBONE, show_default=True,
+              help="With --imagenet.")
 @click.option("--weights", default="DEFAULT", show_default=True, help="With --imagenet.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here (default: print).")
 @click.option("--format", "fmt", default="csv", type=click.Choice(["csv", "json"]), show_default=True)

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from . import __version__
-from .backbones import DEFAULT_BACKBONE, Backbone, load_backbone
+from .backbones import Backbone, load_backbone
 from .data import ImageDataset, collate, open_source, shard_range
-from .errors import DataError, OptionError, check_choice, option
+from .errors import DataError, OptionError, option
+from .options import DATA, DEFAULT_BACKBONE, DTYPES, EMBED, ON_ERROR, check
 from .extract import FeatureExtractor, default_device, on_device
 from .files import require_folder
 from .layers import resolve_layers
@@ -36,8 +37,6 @@ from .store import Writer
 
 __all__ = ["embed", "EmbedResult", "DTYPES", "ON_ERROR"]
 
-DTYPES = ("float16", "float32")
-ON_ERROR = ("skip", "fail")
 
 
 @dataclass
@@ -54,7 +53,7 @@ class EmbedResult:
     ignored: dict = field(default_factory=dict)  # entries the folder listing left out: {why: n}
 
 
-def embed(source, output, backbone: str | Backbone = DEFAULT_BACKBONE, layers=("avgpool",),
+def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers=("avgpool",),
           weights: str | None = "DEFAULT", weights_file=None, pool: str = "avg",
           token_pool: str = "cls", dtype: str = "float16", batch_size: int | None = None,
           num_workers: int | None = None, device: str | None = None, test_size: float = 0.3,
@@ -92,16 +91,18 @@ def embed(source, output, backbone: str | Backbone = DEFAULT_BACKBONE, layers=("
     """
     t0 = time.perf_counter()
     output = Path(output)
-    check_choice("dtype", dtype, DTYPES)
-    check_choice("on_error", on_error, ON_ERROR)
+    check(DATA + EMBED, {"weights": weights, "weights_file": weights_file, "pool": pool,
+                         "token_pool": token_pool, "dtype": dtype, "batch_size": batch_size,
+                         "num_workers": num_workers, "device": device, "test_size": test_size,
+                         "max_per_class": max_per_class, "on_error": on_error,
+                         "commit_every": commit_every, "overwrite": overwrite,
+                         "layers": list(layers), **({"backbone": backbone}
+                                                    if isinstance(backbone, str) else {})})
+    if commit_rows < 1:
+        raise OptionError(f"commit_rows == {commit_rows}, must be >= 1.")
     dev = default_device(device)
     batch_size = batch_size or (64 if dev.type == "cuda" else 16)
-    if batch_size < 1:
-        raise OptionError(f"batch_size == {batch_size}, must be >= 1.")
     require_folder(output)
-    if not commit_every > 0 or commit_rows < 1:
-        raise OptionError(f"commit_every == {commit_every} s and commit_rows == "
-                                f"{commit_rows}: both must be positive.")
     say = _Say(progress)
     src = open_source(source, test_size=test_size, seed=seed, max_per_class=max_per_class)
     start, stop = shard_range(len(src.records), *shard)

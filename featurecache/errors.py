@@ -8,7 +8,7 @@ import re
 __all__ = ["option", "render",
     "FeaturecacheError", "UnknownBackboneError", "UnknownLayerError", "WeightsError",
     "DataError", "StoreError", "StoreMismatchError", "HeadError", "PipelineError", "OptionError",
-    "HeadOptionError", "check_choice",
+    "HeadOptionError", "PipelineOptionError", "check_choice",
     "FeaturecacheWarning", "DataWarning",
 ]
 
@@ -90,6 +90,10 @@ class HeadOptionError(HeadError, OptionError):
 
 class PipelineError(FeaturecacheError):
     """A pipeline file with a bad key, value or type."""
+
+
+class PipelineOptionError(PipelineError, OptionError):
+    """A pipeline value outside its option's type, choices or range."""
 
 
 class FeaturecacheWarning(UserWarning):

@@ -26,12 +26,11 @@ import torch
 from torch import nn
 
 from .errors import OptionError, UnknownLayerError
+from .options import POOLS, TOKEN_POOLS
 
 __all__ = ["FeatureExtractor", "raw_extractor", "pool_output", "default_device", "POOLS",
            "TOKEN_POOLS", "KINDS"]
 
-POOLS = ("avg", "max", "avgmax")
-TOKEN_POOLS = ("cls", "mean")
 KINDS = ("map", "map-nhwc", "tokens", "vector")
 
 

@@ -39,38 +39,13 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PipelineError, close_matches
+from .errors import OptionError, PipelineError, PipelineOptionError, close_matches
+from .options import _UNSET, STAGES, class_weight
 
 __all__ = ["SCHEMA", "Plan", "load_pipeline", "check_pipeline", "run_pipeline"]
 
-_ANY = object()
-# table -> key -> (type, default, allowed values or None). Types: str, int, float, bool, list.
-SCHEMA = {
-    "": {"name": (str, "", None), "output": (str, "runs/experiment", None), "seed": (int, 0, None),
-         "description": (str, "", None)},
-    "data": {"root": (str, _ANY, None), "test_size": (float, 0.3, None),
-             "max_per_class": (int, 0, None)},
-    "embed": {"backbone": (str, "efficientnet_lite0", None), "weights": (str, "DEFAULT", None),
-              "weights_file": (str, "", None), "layers": (list, ["avgpool"], None),
-              "pool": (str, "avg", ("avg", "max", "avgmax")),
-              "token_pool": (str, "cls", ("cls", "mean")),
-              "dtype": (str, "float16", ("float16", "float32")), "batch_size": (int, 0, None),
-              "workers": (int, -1, None), "device": (str, "", None),
-              "on_error": (str, "skip", ("skip", "fail")), "overwrite": (bool, False, None)},
-    "compare": {"heads": (list, ["logreg", "svm", "knn"], None), "layers": (list, [], None),
-                "extra_layers": (list, [], None), "kernel": (str, "linear", ("linear", "rbf")),
-                "cv": (int, 5, None),
-                "scoring": (str, "balanced_accuracy", ("balanced_accuracy", "accuracy", "f1_macro")),
-                "select": (str, "cv", ("cv", "cv-1se")), "shots": (list, [], None),
-                "repeats": (int, 3, None),
-                "class_weight": (str, "none", ("none", "balanced")),
-                "n_jobs": (int, -1, None), "n_boot": (int, 1000, None)},
-}
-
-
-# the smallest value each number may take
-MINIMUM = {("data", "test_size"): 0.0, ("data", "max_per_class"): 0, ("embed", "batch_size"): 0,
-           ("compare", "cv"): 2, ("compare", "repeats"): 1, ("compare", "n_boot"): 1}
+# table -> key -> its Option (featurecache/options.py declares them all)
+SCHEMA = {table: {o.toml_key: o for o in options} for table, options in STAGES.items()}
 PATH_KEYS = (("", "output"), ("data", "root"), ("embed", "weights_file"))
 
 
@@ -110,24 +85,6 @@ def _parse_override(item: str) -> tuple:
     except tomllib.TOMLDecodeError:
         value = raw  # a bare string
     return key.strip(), value
-
-
-def _check_type(where: str, value, kind, allowed):
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if kind is list:
-        shots = where.endswith("shots")  # shots = [1, 5, "all"]
-        ok = (str, int) if shots else (str,)
-        if not isinstance(value, list) or not all(isinstance(v, ok) and not isinstance(v, bool)
-                                                  for v in value):
-            raise PipelineError(f"{where} must be a list of "
-                                f"{'numbers or strings' if shots else 'strings'}, "
-                                f"got {value!r}.")
-    elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise PipelineError(f"{where} must be {kind.__name__}, got {type(value).__name__} {value!r}.")
-    if allowed and value not in allowed:
-        raise PipelineError(f"{where} = {value!r} is not allowed; choose one of {', '.join(allowed)}.")
-    return value
 
 
 def load_pipeline(path=None, overrides=(), text: str | None = None) -> Plan:
@@ -171,24 +128,21 @@ def load_pipeline(path=None, overrides=(), text: str | None = None) -> Plan:
                 where = f"{table}.{name}" if table else name
                 raise PipelineError(f"unknown key {where!r}; [{table or 'top level'}] takes: "
                                     f"{', '.join(keys)} (close: {close_matches(name, keys)}).")
-        for name, (kind, default, allowed) in keys.items():
+        for name, opt in keys.items():
             where = f"{table}.{name}" if table else name
             if name not in given:
-                if default is _ANY:
+                if opt.default is _UNSET:
                     raise PipelineError(f"missing key {where!r}: an image folder, a CSV manifest "
                                         f"or builtin:digits.")
-                config[table][name] = default
-            else:
-                config[table][name] = _check_type(where, given[name], kind, allowed)
+                config[table][name] = opt.toml_default
+                continue
+            try:
+                config[table][name] = opt.toml_default if opt.from_toml(given[name]) is None \
+                    and opt.default is None else opt.check(given[name], where)
+            except OptionError as exc:
+                raise PipelineOptionError(str(exc)) from None
     if not config["embed"]["layers"]:
         raise PipelineError("embed.layers must name at least one layer.")
-    for (table, name), low in MINIMUM.items():
-        if config[table][name] < low:
-            raise PipelineError(f"{table}.{name} = {config[table][name]} is too small; it must be "
-                                f"at least {low}.")
-    if not 0 < config["data"]["test_size"] < 1:
-        raise PipelineError(f"data.test_size = {config['data']['test_size']} must be between 0 "
-                            f"and 1.")
     if path is not None:  # the file's relative paths are relative to the file
         base = Path(path).resolve().parent
         for table, name in PATH_KEYS:
@@ -200,25 +154,21 @@ def load_pipeline(path=None, overrides=(), text: str | None = None) -> Plan:
     return Plan(config, Path(path) if path else None)
 
 
+def _kwargs(table: str, c: dict) -> dict:
+    """A table of the plan as the stage function's keyword arguments (``auto`` -> None)."""
+    return {o.name: o.from_toml(c[table][o.toml_key]) for o in STAGES[table]}
+
+
 def _embed_kwargs(c: dict) -> dict:
-    d, e = c["data"], c["embed"]
-    return dict(backbone=e["backbone"], layers=e["layers"], weights=e["weights"],
-                weights_file=e["weights_file"] or None, pool=e["pool"],
-                token_pool=e["token_pool"], dtype=e["dtype"],
-                batch_size=e["batch_size"] or None,
-                num_workers=None if e["workers"] < 0 else e["workers"],
-                device=e["device"] or None, test_size=d["test_size"], seed=c[""]["seed"],
-                max_per_class=d["max_per_class"] or None, on_error=e["on_error"],
-                overwrite=e["overwrite"])
+    data = _kwargs("data", c)
+    return {**_kwargs("embed", c), "test_size": data["test_size"],
+            "max_per_class": data["max_per_class"], "seed": c[""]["seed"]}
 
 
 def _compare_kwargs(c: dict) -> dict:
-    k = c["compare"]
-    return dict(layers=k["layers"] or None, heads=k["heads"], extra_layers=k["extra_layers"],
-                kernel=k["kernel"], cv=k["cv"], seed=c[""]["seed"], scoring=k["scoring"],
-                select=k["select"], shots=k["shots"], repeats=k["repeats"],
-                class_weight=None if k["class_weight"] == "none" else k["class_weight"],
-                n_jobs=k["n_jobs"], n_boot=k["n_boot"])
+    k = _kwargs("compare", c)
+    return {**k, "layers": k["layers"] or None, "seed": c[""]["seed"],
+            "class_weight": class_weight(k["class_weight"])}
 
 
 def check_pipeline(plan: Plan) -> dict:
@@ -228,7 +178,6 @@ def check_pipeline(plan: Plan) -> dict:
     """
     from .backbones import load_backbone
     from .data import open_source
-    from .heads import HEAD_KINDS
     from .layers import resolve_layers
 
     kw = _embed_kwargs(plan.config)
@@ -237,9 +186,6 @@ def check_pipeline(plan: Plan) -> dict:
     bb = load_backbone(kw["backbone"], kw["weights"], kw["weights_file"])
     specs = resolve_layers(bb, kw["layers"], pool=kw["pool"], token_pool=kw["token_pool"])
     k = plan.config["compare"]
-    bad = [h for h in k["heads"] if h not in HEAD_KINDS]
-    if bad:
-        raise PipelineError(f"compare.heads: {bad} not known; choose from {', '.join(HEAD_KINDS)}.")
     stored = {s.name for s in specs}
     for layer in k["layers"] + [p for e in k["extra_layers"] for p in e.split("+")]:
         if layer not in stored:

@@ -38,12 +38,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FeaturecacheError, HeadError, HeadOptionError, option
+from .options import COMPARE, SELECT, check
 from .search import HEAD_KINDS, check_options
 from .stats import METRICS, SCORING_METRIC, bootstrap, interval, paired_difference
 
 __all__ = ["compare", "CompareResult", "SELECT", "select_winner"]
 
-SELECT = ("cv", "cv-1se")
 _HEAD_COST = {"knn": 0, "logreg": 1, "svm": 2}  # cheaper first, for the one-SE rule
 
 
@@ -152,6 +152,9 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
     heads = list(heads)
     if not heads:
         raise HeadError(f"no head kind given; choose from {', '.join(HEAD_KINDS)}.")
+    check_options(heads, kernel, scoring)
+    check(COMPARE, {"cv": cv, "repeats": repeats, "n_boot": n_boot, "n_jobs": n_jobs,
+                    "extra_layers": list(extra_layers)})
     check_options(heads, kernel, scoring)
     if select not in SELECT:
         raise HeadOptionError(f"select {select!r} is not one of {', '.join(SELECT)}.")

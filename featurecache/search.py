@@ -33,14 +33,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import HeadError, HeadOptionError, option
+from .options import HEAD_KINDS, KERNELS, SCORINGS
 
 __all__ = ["HEAD_KINDS", "KERNELS", "SCORINGS", "GRAM_MAX_ROWS", "SearchResult", "make_folds",
            "search_layers", "coarse_grid", "fine_grid", "score_predictions", "use_gram",
            "check_options"]
 
-HEAD_KINDS = ("logreg", "svm", "knn")
-KERNELS = ("linear", "rbf")
-SCORINGS = ("balanced_accuracy", "accuracy", "f1_macro")
 # Linear SVMs use libsvm on a precomputed Gram matrix while a fit has at most this many rows:
 # the matrix is rows^2 float64 (20,000 rows: 3.2 GB), libsvm then costs seconds per C.
 GRAM_MAX_ROWS = 20_000

@@ -63,7 +63,7 @@ def test_a_table_of_bad_invocations(world):
         (["info", str(w / "junk.h5")], 1, "junk.h5"),
         (["compare", str(feats), "--heads", ",", "-o", str(w / "r1")], 1, "no head kind given"),
         (["compare", str(feats), "--cv", "1", "-o", str(w / "r2")], 2, "Invalid value for '--cv'"),
-        (["run", str(w / "nboot.toml")], 1, "compare.n_boot = 0 is too small"),
+        (["run", str(w / "nboot.toml")], 1, "compare.n_boot = 0 is out of range; it must be >= 1"),
         (["info", os.fsdecode(b"\xff.h5")], 1, "does not exist"),
         (["embed", os.fsdecode(b"\xffdir"), "-o", out], 1, "does not exist"),
         (["join", str(w / "existing.h5"), str(feats)], 1, "pass --overwrite"),

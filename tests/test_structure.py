@@ -52,11 +52,21 @@ def test_plots_leave_no_pyplot_state(tmp_path):
 
 def test_the_same_mistake_raises_the_same_type():
     from featurecache import embed
+    from featurecache.errors import PipelineError
     from featurecache.layers import resolve_layers
+    from featurecache.pipeline import load_pipeline
     from featurecache.search import check_options
 
-    with pytest.raises(OptionError, match="dtype 'float8'"):
+    with pytest.raises(OptionError, match="dtype = 'float8' is not allowed"):
         embed("builtin:digits", "x.h5", dtype="float8")
+    with pytest.raises(OptionError, match=r"test_size = 7.0 is out of range; it must be strictly "
+                                          r"between 0 and 1"):
+        embed("builtin:digits", "x.h5", test_size=7)
+    with pytest.raises(OptionError, match=r"data.test_size = 7.0 is out of range") as caught:
+        load_pipeline(text='[data]\nroot = "builtin:digits"\ntest_size = 7\n')
+    assert isinstance(caught.value, PipelineError)
+    with pytest.raises(TypeError):  # options are keyword-only
+        embed("builtin:digits", "x.h5", "resnet18")
     with pytest.raises(OptionError, match="pool 'median'"):
         resolve_layers(None, ["avgpool"], pool="median")
     with pytest.raises(HeadOptionError, match="head 'tree'") as caught:
@@ -77,3 +87,36 @@ def test_an_unexpected_error_is_a_short_bug_report_with_debug_for_the_traceback(
     debug = subprocess.run([sys.executable, "-c", code, "--debug", "info", "x.h5"],
                            capture_output=True, text=True)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "TypeError: boom" in debug.stderr
+
+
+def test_reference_toml_is_generated_from_the_declarations():
+    from pathlib import Path
+
+    from featurecache.options import STAGES, reference_toml
+    from featurecache.pipeline import load_pipeline
+
+    path = Path(__file__).resolve().parents[1] / "pipelines" / "reference.toml"
+    assert path.read_text() == reference_toml(), "regenerate: python -c 'from featurecache." \
+        "options import reference_toml; print(reference_toml(), end=\"\")' > pipelines/reference.toml"
+    plan = load_pipeline(path)
+    for table, options in STAGES.items():  # every declared key is in the file, and only those
+        assert set(plan.config[table]) == {o.toml_key for o in options}
+
+
+def test_the_cli_options_come_from_the_declarations():
+    import click
+
+    from featurecache.cli import cli
+    from featurecache.options import COMPARE, EMBED
+
+    params = {p.name: p for p in cli.commands["embed"].params}
+    for o in EMBED:
+        if o.type is list:
+            continue
+        p = params[o.name]
+        assert p.default == o.default and p.opts == [o.flag]
+        if o.choices:
+            assert tuple(p.type.choices) == o.choices
+    assert isinstance(params["batch_size"].type, click.IntRange) and params["batch_size"].type.min == 1
+    compare = {p.name: p for p in cli.commands["compare"].params}
+    assert compare["cv"].type.min == 2 and compare["n_boot"].type.min == 1

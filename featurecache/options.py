@@ -1,0 +1,248 @@
+"""Every option of every stage, declared once: name, type, default, choices, range and help.
+
+From these declarations the stage functions validate their arguments (:func:`check`), the
+click options of the CLI are built (:func:`click_options`), the pipeline loader checks keys,
+types and ranges (:func:`featurecache.pipeline.load_pipeline`), and
+``pipelines/reference.toml`` is generated (:func:`reference_toml`; a test keeps the committed
+file equal to it). To add an option: add an :class:`Option` here and use it in the function
+of its stage (see the README's "Adding an option").
+
+This module imports nothing heavy: ``featurecache --help`` reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import OptionError
+
+__all__ = ["Option", "DATA", "EMBED", "COMPARE", "TOP", "STAGES", "check", "click_options",
+           "reference_toml", "class_weight", "DEFAULT_BACKBONE", "POOLS", "TOKEN_POOLS", "DTYPES", "ON_ERROR",
+           "HEAD_KINDS", "KERNELS", "SCORINGS", "SELECT", "CLASS_WEIGHTS"]
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+POOLS = ("avg", "max", "avgmax")
+TOKEN_POOLS = ("cls", "mean")
+DTYPES = ("float16", "float32")
+ON_ERROR = ("skip", "fail")
+HEAD_KINDS = ("logreg", "svm", "knn")
+KERNELS = ("linear", "rbf")
+SCORINGS = ("balanced_accuracy", "accuracy", "f1_macro")
+SELECT = ("cv", "cv-1se")
+CLASS_WEIGHTS = ("none", "balanced")
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of one stage.
+
+    ``name`` is the Python keyword; ``key`` the pipeline key and CLI flag (``--key`` with
+    dashes) when they differ. TOML has no null: an option whose default is None (meaning
+    "choose for me") is written as ``auto`` in a pipeline file (0, -1 or ""). ``low``/``high``
+    bound numbers (``open``: the bounds themselves are excluded).
+    """
+
+    name: str
+    type: type
+    default: object
+    help: str
+    choices: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    open: bool = False
+    auto: object = _UNSET
+    key: str = ""
+    example: object = _UNSET  # the value reference.toml shows, when not the default
+    items: tuple = (str,)     # types of a list's items
+    auto_means: str = "auto"  # what ``auto`` stands for, in reference.toml
+
+    @property
+    def toml_key(self) -> str:
+        return self.key or self.name
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.toml_key.replace("_", "-")
+
+    @property
+    def toml_default(self):
+        return self.auto if self.default is None and self.auto is not _UNSET else self.default
+
+    def from_toml(self, value):
+        """A pipeline value as the function takes it (``auto`` -> None)."""
+        return None if self.auto is not _UNSET and value == self.auto else value
+
+    def check(self, value, where: str = ""):
+        """Return ``value`` if it is allowed, else raise :class:`OptionError` naming it."""
+        where = where or self.name
+        if value is None and self.default is None:
+            return value
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if self.type is list:
+            if isinstance(value, tuple):
+                value = list(value)
+            if not isinstance(value, list) or not all(isinstance(v, self.items) and
+                                                      not isinstance(v, bool) for v in value):
+                kinds = " or ".join("numbers" if t is int else "strings" for t in self.items)
+                raise OptionError(f"{where} must be a list of {kinds}, got {value!r}.")
+            bad = [v for v in value if self.choices and v not in self.choices]
+            if bad:
+                raise OptionError(f"{where}: {bad} not known; choose from "
+                                  f"{', '.join(self.choices)}.")
+            return value
+        if not isinstance(value, self.type) or (self.type is not bool and isinstance(value, bool)):
+            raise OptionError(f"{where} must be {self.type.__name__}, got "
+                              f"{type(value).__name__} {value!r}.")
+        if self.choices and value not in self.choices:
+            raise OptionError(f"{where} = {value!r} is not allowed; choose one of "
+                              f"{', '.join(self.choices)}.")
+        below = self.low is not None and (value <= self.low if self.open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.open else value > self.high)
+        if below or above:
+            raise OptionError(f"{where} = {value!r} is out of range; it must be {self._range()}.")
+        return value
+
+    def _range(self) -> str:
+        if self.low is not None and self.high is not None:
+            word = "strictly between" if self.open else "between"
+            return f"{word} {self.low:g} and {self.high:g}"
+        if self.low is not None:
+            return f"{'>' if self.open else '>='} {self.low:g}"
+        return f"{'<' if self.open else '<='} {self.high:g}"
+
+
+# [top level] of a pipeline file
+TOP = (
+    Option("name", str, "", "shown in the plan", example="reference"),
+    Option("description", str, "", "free text", example="all the options"),
+    Option("output", str, "runs/experiment", "folder for features.h5, report/ and run.json",
+           example="../runs/reference"),
+    Option("seed", int, 0, "seeds the train/test split, the CV folds and the bootstrap"),
+)
+# [data]: where the images are (embed's source and split)
+DATA = (
+    Option("root", str, _UNSET, "REQUIRED: image folder, CSV manifest (path,label[,split]) or "
+           "builtin:digits", example="builtin:digits"),
+    Option("test_size", float, 0.3, "test share per class, when the data give no split",
+           low=0, high=1, open=True),
+    Option("max_per_class", int, None, "keep at most N images per class and split (quick runs)",
+           low=1, auto=0, auto_means="all"),
+)
+# [embed]
+EMBED = (
+    Option("backbone", str, DEFAULT_BACKBONE, "any name from `featurecache backbones`"),
+    Option("weights", str, "DEFAULT", "DEFAULT, a weights-enum name (IMAGENET1K_V2) or none"),
+    Option("weights_file", str, None, "a local .pth state dict instead of `weights`", auto="",
+           auto_means="none"),
+    Option("layers", list, ["avgpool"], "names or aliases from `featurecache layers BACKBONE`",
+           example=["stage3", "avgpool"]),
+    Option("pool", str, "avg", "pooling of feature maps", choices=POOLS),
+    Option("token_pool", str, "cls", "pooling of token sequences (ViT)", choices=TOKEN_POOLS),
+    Option("dtype", str, "float16", "storage type", choices=DTYPES),
+    Option("batch_size", int, None, "images per forward pass (auto: 16 on CPU, 64 on GPU)",
+           low=1, auto=0),
+    Option("num_workers", int, None, "decode workers (auto: CPU count, at most 8)", low=0,
+           auto=-1, key="workers"),
+    Option("device", str, None, "cpu or cuda (auto: cuda when present)", auto=""),
+    Option("on_error", str, "skip", "unreadable images: skip (log them in the file) or fail",
+           choices=ON_ERROR),
+    Option("commit_every", float, 30.0, "seconds between commits (also every 512 rows)",
+           low=0, open=True),
+    Option("overwrite", bool, False, "start over instead of resuming a file made with other "
+           "settings"),
+)
+# [compare]
+COMPARE = (
+    Option("heads", list, ["logreg", "svm", "knn"], "head kinds", choices=HEAD_KINDS),
+    Option("layers", list, [], "stored layers to compare (empty: all)"),
+    Option("extra_layers", list, [], "concatenations such as blocks.5+avgpool, each its own row",
+           example=["stage3+avgpool"]),
+    Option("kernel", str, "linear", "svm kernel", choices=KERNELS),
+    Option("cv", int, 5, "stratified CV folds on the train split", low=2),
+    Option("scoring", str, "balanced_accuracy", "CV score that picks heads and the winner",
+           choices=SCORINGS),
+    Option("select", str, "cv", "cv: best CV score; cv-1se: simplest within one standard error",
+           choices=SELECT),
+    Option("shots", list, [], "few-shot curve, e.g. [1, 5, 10, \"all\"] images per class",
+           items=(int, str)),
+    Option("repeats", int, 3, "seeded draws per few-shot size", low=1),
+    Option("class_weight", str, "none", "class weights of the heads", choices=CLASS_WEIGHTS),
+    Option("n_jobs", int, -1, "parallel CV tasks (layers x folds); -1: all cores"),
+    Option("n_boot", int, 1000, "bootstrap resamples for the 95% intervals", low=1),
+)
+STAGES = {"": TOP, "data": DATA, "embed": EMBED, "compare": COMPARE}
+
+
+def class_weight(value):
+    """The class-weight choice as scikit-learn takes it: ``"none"`` -> None."""
+    return None if value in (None, "none") else value
+
+
+def check(options, values: dict) -> None:
+    """Validate the given keyword arguments of a stage function against its declarations.
+
+    Raises:
+        OptionError: naming the option, the value and what is allowed.
+    """
+    by_name = {o.name: o for o in options}
+    for name, value in values.items():
+        if name in by_name:
+            by_name[name].check(value)
+
+
+def click_options(options, skip=(), only=None):
+    """A decorator adding one click option per declaration (type, choices, range, default,
+    help), in declaration order; ``skip`` names the ones the command declares itself, ``only``
+    the ones it takes (default: all but lists, which each command spells its own way)."""
+    import click
+
+    def decorate(fn):
+        for o in reversed(options):
+            if o.name in skip or o.type is list or (only is not None and o.name not in only):
+                continue
+            kw = {"default": o.default, "help": o.help + ".",
+                  "show_default": o.default is not None}
+            if o.type is bool:
+                kw.update(is_flag=True, show_default=False)
+            elif o.choices:
+                kw["type"] = click.Choice(list(o.choices))
+            elif o.type in (int, float) and (o.low is not None or o.high is not None):
+                rng = click.IntRange if o.type is int else click.FloatRange
+                kw["type"] = rng(min=o.low, max=o.high, min_open=o.open, max_open=o.open) \
+                    if o.type is float else rng(min=o.low, max=o.high)
+            else:
+                kw["type"] = o.type
+            fn = click.option(o.flag, o.name, **kw)(fn)
+        return fn
+
+    return decorate
+
+
+def reference_toml() -> str:
+    """The text of ``pipelines/reference.toml``: every key of every table with its default
+    (or an example) and its help."""
+    import json
+
+    def value(o):
+        v = o.example if o.example is not _UNSET else o.toml_default
+        return str(v).lower() if isinstance(v, bool) else json.dumps(v)
+
+    lines = ["# Every key a pipeline file takes, with its default. Unknown keys are errors.",
+             "# Generated from featurecache/options.py (a test keeps this file equal to it).",
+             "# Relative paths in a pipeline file are relative to the file's folder (those given "
+             "with --set:", "# to the current folder).",
+             "# Check a file without running it:   featurecache run pipelines/reference.toml "
+             "--dry-run", ""]
+    for table, options in STAGES.items():
+        if table:
+            lines += ["", f"[{table}]"]
+        for o in options:
+            help_ = o.help
+            if o.choices:
+                help_ += f": {' | '.join(o.choices)}"
+            if o.auto is not _UNSET:
+                help_ += f"; {json.dumps(o.auto)} = {o.auto_means}"
+            lines.append(f"{o.toml_key} = {value(o)}".ljust(38) + f"# {help_}")
+    return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -274,10 +275,13 @@ def fit_head_cmd(kind, features, layer, output, kernel, cv, scoring, class_weigh
     best), then quarter-decades around the best; knn (cosine, temperature-weighted votes)
     picks k from 10, 20, 50.
     """
-    from .files import require_folder
+    from .files import require_folder, same_file
     from .heads import fit_head
 
     require_folder(output)  # before the search, not after it
+    if same_file(output, features):
+        raise click.ClickException(f"-o {output} is the feature file itself; give the head "
+                                   f"another name (.joblib or .skops).")
     head = fit_head(features, layer, kind, kernel=kernel, cv=cv, scoring=scoring, seed=seed,
                     n_jobs=n_jobs, class_weight=options.class_weight(class_weight),
                     probability=probability, progress=not quiet)
@@ -328,6 +332,7 @@ Examples:
 @click.option("--layers", default=None, help="Comma-separated stored layers (default: all).")
 @click.option("--extra", "extra", multiple=True, help="A concatenation such as blocks.5+avgpool (repeatable).")
 @options.click_options(options.COMPARE)
+@click.option("--shots", default=None, help="Few-shot curve, e.g. 1,5,10,25,all (images per class).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Replace an existing report folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -373,12 +378,16 @@ def predict(args, imagenet, backbone, weights, output, fmt, top_k, batch_size):
 
     Unreadable images get a row with the reason; the others are still predicted.
     """
-    from .files import require_folder
+    from .files import require_folder, same_file
     from .predict import predict as run_predict
     from .predict import predict_imagenet, write_predictions
 
     if output:
         require_folder(output)  # before any image is decoded
+        inputs = [Path(a) for a in args if Path(a).is_file()]
+        if any(same_file(output, p) for p in inputs):
+            raise click.ClickException(f"-o {output} is one of the inputs (the head or an "
+                                       f"image); write the predictions to another file.")
     if imagenet:
         rows = predict_imagenet(args, backbone=backbone, weights=weights, top_k=top_k,
                                 batch_size=batch_size)

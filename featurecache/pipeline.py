@@ -186,6 +186,9 @@ def check_pipeline(plan: Plan) -> dict:
     bb = load_backbone(kw["backbone"], kw["weights"], kw["weights_file"])
     specs = resolve_layers(bb, kw["layers"], pool=kw["pool"], token_pool=kw["token_pool"])
     k = plan.config["compare"]
+    from .report import check_shots
+
+    check_shots(k["shots"], k["repeats"])
     stored = {s.name for s in specs}
     for layer in k["layers"] + [p for e in k["extra_layers"] for p in e.split("+")]:
         if layer not in stored:

@@ -158,7 +158,7 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
     check_options(heads, kernel, scoring)
     if select not in SELECT:
         raise HeadOptionError(f"select {select!r} is not one of {', '.join(SELECT)}.")
-    shots = _check_shots(shots, repeats)
+    shots = check_shots(shots, repeats)
     if n_boot < 1:
         raise HeadError(f"n_boot == {n_boot}: the confidence intervals need at least 1 bootstrap "
                         f"resample (1000 is the default).")
@@ -169,6 +169,8 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
         for layer in wanted + [e for e in extra_layers if e not in wanted]:
             ff.check_layer(layer)
             jobs[(name, layer)] = (ff, layer)
+    for ff in files:
+        ff.check_complete()  # an unfinished embed is named as such, not as a missing split
     first = files[0]
     present = sorted(set(first.splits()))
     if "test" not in present:  # checked from the split names: no test label is read before the choice
@@ -176,6 +178,7 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
                                 f"{present}. compare reports on a held-out test split.")
     if len(np.unique(first.y("train"))) < 2:
         raise HeadError("the train split holds a single class; nothing to compare.")
+    shots = _feasible_shots(shots, first.y("train"))
     if out_dir.exists() and not out_dir.is_dir():
         raise FeaturecacheError(f"{out_dir} is a file; give a folder for the report.")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -194,6 +197,15 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
     winner = select_winner(rows, select)  # selection ends here; the test split is read below
 
     y_test = first.y("test")
+    unscored = sorted(set(first.y("train").tolist()) - set(y_test.tolist()))
+    if unscored:
+        import warnings
+
+        from .errors import DataWarning
+
+        warnings.warn(DataWarning(
+            f"classes {[first.classes[i] for i in unscored]} have no test images: the test "
+            f"scores say nothing about them, and balanced accuracy averages over the others."))
     X_test = {key: ff.X(layer, "test") for key, (ff, layer) in jobs.items()}
     preds = np.stack([fitted[((r["backbone"], r["layer"]), r["head"])].predict(
         X_test[(r["backbone"], r["layer"])]) for r in rows])
@@ -276,7 +288,29 @@ def _publish(staging: Path, out_dir: Path) -> None:
             target.unlink(missing_ok=True)
 
 
-def _check_shots(shots, repeats) -> list:
+def _feasible_shots(shots, y_train) -> list:
+    """Drop few-shot sizes that no class can fill (they would repeat "all" under another
+    name), and say which sizes some classes cannot fill (those use all their images)."""
+    import warnings
+
+    from .errors import DataWarning
+
+    counts = np.bincount(y_train)
+    counts = counts[counts > 0]
+    too_big = [k for k in shots if k != "all" and k >= counts.max()]
+    partly = [k for k in shots if k != "all" and counts.min() < k < counts.max()]
+    if too_big:
+        warnings.warn(DataWarning(
+            f"shots {too_big}: no class has more than {counts.max()} training images, so these "
+            f"sizes would be the whole train split; left out (the 'all' size covers it)."))
+    if partly:
+        warnings.warn(DataWarning(
+            f"shots {partly}: the smallest class has {counts.min()} training images; at these "
+            f"sizes classes with fewer use all of theirs."))
+    return [k for k in shots if k not in too_big]
+
+
+def check_shots(shots, repeats) -> list:
     out = []
     for s in shots or ():
         if str(s).strip().lower() == "all":

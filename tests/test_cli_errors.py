@@ -80,8 +80,25 @@ def test_a_table_of_bad_invocations(world):
         (["embed", str(images), "-o", out, "--commit-every", "0"], 2, "--commit-every"),
         (["embed", str(images), "-o", out, "--layer", ","], 1, "no layer requested"),
     ]
+    # an output that is one of the inputs is refused, whatever the flags
+    cases += [
+        (["predict", str(w / "head.joblib"), str(red[0]), "-o", str(w / "head.joblib")], 1,
+         "is one of the inputs"),
+        (["predict", str(w / "head.joblib"), str(w / "victim.png"), "-o", str(w / "victim.png")],
+         1, "is one of the inputs"),
+        (["fit-head", "logreg", str(feats), "--layer", "avgpool", "-o", str(feats)], 1,
+         "is the feature file itself"),
+        (["embed", str(w / "good.csv"), "-o", str(w / "good.csv"), "--overwrite"], 1,
+         "is never replaced"),
+        (["info", str(w / "head.joblib")], 1, "is not a feature file (not HDF5 at all)"),
+    ]
     if not has_gpu:
         cases.append((["embed", str(images), "-o", out, "--device", "cuda"], 1, "no CUDA GPU"))
+    shutil.copyfile(red[1], w / "victim.png")
+    (w / "good.csv").write_text(f"path,label\n{red[0]},red\n{red[1]},red\n"
+                                f"{images / 'blue' / 'blue_0.png'},blue\n"
+                                f"{images / 'blue' / 'blue_1.png'},blue\n")
+    kept = {p: p.read_bytes() for p in (w / "head.joblib", w / "victim.png", w / "good.csv", feats)}
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda c: _cli(c[0], w), cases))
     for (args, code, fragment), res in zip(cases, results):
@@ -93,6 +110,7 @@ def test_a_table_of_bad_invocations(world):
             assert err.startswith("Error: ") or "\nError: " in err, (args, err)
     assert not (w / "out.h5").exists() and not (w / "out.h5.partial").exists()
     assert not (w / "r1").exists() and not (w / "nodir").exists()
+    assert all(p.read_bytes() == b for p, b in kept.items())  # no input was written over
     # the refused pipeline left the other file as it was
     assert (w / "run" / "features.h5").read_bytes() == feats.read_bytes()
 

@@ -285,3 +285,46 @@ def test_pipeline_paths_are_relative_to_the_pipeline_file(image_folder, tmp_path
     assert plan.config["data"]["root"] == str(image_folder)
     plan = load_pipeline(conf / "p.toml", ["data.root=../imgs2", "output=here"])  # --set: from cwd
     assert plan.config["data"]["root"] == "../imgs2" and str(plan.output) == "here"
+
+
+def test_a_linked_folder_cannot_count_an_image_twice(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        for i in range(3):
+            make_image(tmp_path / "d" / c / f"{i}.png", (90 * i, 20, 20), i)
+    os.symlink("../a", tmp_path / "d" / "b" / "alias")
+    with pytest.raises(DataError, match=r"b/alias/0.png is the same file as .*a/0.png"):
+        open_source(tmp_path / "d")
+
+
+def test_few_shot_sizes_beyond_the_data_are_said(feats_path, tmp_path):
+    from featurecache.report import compare
+
+    with pytest.warns(Warning) as caught:
+        res = compare(feats_path, tmp_path / "r", heads=["logreg"], shots=[1, 100], repeats=1,
+                      n_boot=20, n_jobs=1, progress=False)
+    text = " | ".join(str(w.message) for w in caught)
+    assert "shots [100]: no class has more than 4 training images" in text
+    assert list(res.rows[0]["few_shot"]) == ["1"]
+
+
+def test_compare_names_an_unfinished_file_as_such(image_folder, tiny_backbone, tmp_path,
+                                                  monkeypatch):
+    from featurecache.errors import StoreError
+    from featurecache.extract import FeatureExtractor
+    from featurecache.report import compare
+
+    forward, calls = FeatureExtractor.forward, {"n": 0}
+
+    def fail_second(self, x):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("stop")
+        return forward(self, x)
+
+    monkeypatch.setattr(FeatureExtractor, "forward", fail_second)
+    with pytest.raises(RuntimeError):
+        embed(image_folder, tmp_path / "f.h5", backbone=tiny_backbone, layers=["avgpool"],
+              num_workers=0, batch_size=4, progress=False)
+    with pytest.raises(StoreError, match=r"is unfinished: 4 of 18 inputs embedded"):
+        compare(tmp_path / "f.h5", tmp_path / "r", heads=["logreg"], progress=False)

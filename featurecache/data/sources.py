@@ -154,11 +154,15 @@ def _limit(records: list, k: int) -> list:
 
 def _stamp(path: str) -> str:
     """``size:mtime_ns`` of a file, or "" when it cannot be read (a broken link)."""
+    st = _stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}" if st else ""
+
+
+def _stat(path: str):
     try:
-        st = os.stat(path)
+        return os.stat(path)
     except OSError:
-        return ""
-    return f"{st.st_size}:{st.st_mtime_ns}"
+        return None
 
 
 def _utf8(name: str) -> bool:
@@ -198,8 +202,9 @@ def _count(ignored: dict, why: str, n: int = 1) -> None:
 
 
 def _images_in(folder: Path, ignored: dict) -> list[tuple]:
-    """``(path, stamp)`` of the images under ``folder`` (any depth), sorted; hidden entries and
-    other files are counted in ``ignored``; broken links are kept (the embed skips them)."""
+    """``(path, stamp, identity)`` of the images under ``folder`` (any depth), sorted; hidden
+    entries and other files are counted in ``ignored``; broken links are kept (the embed
+    skips them)."""
     found, seen = [], set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         st = os.stat(top)
@@ -220,8 +225,10 @@ def _images_in(folder: Path, ignored: dict) -> list[tuple]:
             elif os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 _count(ignored, "files that are not images")
             else:
-                p = os.path.join(top, name)
-                found.append((os.path.abspath(p), _stamp(p)))
+                p = os.path.abspath(os.path.join(top, name))
+                st = _stat(p)
+                found.append((p, f"{st.st_size}:{st.st_mtime_ns}" if st else "",
+                              (st.st_dev, st.st_ino) if st else p))
     return sorted(found)
 
 
@@ -242,8 +249,21 @@ def _folder_items(root: Path, ignored: dict):
         for sd in splits:
             items += _class_items(sd, SPLIT_NAMES[sd.name.lower()], ignored)
         _warn_if_splits_disagree(root, items)
-        return "split-folders", items
-    return "folder", _class_items(root, None, ignored)
+        return "split-folders", _once(root, items)
+    return "folder", _once(root, _class_items(root, None, ignored))
+
+
+def _once(root: Path, items: list) -> list:
+    """Refuse an image reached twice (a linked folder, a hard link): it would count twice,
+    perhaps under two classes or in both train and test. Drops the file identity."""
+    first: dict = {}
+    for p, c, s, stamp, ident in items:
+        if ident in first:
+            raise DataError(f"{root}: {p} is the same file as {first[ident]} (a linked folder or "
+                            f"file); each image may appear once, or it could count twice or under "
+                            f"two classes. Remove the link.")
+        first[ident] = p
+    return [(p, c, s, stamp) for p, c, s, stamp, _ in items]
 
 
 def _warn_if_splits_disagree(root: Path, items) -> None:
@@ -254,7 +274,7 @@ def _warn_if_splits_disagree(root: Path, items) -> None:
     from ..errors import DataWarning
 
     by_split: dict = {}
-    for _, c, s, _ in items:
+    for _, c, s, *_ in items:
         by_split.setdefault(s, set()).add(c)
     every = set().union(*by_split.values())
     gaps = [f"{sorted(every - have)} not in {s}/" for s, have in sorted(by_split.items())
@@ -262,8 +282,9 @@ def _warn_if_splits_disagree(root: Path, items) -> None:
     if gaps:
         warnings.warn(DataWarning(
             f"the split folders of {root} hold different classes: {'; '.join(gaps)}. Heads "
-            f"cannot learn a class without training images; add the missing class folders or "
-            f"remove the extra ones."), stacklevel=3)
+            f"cannot learn a class without training images, and a class without test images is "
+            f"never scored; add the missing class folders or remove the extra ones."),
+            stacklevel=3)
 
 
 def _class_items(folder: Path, split, ignored: dict):
@@ -273,7 +294,7 @@ def _class_items(folder: Path, split, ignored: dict):
         if not images:
             raise DataError(f"class folder {cd} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                             f"add images or remove the folder.")
-        items += [(p, cd.name, split, stamp) for p, stamp in images]
+        items += [(p, cd.name, split, stamp, ident) for p, stamp, ident in images]
     return items
 
 

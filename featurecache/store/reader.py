@@ -36,6 +36,9 @@ class FeatureFile:
             else:
                 self._open_file()
         except (OSError, KeyError, ValueError) as exc:
+            if not is_hdf5(self.path):
+                raise StoreError(f"{self.path} is not a feature file (not HDF5 at all); give the "
+                                 f".h5 file that `featurecache embed` wrote.") from None
             raise StoreError(f"cannot read {self.path} as a feature file ({exc}); it may be "
                              f"damaged: rebuild it with its embed command and {option('overwrite')}.") from None
         self.layers = {s.name: s for s in sorted(self._specs, key=lambda s: (s.depth, s.name))}
@@ -195,6 +198,15 @@ def _missing_sources(path: Path, datasets) -> list:
             if vs.file_name != "." and not full.is_file() and str(full) not in missing:
                 missing.append(str(full))
     return missing
+
+
+def is_hdf5(path) -> bool:
+    """Whether ``path`` is a file that starts with HDF5's signature."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
 
 
 def open_features(path) -> FeatureFile:

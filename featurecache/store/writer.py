@@ -133,6 +133,10 @@ class Writer:
 
     # -- opening -------------------------------------------------------------------------
     def __enter__(self) -> "Writer":
+        if self.path.exists() and not self._is_feature_file():
+            raise StoreError(f"{self.path} exists and is not an HDF5 feature file; it is never "
+                             f"replaced (not even with {option('overwrite')}): choose another "
+                             f"output name.")
         if not self.overwrite and self.path.exists():
             old = self._check_same(self._final_attrs(), self.path)
             self.already_complete = True
@@ -211,6 +215,13 @@ class Writer:
         self.n_done = int(segments[-1][1]["input_end"]) if segments else 0
         self._segments = len(segments)
         fsync_dir(self.partial)
+
+    def _is_feature_file(self) -> bool:
+        """An HDF5 file (a feature file, or a damaged one that --overwrite may replace); never
+        a manifest, an image or a head given as the output by mistake."""
+        from .reader import is_hdf5
+
+        return self.path.is_file() and is_hdf5(self.path)
 
     def _final_attrs(self) -> dict:
         try:

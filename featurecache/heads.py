@@ -138,7 +138,7 @@ class Head:
                 theirs = [{k: s[k] for k in ("node", "kind", "pool", "dim")} for s in theirs or []]
             if mine != theirs:
                 raise HeadError(f"this head was trained on layer {self.layer!r} with {key} = "
-                                f"{mine!r}, but {what} have {key} = {theirs!r}.")
+                                f"{mine!r}, but for {what}, {key} = {theirs!r}.")
 
     @property
     def column_classes(self) -> list:

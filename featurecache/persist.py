@@ -59,6 +59,11 @@ def load_head_dict(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise HeadError(f"head file {path} does not exist.")
+    with open(path, "rb") as f:
+        if f.read(8) == b"\x89HDF\r\n\x1a\n":
+            raise HeadError(f"{path} is a feature file, not a head: the head comes first "
+                            f"(`featurecache predict HEAD IMAGES`, `featurecache score HEAD "
+                            f"FEATURES`).")
     try:
         if _is_skops(path):
             sio = _skops()

@@ -78,7 +78,7 @@ class Plan:
 
 def _parse_override(item: str) -> tuple:
     key, sep, raw = item.partition("=")
-    if not sep:
+    if not sep or not key.strip():
         raise PipelineError(f"--set {item!r} is not KEY=VALUE (e.g. data.root=../shared/data/digits).")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
@@ -143,6 +143,9 @@ def load_pipeline(path=None, overrides=(), text: str | None = None) -> Plan:
                 raise PipelineOptionError(str(exc)) from None
     if not config["embed"]["layers"]:
         raise PipelineError("embed.layers must name at least one layer.")
+    if not config[""]["output"].strip():
+        raise PipelineError("output is empty; name the folder for features.h5, report/ and "
+                            "run.json (relative paths are relative to the pipeline file).")
     if path is not None:  # the file's relative paths are relative to the file
         base = Path(path).resolve().parent
         for table, name in PATH_KEYS:
@@ -194,6 +197,9 @@ def check_pipeline(plan: Plan) -> dict:
         if layer not in stored:
             raise PipelineError(f"compare layer {layer!r} is not in embed.layers ({', '.join(stored)}).")
     _check_data(src, k["cv"])
+    from .extract import default_device
+
+    default_device(kw["device"])  # an unknown device, or cuda on a machine without one
     splits = sorted({r.split for r in src.records})
     return {"images": len(src.records), "classes": len(src.classes), "splits": splits,
             "layers": {s.name: s.dim for s in specs}, "weights": bb.weights}

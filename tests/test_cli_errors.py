@@ -44,6 +44,8 @@ def world(tmp_path, image_folder, feats_path):
     one.mkdir(parents=True)
     for i in range(3):
         make_image(one / f"{i}.png", (200, 0, 0), i)
+    (w / "gpu.toml").write_text(f'[data]\nroot = "{image_folder}"\n[embed]\ndevice = "gpu"\n'
+                                f'[compare]\ncv = 2\n')
     (w / "nboot.toml").write_text(f'[data]\nroot = "{image_folder}"\n[compare]\nn_boot = 0\n')
     # a pipeline whose output already holds a feature file made with other settings
     (w / "run" ).mkdir()
@@ -91,6 +93,11 @@ def test_a_table_of_bad_invocations(world):
         (["embed", str(w / "good.csv"), "-o", str(w / "good.csv"), "--overwrite"], 1,
          "is never replaced"),
         (["info", str(w / "head.joblib")], 1, "is not a feature file (not HDF5 at all)"),
+        (["embed", str(red[0]), "-o", out], 1, "is an image; the data are a folder"),
+        (["predict", str(feats), str(red[0])], 1, "is a feature file, not a head"),
+        (["run", str(w / "nboot.toml"), "--set", "=3"], 1, "is not KEY=VALUE"),
+        (["run", str(w / "gpu.toml"), "--dry-run"], 1, "device 'gpu' is not a device name"),
+        (["run", str(w / "gpu.toml"), "--dry-run", "--set", "output=''"], 1, "output is empty"),
     ]
     if not has_gpu:
         cases.append((["embed", str(images), "-o", out, "--device", "cuda"], 1, "no CUDA GPU"))

@@ -113,8 +113,9 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         try:
             return self.transform(load_image(self.records[i].path, self.exif)), i, None
-        except DataError as exc:
-            return None, i, str(exc)
+        except DataError as exc:  # the reason, without the path it is stored beside
+            reason, path = str(exc), self.records[i].path
+            return None, i, reason[len(path) + 2:] if reason.startswith(path + ": ") else reason
 
 
 @dataclass

@@ -116,6 +116,10 @@ def open_source(spec, test_size: float = 0.3, seed: int = 0,
             raise DataError(f"data source {spec} does not exist; give an image folder, a CSV "
                             f"manifest (path,label[,split]) or builtin:digits.")
         root = str(path.resolve())
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+            raise DataError(f"{spec} is an image; the data are a folder of class folders, a CSV "
+                            f"manifest (path,label[,split]) or builtin:digits (to classify one "
+                            f"image with a head, use `featurecache predict`).")
         if path.is_file():
             kind, items = "manifest", _manifest_items(path)
         else:

@@ -67,7 +67,7 @@ class FeatureFile:
         self._parts = [(self.path, 0, n, 0, k)]
 
     def _open_partial(self) -> None:
-        from .writer import list_segments
+        from .segments import list_segments
 
         try:
             header = json.loads((self.path / "header.json").read_text())

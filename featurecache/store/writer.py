@@ -24,12 +24,10 @@ right input.
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
 import queue
-import shutil
 import socket
 import threading
 import time
@@ -42,10 +40,11 @@ import numpy as np
 
 from ..errors import DataWarning, StoreError, StoreMismatchError, option
 from ..files import atomic_output, fsync_dir
-from .layout import (FORMAT, IDENTITY_KEYS, create_row_datasets, created_now, decode, write_header,
+from .layout import (FORMAT, IDENTITY_KEYS, create_row_datasets, created_now, decode,
                      fingerprint, partial_path, write_rows)
+from .segments import assemble, list_segments, no_space
 
-__all__ = ["Writer", "Batch", "list_segments"]
+__all__ = ["Writer", "Batch"]
 
 _F16_TINY = float(np.finfo(np.float16).tiny)  # below this float16 is subnormal: digits are lost
 _FLUSH, _STOP, _FINISH = object(), object(), object()
@@ -62,28 +61,6 @@ class Batch:
     splits: list
     n_inputs: int
     skipped: list
-
-
-def list_segments(folder: Path) -> list:
-    """Committed segments of a partial folder, in order, as ``(path, attrs)``; stops at the
-    first gap or unreadable segment (nothing after it can be trusted)."""
-    out, expected = [], 0
-    for p in sorted(folder.glob("seg-*.h5")):
-        try:
-            with h5py.File(p, "r") as f:
-                attrs = {k: decode(v) for k, v in f.attrs.items()}
-        except OSError:
-            break
-        if attrs.get("input_start") != expected:
-            break
-        out.append((p, attrs))
-        expected = attrs["input_end"]
-    return out
-
-
-def _no_space(exc: BaseException) -> bool:
-    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc) \
-        or "errno = 28" in str(exc)
 
 
 class Writer:
@@ -287,7 +264,7 @@ class Writer:
             err, self._error = self._error, None
             if isinstance(err, StoreError):
                 raise err
-            if _no_space(err):
+            if no_space(err):
                 raise StoreError(f"no space left on device while writing {self.partial}; the "
                                  f"{self.n_committed} committed rows are kept: free some space "
                                  f"and run the same command again to resume.") from None
@@ -366,94 +343,5 @@ class Writer:
         return rows.astype(dtype)
 
     def _assemble(self) -> None:
-        """Copy the segments, in order, into the final file (written through a
-        :class:`~featurecache.store.shield.Shield`: complete and renamed, or an error), then
-        remove the partial folder."""
-        from .shield import hdf5_output
-
-        for stale in self.path.parent.glob(f".{self.path.name}.*"):  # an assembly a crash cut
-            stale.unlink(missing_ok=True)  # short (we hold the output's lock)
-        segments = list_segments(self.partial)
-        n = sum(int(a["n_rows"]) for _, a in segments)
-        k = sum(int(a["n_skipped"]) for _, a in segments)
-        attrs = {**self.meta, "n_done": self.n_done, "n_committed": n, "n_skipped": k,
-                 "complete": True}
-        try:
-            with hdf5_output(self.path) as out:
-                write_header(out, attrs, self.classes)  # attrs carry the run's "created"
-                create_row_datasets(out, self.specs, self.meta["dtype"], n, k)
-                row_bytes = sum(s.dim for s in self.specs) * np.dtype(self.meta["dtype"]).itemsize
-                size = max(1, min(4096, (64 << 20) // row_bytes))  # rows per copy: <= 64 MiB
-                for start, block in _blocks(segments, self.specs, size):
-                    write_rows(out, start, block["features"], block["labels"], block["paths"],
-                               block["splits"], 0, [])
-                write_rows(out, 0, {}, [], [], [], 0, _skipped(segments))
-        except OSError as exc:
-            if _no_space(exc):
-                raise StoreError(f"no space left on device while writing {self.path}; the "
-                                 f"committed rows are kept in {self.partial}: free some space "
-                                 f"and run the same command again to finish.") from None
-            raise
-        shutil.rmtree(self.partial, ignore_errors=True)
-        fsync_dir(self.path.parent)
-
-
-def _blocks(segments, specs, size: int):
-    """The committed rows as ``(start, block)`` in blocks of ``size`` rows, whatever the
-    segments' sizes: the final file's bytes (HDF5 allocates string heap space per write) must
-    not depend on where a run was interrupted."""
-    pending, start, done = [], 0, 0
-    for p, a in segments:
-        m = int(a["n_rows"])
-        if not m:
-            continue
-        with h5py.File(p, "r") as seg:
-            pending.append({"features": {s.name: seg["layers"][s.name][:m] for s in specs},
-                            "labels": seg["labels"][:m],
-                            "paths": [decode(v) for v in seg["paths"][:m]],
-                            "splits": [decode(v) for v in seg["splits"][:m]]})
-        done += m
-        while done - start >= size:
-            block, pending = _take(pending, size)
-            yield start, block
-            start += size
-    if done > start:
-        yield start, _take(pending, done - start)[0]
-
-
-def _take(parts: list, size: int):
-    """The first ``size`` rows of a list of row blocks, and the rest."""
-    taken, rest, need = [], [], size
-    for part in parts:
-        m = len(part["labels"])
-        if need >= m:
-            taken.append(part)
-            need -= m
-        elif need > 0:
-            taken.append(_slice(part, 0, need))
-            rest.append(_slice(part, need, m))
-            need = 0
-        else:
-            rest.append(part)
-    block = {"features": {name: np.concatenate([t["features"][name] for t in taken])
-                          for name in taken[0]["features"]},
-             "labels": np.concatenate([t["labels"] for t in taken]),
-             "paths": [v for t in taken for v in t["paths"]],
-             "splits": [v for t in taken for v in t["splits"]]}
-    return block, rest
-
-
-def _slice(part: dict, i: int, j: int) -> dict:
-    return {"features": {k: v[i:j] for k, v in part["features"].items()},
-            "labels": part["labels"][i:j], "paths": part["paths"][i:j],
-            "splits": part["splits"][i:j]}
-
-
-def _skipped(segments) -> list:
-    out = []
-    for p, a in segments:
-        if int(a["n_skipped"]):
-            with h5py.File(p, "r") as seg:
-                out += zip((decode(v) for v in seg["skipped/paths"][()]),
-                           (decode(v) for v in seg["skipped/reasons"][()]))
-    return out
+        assemble(self.path, self.partial, {**self.meta, "n_done": self.n_done}, self.specs,
+                 self.classes)

@@ -11,7 +11,12 @@ modules that use them, when a name below is first used (so CLI start-up and the 
 worker processes do not pay for torch).
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("featurecache")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
 
 # public name -> module that defines it (imported on first use, PEP 562)
 _LAZY = {"embed": "embedding", "open_features": "store", "load_backbone": "backbones",

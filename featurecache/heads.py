@@ -22,7 +22,6 @@ Example::
 
 from __future__ import annotations
 
-import datetime
 import warnings
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 
 from . import __version__
 from .errors import DataWarning, HeadError
+from .store.layout import created_now
 from .search import (HEAD_KINDS, KERNELS, SCORINGS, check_options, coarse_grid, make_folds,
                      search_layers)
 
@@ -264,7 +264,7 @@ def fit_heads(jobs: dict, kinds, *, kernel: str = "linear", cv: int = 5,
         joblib.delayed(refit)(Xs[key], y, kind, results[(key, kind)].params, kernel=kernel,
                               class_weight=class_weight, seed=seed, probability=probability)
         for key, kind in order)
-    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    created = created_now()
     heads = {}
     for (key, kind), pipe in zip(order, pipes):
         ff, layer = jobs[key]

@@ -24,7 +24,7 @@ import torch
 
 from .backbones import DEFAULT_BACKBONE, Preprocess, load_backbone
 from .data import ImageDataset, Record, collate
-from .data.sources import IMAGE_EXTENSIONS
+from .data.sources import IMAGE_EXTENSIONS, is_hidden
 from .errors import DataError, FeaturecacheError
 from .extract import FeatureExtractor, default_device
 from .files import atomic_output, require_folder
@@ -44,8 +44,7 @@ def expand_images(items) -> list[str]:
         p = Path(item)
         if p.is_dir():
             out += sorted(str(q) for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS
-                          and not any(part.startswith(".") or part == "__MACOSX"
-                                      for part in q.relative_to(p).parts))
+                          and not any(is_hidden(part) for part in q.relative_to(p).parts))
         elif not p.exists() and not p.is_symlink() and any(ch in item for ch in "*?["):
             out += sorted(glob.glob(item, recursive=True))
         else:

@@ -183,7 +183,8 @@ def _shown(name: str) -> str:
     return name.encode("utf-8", "backslashreplace").decode() if not _utf8(name) else name
 
 
-def _hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
+    """A hidden or system entry (``.DS_Store``, ``._x.jpg``, ``__MACOSX``): never an input."""
     return name.startswith(".") or name in IGNORED_NAMES
 
 
@@ -191,7 +192,7 @@ def _visible_dirs(folder: Path, ignored: dict) -> list[Path]:
     out = []
     for d in sorted(folder.iterdir()):
         if d.is_dir():
-            if _hidden(d.name):
+            if is_hidden(d.name):
                 _count(ignored, "hidden or system entries")
             elif not _utf8(d.name):
                 raise DataError(f"folder name {_shown(str(d))} is not valid UTF-8, and class "
@@ -216,12 +217,12 @@ def _images_in(folder: Path, ignored: dict) -> list[tuple]:
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        keep = sorted(d for d in dirs if not _hidden(d))
+        keep = sorted(d for d in dirs if not is_hidden(d))
         if len(keep) < len(dirs):
             _count(ignored, "hidden or system entries", len(dirs) - len(keep))
         dirs[:] = keep
         for name in files:
-            if _hidden(name):
+            if is_hidden(name):
                 _count(ignored, "hidden or system entries")
             elif not _utf8(name):
                 _count(ignored, f"files whose names are not UTF-8 (e.g. {_shown(os.path.join(top, name))}: "

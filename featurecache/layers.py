@@ -179,6 +179,14 @@ def list_layers(backbone, all_nodes: bool = False, method: str = "auto") -> List
     return Listing(infos, aliases, method, note)
 
 
+def _reduction(info: LayerInfo, size: int) -> int:
+    """Input size / map height (the stride of a feature map); 0 for tokens and vectors."""
+    if info.kind not in ("map", "map-nhwc"):
+        return 0
+    h = info.shape[1] if info.kind == "map" else info.shape[0]
+    return max(1, round(size / h))
+
+
 def _aliases(infos: list, size: int) -> dict:
     names = {l.name for l in infos}
     aliases = {}
@@ -225,5 +233,6 @@ def resolve_layers(backbone, names, pool: str = "avg", token_pool: str = "cls",
                 f"`featurecache layers {backbone.name}`.")
         p = {"tokens": token_pool, "vector": "none"}.get(info.kind, pool)
         specs.append(LayerSpec(name, info.node or info.name, info.kind, p, info.width(pool),
-                               info.depth))
+                               info.depth, tuple(info.shape),
+                               _reduction(info, backbone.preprocess.crop)))
     return specs

@@ -120,3 +120,25 @@ def test_the_cli_options_come_from_the_declarations():
     assert isinstance(params["batch_size"].type, click.IntRange) and params["batch_size"].type.min == 1
     compare = {p.name: p for p in cli.commands["compare"].params}
     assert compare["cv"].type.min == 2 and compare["n_boot"].type.min == 1
+
+
+def test_layer_specs_record_shape_and_reduction(tiny_backbone, tmp_path):
+    import h5py
+
+    from featurecache import embed, open_features
+    from featurecache.layers import resolve_layers
+
+    specs = {s.name: s for s in resolve_layers(tiny_backbone, ["stem", "blocks.5", "head"])}
+    x = torch.zeros(1, 3, 64, 64)  # the spec must match a real forward pass at 64 px
+    model = tiny_backbone.model
+    assert tuple(model.stem(x).shape[1:]) == specs["stem"].shape == (32, 32, 32)
+    assert specs["stem"].reduction == 2 and specs["blocks.5"].reduction == 16
+    out = tmp_path / "f.h5"
+    embed("builtin:digits", out, backbone=tiny_backbone, layers=["stem", "avgpool"],
+          max_per_class=1, num_workers=0, progress=False)
+    assert open_features(out).layers["stem"] == specs["stem"]
+    with h5py.File(out, "r+") as f:  # a file from before these attributes
+        for name in ("shape", "reduction"):
+            del f["layers/stem"].attrs[name]
+    old = open_features(out).layers["stem"]
+    assert old.shape == () and old.reduction == 0 and old.dim == 32

@@ -54,14 +54,22 @@ class LayerSpec:
     pool: str   # avg | max | avgmax (maps), cls | mean (tokens), none (vectors)
     dim: int    # width after pooling
     depth: int  # depth index in the backbone's listing; the x-axis of the depth report
+    shape: tuple = ()   # per-image output shape before pooling (C, H, W), (L, D) or (D,)
+    reduction: int = 0  # input size / map height (timm's FeatureInfo); 0 for tokens, vectors
 
     def to_attrs(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
 
     @classmethod
     def from_attrs(cls, attrs) -> "LayerSpec":
+        """From file attributes or JSON; files made before shape and reduction were recorded
+        read as ``()`` and 0."""
         return cls(name=str(attrs["name"]), node=str(attrs["node"]), kind=str(attrs["kind"]),
-                   pool=str(attrs["pool"]), dim=int(attrs["dim"]), depth=int(attrs["depth"]))
+                   pool=str(attrs["pool"]), dim=int(attrs["dim"]), depth=int(attrs["depth"]),
+                   shape=tuple(int(v) for v in attrs.get("shape", ())),
+                   reduction=int(attrs.get("reduction", 0)))
 
 
 def partial_path(path) -> Path:

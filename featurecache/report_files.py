@@ -1,0 +1,163 @@
+"""The files of a comparison report: results.csv/json, report.md (table and verdict), the
+plots, and their publication into the report folder (replacing only a previous report's
+files)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from .stats import SCORING_METRIC
+
+__all__ = ["write_report", "publish", "own_files", "verdict_text", "markdown_table", "row_name",
+           "REPORT_FILES"]
+
+REPORT_FILES = ("results.csv", "report.md", "layer_depth.png", "few_shot.png", "confusion.png",
+                 "best.joblib", "results.json")
+
+
+def own_files(folder: Path) -> set:
+    """The files a previous report in ``folder`` wrote (named by its results.json)."""
+    try:
+        old = json.loads((folder / "results.json").read_text())
+        heads = {r["head_file"] for r in old.get("rows", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {f for f in REPORT_FILES if (folder / f).is_file()} | heads
+
+
+def publish(staging: Path, out_dir: Path) -> None:
+    """Move the new report's files over the old ones, then remove the old report's files
+    that the new one does not have. Nothing else in ``out_dir`` is touched."""
+    from .files import fsync_dir
+
+    stale = own_files(out_dir)
+    new = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+    new.sort(key=lambda f: f == "results.json")  # the index of the report goes last
+    for rel in new:
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / rel, out_dir / rel)
+    fsync_dir(out_dir)
+    for rel in stale - set(new):
+        target = (out_dir / rel).resolve()
+        if out_dir.resolve() in target.parents:  # never outside the report folder
+            target.unlink(missing_ok=True)
+
+
+def row_name(r) -> str:
+    return f"{r['backbone']} {r['layer']} ({r['head']})"
+
+
+def verdict_text(rows, w, runner, scoring, select, several) -> str:
+    """The verdict paragraph: the winner by CV, its test scores, its lead over the runner-up
+    (paired bootstrap), the shallowest layer, and the best of each other backbone."""
+    from .report import select_winner  # the selection rule lives with compare
+
+    metric = SCORING_METRIC[scoring]
+    what = f"{w['backbone']} " if several else ""
+    text = (f"**{what}{w['layer']}** with a {w['head']} head is chosen by cross-validation "
+            f"on the train split: CV {scoring} {w['cv_score']:.3f} (± {w['cv_std']:.3f} over the "
+            f"folds). On the test split, read once for this report, it scores {metric} "
+            f"{w[metric]:.3f} (95% CI {w[metric + '_lo']:.3f}-{w[metric + '_hi']:.3f}), "
+            f"accuracy {w['accuracy']:.3f}, macro-F1 {w['macro_f1']:.3f}.")
+    if select == "cv-1se":
+        best = select_winner(rows, "cv")
+        if best is not w:
+            text += (f" (--select cv-1se: the best CV score was {best['cv_score']:.3f} by "
+                     f"{row_name(best)}; {w['layer']} is the narrowest and shallowest candidate "
+                     f"within one standard error of it.)")
+    if runner is not None:
+        lead = w["lead_over_runner_up"]
+        clear = lead["lo"] > 0 or lead["hi"] < 0
+        text += (f" The runner-up by CV, {row_name(runner) if several else runner['layer'] + ' (' + runner['head'] + ')'}"
+                 f" (CV {runner['cv_score']:.3f}), scores {runner[metric]:.3f} on test; the "
+                 f"paired bootstrap of the difference on the same test rows gives "
+                 f"{lead['difference']:+.3f} (95% CI {lead['lo']:+.3f} to {lead['hi']:+.3f}), so "
+                 + ("the difference is clear on this test set." if clear else
+                    "this test set cannot tell the two apart."))
+    same = [r for r in rows if r["backbone"] == w["backbone"]]
+    shallow = min(same, key=lambda r: (r["depth"], -r["cv_score"]))
+    if shallow["layer"] != w["layer"]:
+        text += (f" The shallowest layer compared, {shallow['layer']}, reaches "
+                 f"{shallow[metric]:.3f}.")
+    if several:
+        for b in dict.fromkeys(r["backbone"] for r in rows):
+            if b != w["backbone"]:
+                best_b = select_winner([r for r in rows if r["backbone"] == b], "cv")
+                text += (f" Best of {b}: {best_b['layer']} ({best_b['head']}), CV "
+                         f"{best_b['cv_score']:.3f}, test {best_b[metric]:.3f}.")
+    return text
+
+
+def _fmt(r, key) -> str:
+    return f"{r[key]:.3f} [{r[key + '_lo']:.3f}, {r[key + '_hi']:.3f}]"
+
+
+def markdown_table(rows, winner) -> str:
+    several = len({r["backbone"] for r in rows}) > 1
+    cols = (["backbone"] if several else []) + [
+        "depth", "layer", "head", "dim", "best params", "grid", "CV score", "test accuracy",
+        "balanced accuracy", "macro-F1"]
+    shots = list(rows[0].get("few_shot", {}))
+    cols += [f"{s}-shot" for s in shots]
+    lines = ["| " + " | ".join(cols) + " |",
+             "|" + "|".join("---:" if c in ("depth", "dim") else "---" for c in cols) + "|"]
+    for r in rows:
+        params = ", ".join(f"{k}={v:.3g}" for k, v in r["params"].items())
+        cells = ([r["backbone"]] if several else []) + [
+            f"{r['depth']:g}", r["layer"], r["head"], str(r["dim"]), params,
+            f"{r['grid_evaluated']}/{r['grid_points']}",
+            f"{r['cv_score']:.3f} ± {r['cv_std']:.3f}", _fmt(r, "accuracy"),
+            _fmt(r, "balanced_accuracy"), _fmt(r, "macro_f1")]
+        cells += [f"{r['few_shot'][s]['mean']:.3f} ± {r['few_shot'][s]['std']:.3f}" for s in shots]
+        if r is winner:
+            cells = [f"**{c}**" for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: Path, files, names, rows, winner, verdict, cm, settings) -> None:
+    flat = [k for k in rows[0] if k not in ("params", "few_shot", "lead_over_runner_up")]
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=flat + ["params", "few_shot"], extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "params": json.dumps(r["params"]),
+                        "few_shot": json.dumps(r.get("few_shot", {}))})
+    first = files[0]
+    n_train, n_test = first.splits().count("train"), first.splits().count("test")
+    sources = [{"name": n, "feature_file": str(ff.path), "backbone": ff.provenance["backbone"],
+                "weights": ff.provenance["weights"]} for n, ff in zip(names, files)]
+    summary = {"feature_files": sources, "classes": first.classes, "n_train": n_train,
+               "n_test": n_test, "settings": settings, "winner": winner, "verdict": verdict,
+               "rows": rows}
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=1, default=float))
+    src = "; ".join(f"`{s['feature_file']}` ({s['backbone']}, weights `{s['weights']}`)"
+                    for s in sources)
+    plots = "![score vs depth](layer_depth.png)\n\n"
+    if settings["shots"]:
+        plots += "![score vs labelled images per class](few_shot.png)\n\n"
+    md = (f"# Layer-depth comparison\n\nFeatures: {src}; {n_train} train / {n_test} test rows, "
+          f"{len(first.classes)} classes.\n\n{verdict}\n\n{markdown_table(rows, winner)}\n"
+          f"How to read this: every head's hyperparameters and the winner are chosen by "
+          f"{settings['cv']} cross-validation on the train split, scored by "
+          f"{settings['scoring']}, on the same folds for every row (`--select "
+          f"{settings['select']}`). The test split is read once, after the choice, to report: "
+          f"intervals are bootstrap 95% intervals over the test rows, and the winner's lead over "
+          f"the runner-up is a paired bootstrap on the same resamples. The grid column counts "
+          f"the grid points evaluated on every fold; the others were skipped by early stopping "
+          f"(see `cv_results` in the head files)."
+          + (f" Few-shot columns: mean ± std of the test {SCORING_METRIC[settings['scoring']]} "
+             f"over {settings['repeats']} seeded draws of k train images per class, refit with "
+             f"the hyperparameters chosen on the full train split." if settings["shots"] else "")
+          + f"\n\n{plots}![confusion matrix of the winner](confusion.png)\n")
+    (out_dir / "report.md").write_text(md)
+    from .plots import plot_confusion, plot_depth, plot_few_shot
+
+    metric = SCORING_METRIC[settings["scoring"]]
+    plot_depth(out_dir / "layer_depth.png", rows, winner, metric)
+    plot_confusion(out_dir / "confusion.png", cm, first.classes, winner)
+    if settings["shots"]:
+        plot_few_shot(out_dir / "few_shot.png", rows, winner, metric)

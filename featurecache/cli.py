@@ -20,13 +20,11 @@ from .errors import FeaturecacheError
 
 __all__ = ["cli", "main"]
 
-HEAD_CHOICES, SCORING_CHOICES = options.HEAD_KINDS, options.SCORINGS
-
 
 def _friendly(fn=None, *, style: str = "cli"):
-    """Turn the package's errors (and ValueError from argument checks) into ClickException,
-    naming options as ``style`` shows them (``cli``: --overwrite; ``pipeline``:
-    embed.overwrite = true)."""
+    """Turn the package's errors into one-line ClickExceptions, naming options as ``style``
+    shows them (``cli``: --overwrite; ``pipeline``: embed.overwrite = true); a full disk is
+    one line too; anything else is reported as a bug (``--debug`` for the traceback)."""
     if fn is None:
         return functools.partial(_friendly, style=style)
 
@@ -255,7 +253,7 @@ Examples:
   featurecache fit-head knn feats.h5 --layer avgpool -o heads/avgpool-knn.joblib
   featurecache fit-head logreg feats.h5 --layer blocks.5+avgpool -o heads/concat.skops
 joblib files are pickles: load only heads you trust; .skops heads are safe to share.""")
-@click.argument("kind", type=click.Choice(HEAD_CHOICES))
+@click.argument("kind", type=click.Choice(options.HEAD_KINDS))
 @click.argument("features", type=click.Path(dir_okay=False))
 @click.option("--layer", required=True, help="Stored layer, or several joined with + (concatenated).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
@@ -328,7 +326,7 @@ Examples:
 @click.argument("features", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Report folder.")
 @click.option("--heads", default="logreg,svm,knn", show_default=True,
-              help=f"Comma-separated head kinds ({', '.join(HEAD_CHOICES)}).")
+              help=f"Comma-separated head kinds ({', '.join(options.HEAD_KINDS)}).")
 @click.option("--layers", default=None, help="Comma-separated stored layers (default: all).")
 @click.option("--extra", "extra", multiple=True, help="A concatenation such as blocks.5+avgpool (repeatable).")
 @options.click_options(options.COMPARE)

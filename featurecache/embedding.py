@@ -27,7 +27,7 @@ import torch
 
 from . import __version__
 from .backbones import Backbone, load_backbone
-from .data import ImageDataset, collate, open_source, shard_range
+from .data import ImageDataset, Source, collate, open_source, shard_range
 from .errors import DataError, OptionError, option
 from .options import DATA, DEFAULT_BACKBONE, DTYPES, EMBED, ON_ERROR, check
 from .extract import FeatureExtractor, default_device, on_device
@@ -36,7 +36,6 @@ from .layers import resolve_layers
 from .store import Writer
 
 __all__ = ["embed", "EmbedResult", "DTYPES", "ON_ERROR"]
-
 
 
 @dataclass
@@ -64,7 +63,9 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
 
     Args:
         source: image folder (``DATA/<class>/…`` or ``DATA/<split>/<class>/…``), CSV
-            manifest (``path,label[,split]``) or ``builtin:digits``.
+            manifest (``path,label[,split]``) or ``builtin:digits``; or a
+            :class:`~featurecache.data.Source` opened with the same ``test_size``, ``seed``
+            and ``max_per_class`` (so the data are listed once).
         output: the ``.h5`` file to write (its folder must exist).
         backbone: a name (see ``featurecache backbones``) or a loaded :class:`Backbone`.
         layers: layer names or aliases (see ``featurecache layers NAME``).
@@ -104,7 +105,10 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
     batch_size = batch_size or (64 if dev.type == "cuda" else 16)
     require_folder(output)
     say = _Say(progress)
-    src = open_source(source, test_size=test_size, seed=seed, max_per_class=max_per_class)
+    if isinstance(source, Source):  # already opened (a pipeline checks it before the embed)
+        src, source = source, source.root
+    else:
+        src = open_source(source, test_size=test_size, seed=seed, max_per_class=max_per_class)
     start, stop = shard_range(len(src.records), *shard)
     records = src.records[start:stop]
     say(src.summary())
@@ -173,7 +177,8 @@ def _run(records, offset, bb, extractor, dev, writer, batch_size, num_workers, o
         for batch in loader:
             if batch.failed and on_error == "fail":
                 i, reason = batch.failed[0]
-                raise DataError(f"{reason}. Use {option('on_error', 'skip')} to log and skip unreadable images.")
+                raise DataError(f"{records[i].path}: {reason}. Use {option('on_error', 'skip')} "
+                                f"to log and skip unreadable images.")
             feats = {}
             if batch.images is not None:
                 images = batch.images.to(dev, non_blocking=True)

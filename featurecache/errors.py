@@ -8,7 +8,7 @@ import re
 __all__ = ["option", "render",
     "FeaturecacheError", "UnknownBackboneError", "UnknownLayerError", "WeightsError",
     "DataError", "StoreError", "StoreMismatchError", "HeadError", "PipelineError", "OptionError",
-    "HeadOptionError", "PipelineOptionError", "check_choice",
+    "HeadOptionError", "PipelineOptionError",
     "FeaturecacheWarning", "DataWarning",
 ]
 
@@ -109,12 +109,6 @@ class FeaturecacheWarning(UserWarning):
 
 class DataWarning(FeaturecacheWarning):
     """Input data that are usable but probably not what the user meant."""
-
-
-def check_choice(name: str, value, allowed, error=OptionError) -> None:
-    """Refuse ``value`` unless it is one of ``allowed``, naming the option and the choices."""
-    if value not in allowed:
-        raise error(f"{name} {value!r} is not one of {', '.join(map(str, allowed))}.")
 
 
 def close_matches(name: str, choices, n: int = 5) -> str:

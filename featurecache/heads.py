@@ -31,7 +31,6 @@ import numpy as np
 
 from . import __version__
 from .errors import DataWarning, HeadError
-from .store.layout import created_now
 from .search import (HEAD_KINDS, KERNELS, SCORINGS, check_options, coarse_grid, make_folds,
                      search_layers)
 
@@ -264,6 +263,8 @@ def fit_heads(jobs: dict, kinds, *, kernel: str = "linear", cv: int = 5,
         joblib.delayed(refit)(Xs[key], y, kind, results[(key, kind)].params, kernel=kernel,
                               class_weight=class_weight, seed=seed, probability=probability)
         for key, kind in order)
+    from .store.layout import created_now  # the one UTC timestamp (SOURCE_DATE_EPOCH aware)
+
     created = created_now()
     heads = {}
     for (key, kind), pipe in zip(order, pipes):

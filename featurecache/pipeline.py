@@ -189,7 +189,7 @@ def check_pipeline(plan: Plan) -> dict:
     bb = load_backbone(kw["backbone"], kw["weights"], kw["weights_file"])
     specs = resolve_layers(bb, kw["layers"], pool=kw["pool"], token_pool=kw["token_pool"])
     k = plan.config["compare"]
-    from .report import check_shots
+    from .fewshot import check_shots
 
     check_shots(k["shots"], k["repeats"])
     stored = {s.name for s in specs}
@@ -228,21 +228,19 @@ def _check_data(src, cv: int) -> None:
 def run_pipeline(plan: Plan, progress: bool = True) -> dict:
     """Run embed -> compare and write ``run.json``; returns its content."""
     from . import __version__
+    from .data import open_source
     from .embedding import embed
     from .report import compare
 
-    from .data import open_source
-
     kw = _embed_kwargs(plan.config)
-    _check_data(open_source(plan.config["data"]["root"], test_size=kw["test_size"],
-                            seed=kw["seed"], max_per_class=kw["max_per_class"]),
-                plan.config["compare"]["cv"])
+    src = open_source(plan.config["data"]["root"], test_size=kw["test_size"], seed=kw["seed"],
+                      max_per_class=kw["max_per_class"])
+    _check_data(src, plan.config["compare"]["cv"])
     out = plan.output
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     t = time.perf_counter()
-    r = embed(plan.config["data"]["root"], out / "features.h5", progress=progress,
-              **_embed_kwargs(plan.config))
+    r = embed(src, out / "features.h5", progress=progress, **kw)
     timings["embed_s"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     res = compare(out / "features.h5", out / "report", overwrite=True, progress=progress,

@@ -154,13 +154,9 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
     check_options(heads, kernel, scoring)
     check(COMPARE, {"cv": cv, "repeats": repeats, "n_boot": n_boot, "n_jobs": n_jobs,
                     "extra_layers": list(extra_layers)})
-    check_options(heads, kernel, scoring)
     if select not in SELECT:
         raise HeadOptionError(f"select {select!r} is not one of {', '.join(SELECT)}.")
     shots = check_shots(shots, repeats)
-    if n_boot < 1:
-        raise HeadError(f"n_boot == {n_boot}: the confidence intervals need at least 1 bootstrap "
-                        f"resample (1000 is the default).")
     names = _labels(files)
     jobs = {}
     for name, ff in zip(names, files):

@@ -28,6 +28,7 @@ from ..errors import DataError
 __all__ = ["Record", "Source", "open_source", "shard_range", "BUILTINS", "IMAGE_EXTENSIONS"]
 
 MISSING_SHOWN = 5  # missing files named in the error
+NOT_UTF8 = "files whose names are not UTF-8"
 IGNORED_NAMES = ("__MACOSX",)  # folders that archive tools add beside the data
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 SPLIT_NAMES = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
@@ -65,8 +66,6 @@ class Source:
 
     def summary(self) -> str:
         """One line: images, classes, split sizes, and what was ignored."""
-        from collections import Counter
-
         n = Counter(r.split for r in self.records)
         splits = " / ".join(f"{s} {n[s]:,}" for s in ("train", "val", "test") if n[s])
         ignored = "; ignored " + ", ".join(f"{v:,} {k}" for k, v in self.ignored.items()) \
@@ -156,9 +155,10 @@ def _limit(records: list, k: int) -> list:
     return kept
 
 
-def _stamp(path: str) -> str:
-    """``size:mtime_ns`` of a file, or "" when it cannot be read (a broken link)."""
-    st = _stat(path)
+def _stamp(path: str, st=None) -> str:
+    """``size:mtime_ns`` of a file (``st``: its stat, when already made), or "" when it
+    cannot be read (a broken link)."""
+    st = st or _stat(path)
     return f"{st.st_size}:{st.st_mtime_ns}" if st else ""
 
 
@@ -180,7 +180,8 @@ def _utf8(name: str) -> bool:
 
 
 def _shown(name: str) -> str:
-    return name.encode("utf-8", "backslashreplace").decode() if not _utf8(name) else name
+    """A name with its undecodable bytes written as ``\\xff`` (printable in any terminal)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace") if not _utf8(name) else name
 
 
 def is_hidden(name: str) -> bool:
@@ -225,15 +226,16 @@ def _images_in(folder: Path, ignored: dict) -> list[tuple]:
             if is_hidden(name):
                 _count(ignored, "hidden or system entries")
             elif not _utf8(name):
-                _count(ignored, f"files whose names are not UTF-8 (e.g. {_shown(os.path.join(top, name))}: "
-                                f"rename them)")
+                if NOT_UTF8 not in ignored:  # one example named, once; the rest counted
+                    _warn(f"{_shown(os.path.join(top, name))}: the file name is not valid UTF-8, "
+                          f"and names are stored as UTF-8; such files are left out (rename them).")
+                _count(ignored, NOT_UTF8)
             elif os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 _count(ignored, "files that are not images")
             else:
                 p = os.path.abspath(os.path.join(top, name))
                 st = _stat(p)
-                found.append((p, f"{st.st_size}:{st.st_mtime_ns}" if st else "",
-                              (st.st_dev, st.st_ino) if st else p))
+                found.append((p, _stamp(p, st), (st.st_dev, st.st_ino) if st else p))
     return sorted(found)
 
 
@@ -271,13 +273,17 @@ def _once(root: Path, items: list) -> list:
     return [(p, c, s, stamp) for p, c, s, stamp, _ in items]
 
 
-def _warn_if_splits_disagree(root: Path, items) -> None:
-    """Say when the split folders do not hold the same classes (a head cannot learn a class
-    that has no training images, and a class missing from test is never scored)."""
+def _warn(message: str) -> None:
     import warnings
 
     from ..errors import DataWarning
 
+    warnings.warn(DataWarning(message), stacklevel=4)
+
+
+def _warn_if_splits_disagree(root: Path, items) -> None:
+    """Say when the split folders do not hold the same classes (a head cannot learn a class
+    that has no training images, and a class missing from test is never scored)."""
     by_split: dict = {}
     for _, c, s, *_ in items:
         by_split.setdefault(s, set()).add(c)
@@ -285,11 +291,9 @@ def _warn_if_splits_disagree(root: Path, items) -> None:
     gaps = [f"{sorted(every - have)} not in {s}/" for s, have in sorted(by_split.items())
             if every - have]
     if gaps:
-        warnings.warn(DataWarning(
-            f"the split folders of {root} hold different classes: {'; '.join(gaps)}. Heads "
-            f"cannot learn a class without training images, and a class without test images is "
-            f"never scored; add the missing class folders or remove the extra ones."),
-            stacklevel=3)
+        _warn(f"the split folders of {root} hold different classes: {'; '.join(gaps)}. Heads "
+              f"cannot learn a class without training images, and a class without test images "
+              f"is never scored; add the missing class folders or remove the extra ones.")
 
 
 def _class_items(folder: Path, split, ignored: dict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -74,3 +75,23 @@ def png_spread(path) -> float:
     """Standard deviation of a PNG's grey values: 0 for a blank image."""
     img = np.asarray(Image.open(path).convert("L"), dtype=float)
     return float(img.std()) if min(img.shape) > 200 else 0.0
+
+
+@contextlib.contextmanager
+def forward_fails_at(n: int, message: str = "stop"):
+    """Inside the block, the ``n``-th forward pass of any FeatureExtractor raises
+    ``RuntimeError(message)``: a crash in the middle of an embed. The real forward is back
+    after the block."""
+    from featurecache.extract import FeatureExtractor
+
+    forward, calls = FeatureExtractor.forward, {"n": 0}
+
+    def failing(self, x):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError(message)
+        return forward(self, x)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FeatureExtractor, "forward", failing)
+        yield

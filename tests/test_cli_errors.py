@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from featurecache import embed
 from featurecache.heads import fit_head
 
 from .conftest import make_image

@@ -15,7 +15,7 @@ from featurecache import embed, open_features
 from featurecache.errors import DataError, StoreError
 from featurecache.store import partial_path
 
-from .conftest import make_image
+from .conftest import forward_fails_at, make_image
 
 STRACE = shutil.which("strace")
 
@@ -139,7 +139,6 @@ def test_the_final_file_does_not_depend_on_where_a_run_stopped(crash_setup, tmp_
     """An error outside the store (here in the forward pass) commits the rows queued so far,
     so the resumed run's segments are cut at other rows than an uninterrupted run's; the
     final file must still be the same bytes (HDF5 places variable-length strings per write)."""
-    from featurecache.extract import FeatureExtractor
 
     root, _, _ = crash_setup
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
@@ -149,18 +148,8 @@ def test_the_final_file_does_not_depend_on_where_a_run_stopped(crash_setup, tmp_
     embed(root, out, **kw)
     expected = out.read_bytes()
     out.unlink()
-    forward, calls = FeatureExtractor.forward, {"n": 0}
-
-    def fail_second(self, x):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("stop here")
-        return forward(self, x)
-
-    monkeypatch.setattr(FeatureExtractor, "forward", fail_second)
-    with pytest.raises(RuntimeError, match="stop here"):
+    with forward_fails_at(2, "stop here"), pytest.raises(RuntimeError, match="stop here"):
         embed(root, out, **kw)
-    monkeypatch.setattr(FeatureExtractor, "forward", forward)
     assert open_features(out).n_rows == 4  # a segment of 4 rows, where the full run has 8
     r = embed(root, out, **kw)
     assert r.resumed_from == 4 and r.n_rows == 24

@@ -2,7 +2,6 @@
 before any work, and what the embed tells the user."""
 
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from featurecache.data import load_image, open_source
 from featurecache.data.sources import _seeded_split
 from featurecache.errors import DataError, PipelineError, StoreMismatchError
 
-from .conftest import make_image
+from .conftest import forward_fails_at, make_image
 
 
 def _halves(width=40, height=20):
@@ -234,27 +233,16 @@ def test_cv_cut_and_no_signal_are_said(tmp_path, tiny_backbone):
 
 def test_the_embed_tells_what_it_does_and_commits_by_time(image_folder, tmp_path, tiny_backbone,
                                                           monkeypatch, capsys):
-    from featurecache.extract import FeatureExtractor
     from featurecache.store import partial_path
 
     monkeypatch.chdir(tmp_path)
-    forward, calls = FeatureExtractor.forward, {"n": 0}
-
-    def fail_fourth(self, x):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("stop")
-        return forward(self, x)
-
-    monkeypatch.setattr(FeatureExtractor, "forward", fail_fourth)
-    with pytest.raises(RuntimeError):
+    with forward_fails_at(4), pytest.raises(RuntimeError):
         embed(os.path.relpath(image_folder), "f.h5", backbone=tiny_backbone, layers=["avgpool"],
               num_workers=0, batch_size=4, commit_rows=10**6, commit_every=1e-9, progress=True)
     err = capsys.readouterr().err
     assert "18 images in 3 classes (train 12 / test 6)" in err and "1 layer: avgpool[1280]" in err
     # one commit per batch (by time), not one for the whole run: three segments of 4 rows
     assert len(list(partial_path(tmp_path / "f.h5").glob("seg-*.h5"))) == 3
-    monkeypatch.setattr(FeatureExtractor, "forward", forward)
     r = embed(os.path.relpath(image_folder), "f.h5", backbone=tiny_backbone, layers=["avgpool"],
               num_workers=0, batch_size=4, commit_every=1e-9, progress=True)
     assert r.resumed_from == 12 and "resuming after 12 of 18 inputs" in capsys.readouterr().err
@@ -308,22 +296,11 @@ def test_few_shot_sizes_beyond_the_data_are_said(feats_path, tmp_path):
     assert list(res.rows[0]["few_shot"]) == ["1"]
 
 
-def test_compare_names_an_unfinished_file_as_such(image_folder, tiny_backbone, tmp_path,
-                                                  monkeypatch):
+def test_compare_names_an_unfinished_file_as_such(image_folder, tiny_backbone, tmp_path):
     from featurecache.errors import StoreError
-    from featurecache.extract import FeatureExtractor
     from featurecache.report import compare
 
-    forward, calls = FeatureExtractor.forward, {"n": 0}
-
-    def fail_second(self, x):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("stop")
-        return forward(self, x)
-
-    monkeypatch.setattr(FeatureExtractor, "forward", fail_second)
-    with pytest.raises(RuntimeError):
+    with forward_fails_at(2), pytest.raises(RuntimeError):
         embed(image_folder, tmp_path / "f.h5", backbone=tiny_backbone, layers=["avgpool"],
               num_workers=0, batch_size=4, progress=False)
     with pytest.raises(StoreError, match=r"is unfinished: 4 of 18 inputs embedded"):

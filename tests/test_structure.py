@@ -107,7 +107,7 @@ def test_the_cli_options_come_from_the_declarations():
     import click
 
     from featurecache.cli import cli
-    from featurecache.options import COMPARE, EMBED
+    from featurecache.options import EMBED
 
     params = {p.name: p for p in cli.commands["embed"].params}
     for o in EMBED:

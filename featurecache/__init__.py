@@ -22,7 +22,23 @@ except PackageNotFoundError:  # run from a source tree that was never installed
 _LAZY = {"embed": "embedding", "open_features": "store", "load_backbone": "backbones",
          "available_backbones": "backbones", "list_layers": "layers"}
 
-__all__ = [*_LAZY, "__version__"]
+__all__ = [*_LAZY, "__version__", "versions"]
+
+_MODULES = {"torch": "torch", "torchvision": "torchvision", "scikit-learn": "sklearn"}
+
+
+def versions(*libraries: str) -> dict:
+    """``{name: version}`` of featurecache and ``libraries`` (``torch``, ``torchvision``,
+    ``scikit-learn``, ``python``) as this process runs them: torch's includes its build
+    (``2.14.1+cu130``), which the package metadata does not. For provenance records."""
+    import importlib
+    import platform
+
+    out = {"featurecache": __version__}
+    for name in libraries:
+        out[name] = platform.python_version() if name == "python" else \
+            str(importlib.import_module(_MODULES[name]).__version__)
+    return out
 
 
 def __getattr__(name):

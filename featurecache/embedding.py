@@ -14,7 +14,6 @@ Example::
 from __future__ import annotations
 
 import os
-import platform
 import shlex
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
+from . import versions
 from .backbones import Backbone, load_backbone
 from .data import ImageDataset, Source, collate, open_source, shard_range
 from .errors import DataError, OptionError, option
@@ -123,6 +122,7 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
     say(f"{len(specs)} layer{'s' * (len(specs) > 1)}: "
         f"{', '.join(f'{s.name}[{s.dim}]' for s in specs)}, {dtype}, on {dev}")
     extractor = FeatureExtractor(bb.model, specs)  # shares the model's modules: moved below
+    v = versions("torch", "torchvision", "python")
     meta = {
         **bb.provenance(), "pool": pool, "token_pool": token_pool, "dtype": dtype,
         "layers": [s.name for s in specs], "extraction_method": extractor.method,
@@ -130,9 +130,9 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
         "split_origin": src.split_origin, "seed": seed, "test_size": test_size,
         "max_per_class": -1 if max_per_class is None else max_per_class,
         "shard_index": shard[0], "shard_count": shard[1], "shard_start": start,
-        "n_inputs": len(records), "torch_version": torch.__version__,
-        "torchvision_version": _tv_version(), "featurecache_version": __version__,
-        "python_version": platform.python_version(), "device": str(dev),
+        "n_inputs": len(records), "torch_version": v["torch"],
+        "torchvision_version": v["torchvision"], "featurecache_version": v["featurecache"],
+        "python_version": v["python"], "device": str(dev),
         "rebuild": _rebuild_command(source, output, bb, specs, pool, token_pool, dtype, test_size,
                                     seed, max_per_class, shard, weights, weights_file),
     }
@@ -218,12 +218,6 @@ def _unusable_rows(feats: dict, dtype: str) -> dict:
                            if not np.isfinite(v[j]).all() else
                            f"features of layer {name!r} exceed the float16 range; use {option('dtype', 'float32')}")
     return dict(sorted(bad.items()))
-
-
-def _tv_version() -> str:
-    import torchvision
-
-    return torchvision.__version__
 
 
 def _rebuild_command(source, output, bb, specs, pool, token_pool, dtype, test_size, seed,

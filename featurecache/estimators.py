@@ -4,9 +4,9 @@ Every head is ``Pipeline([("scale", StandardScaler()), ("clf", estimator)])``:
 
 * ``logreg``: ``LogisticRegression`` (lbfgs, multinomial).
 * ``svm`` (linear kernel): :class:`GramLinearSVC` for wide features up to
-  :data:`~featurecache.search.GRAM_MAX_ROWS` training rows (libsvm on the precomputed Gram
+  :data:`~featurecache.solvers.GRAM_MAX_ROWS` training rows (libsvm on the precomputed Gram
   matrix, saved as one weight vector per pair of classes), ``LinearSVC`` (primal) otherwise
-  (see :func:`~featurecache.search.use_gram`); ``svm`` (rbf): ``SVC``.
+  (see :func:`~featurecache.solvers.use_gram`); ``svm`` (rbf): ``SVC``.
 * ``knn``: ``KNeighborsClassifier`` with cosine distance and DINOv2's temperature-weighted
   votes (:func:`temperature_weights`, T = 0.07).
 """
@@ -17,9 +17,9 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .search import KNN_TEMPERATURE, LOGREG, _SVC_MAX_ITER, gram, use_gram
+from .solvers import _SVC_MAX_ITER, KNN_TEMPERATURE, LOGREG, gram, use_gram
 
-__all__ = ["GramLinearSVC", "temperature_weights", "make_estimator"]
+__all__ = ["GramLinearSVC", "make_estimator", "temperature_weights"]
 
 
 def temperature_weights(distances):

@@ -23,23 +23,18 @@ Example::
 from __future__ import annotations
 
 import warnings
-from dataclasses import MISSING, dataclass, field
-from pathlib import Path
 
 import joblib
 import numpy as np
 
-from . import __version__
+from . import versions
 from .errors import DataWarning, HeadError
+from .persist import Head, load_head
 from .search import (HEAD_KINDS, KERNELS, SCORINGS, check_options, coarse_grid, make_folds,
                      search_layers)
 
 __all__ = ["Head", "fit_head", "fit_heads", "training_data", "load_head", "search", "refit",
            "HEAD_KINDS", "KERNELS", "SCORINGS", "coarse_grid"]
-
-# provenance fields a head and a feature file (or an image pipeline) must agree on
-_MATCH_KEYS = ("backbone", "weights", "weights_sha256", "preprocess", "specs")
-
 
 def refit(X, y, kind: str, params: dict, *, kernel: str = "linear", class_weight=None,
           seed: int = 0, probability: bool = False, solver_rows: int | None = None):
@@ -52,7 +47,7 @@ def refit(X, y, kind: str, params: dict, *, kernel: str = "linear", class_weight
     from .estimators import make_estimator
 
     X = np.asarray(X, dtype=np.float32)
-    from .search import use_gram
+    from .solvers import use_gram
 
     pipe = make_estimator(kind, params, kernel=kernel, class_weight=class_weight, seed=seed,
                           n_rows=len(y), n_features=X.shape[1], probability=probability,
@@ -85,131 +80,8 @@ def search(X, y, kind: str = "logreg", kernel: str = "linear", *, folds=None, cv
     return pipe, res.params, res.score, res.table
 
 
-@dataclass
-class Head:
-    """A fitted head plus what it needs to be checked against features or images.
-
-    Attributes end in ``_`` when they come from fitting (sklearn's convention).
-    """
-
-    pipeline_: object              # sklearn Pipeline(StandardScaler, estimator)
-    kind: str
-    kernel: str
-    layer: str
-    classes: list
-    provenance: dict               # backbone, weights, weights_sha256, preprocess, specs, ...
-    params_: dict
-    cv_score_: float
-    cv_results_: list
-    scoring: str = "balanced_accuracy"
-    meta: dict = field(default_factory=dict)
-
-    def features(self, X) -> np.ndarray:
-        return np.asarray(X, dtype=np.float32)
-
-    def predict(self, X) -> np.ndarray:
-        return self.pipeline_.predict(self.features(X))
-
-    def predict_proba(self, X) -> np.ndarray | None:
-        """Class probabilities, or None for an SVM fitted without ``probability``."""
-        if not hasattr(self.pipeline_[-1], "predict_proba"):
-            return None
-        return self.pipeline_.predict_proba(self.features(X))
-
-    def scores(self, X) -> np.ndarray:
-        """``(n, n_classes)`` scores: probabilities when available, else decision values."""
-        p = self.predict_proba(X)
-        if p is not None:
-            return p
-        d = self.pipeline_.decision_function(self.features(X))
-        return np.stack([-d, d], 1) if d.ndim == 1 else d
-
-    def check_compatible(self, provenance: dict, what: str = "the features") -> None:
-        """Refuse features (or an image pipeline) made differently from this head's training.
-
-        Raises:
-            HeadError: naming the first field that differs.
-        """
-        for key in _MATCH_KEYS:
-            mine, theirs = self.provenance.get(key), provenance.get(key)
-            if key == "specs":
-                mine = [{k: s[k] for k in ("node", "kind", "pool", "dim")} for s in mine or []]
-                theirs = [{k: s[k] for k in ("node", "kind", "pool", "dim")} for s in theirs or []]
-            if mine != theirs:
-                raise HeadError(f"this head was trained on layer {self.layer!r} with {key} = "
-                                f"{mine!r}, but for {what}, {key} = {theirs!r}.")
-
-    @property
-    def column_classes(self) -> list:
-        """Class names in the order of the columns of :meth:`scores` / :meth:`predict_proba`
-        (the fitted estimator's ``classes_``, which index :attr:`classes`)."""
-        return [self.classes[int(i)] for i in self.pipeline_.classes_]
-
-    def evaluate(self, features, split: str = "test") -> dict:
-        """Score this head on ``split`` of a feature file made the same way.
-
-        Returns ``{n, accuracy, balanced_accuracy, macro_f1, split, feature_file}``.
-
-        Raises:
-            HeadError: the file was made differently (names the field), lacks the layer, or
-                holds classes this head does not know.
-            StoreError: the file is unfinished or has no such split.
-        """
-        from .stats import metric_values
-        from .store import FeatureFile, open_features
-
-        ff = features if isinstance(features, FeatureFile) else open_features(features)
-        ff.check_complete()
-        ff.check_layer(self.layer)
-        self.check_compatible(ff.layer_provenance(self.layer), str(ff.path))
-        y = ff.y(split)
-        unknown = sorted({ff.classes[i] for i in set(y.tolist())} - set(self.classes))
-        if unknown:
-            raise HeadError(f"{ff.path} has {split} rows of classes this head was not trained "
-                            f"on: {unknown}.")
-        index = {c: i for i, c in enumerate(self.classes)}
-        y = np.array([index[ff.classes[i]] for i in y], dtype=np.int64)
-        pred = self.predict(ff.X(self.layer, split))
-        m = metric_values(np.ones((1, len(y))), y, pred, len(self.classes))
-        return {"feature_file": str(ff.path), "split": split, "n": int(len(y)),
-                **{k: float(v[0]) for k, v in m.items()}}
-
-    def save(self, path) -> Path:
-        """Save as joblib (any suffix) or skops (``.skops``: safe to load from others)."""
-        from .persist import dump_head
-
-        return dump_head({k: getattr(self, k) for k in self.__dataclass_fields__}, path)
-
-
 def _min_count(y) -> int:
     return int(np.unique(y, return_counts=True)[1].min())
-
-
-def load_head(path) -> Head:
-    """Load a head saved by :meth:`Head.save` (``.joblib`` or ``.skops``).
-
-    joblib files are pickles: only load trusted ones. ``.skops`` files are checked against an
-    allow-list of types before anything is built.
-
-    Raises:
-        HeadError: the file is missing, unreadable, untrusted, or not a featurecache head.
-    """
-    from .persist import load_head_dict
-
-    data = load_head_dict(path)
-    required = [k for k, f in Head.__dataclass_fields__.items()
-                if f.default is MISSING and f.default_factory is MISSING]
-    missing = [k for k in required if k not in data]
-    prov = data.get("provenance")
-    if not missing and isinstance(prov, dict):
-        missing = [f"provenance.{k}" for k in ("backbone", "weights", "preprocess", "specs")
-                   if k not in prov]
-    if missing or not hasattr(data["pipeline_"], "predict") or not isinstance(prov, dict) \
-            or not isinstance(data["classes"], list) or not data["classes"]:
-        what = f"it lacks {', '.join(missing)}" if missing else "its fields have the wrong types"
-        raise HeadError(f"{path} is a damaged or edited featurecache head ({what}); fit it "
-                        f"again with `featurecache fit-head` (or `compare`).")
-    return Head(**{k: data[k] for k in Head.__dataclass_fields__ if k in data})
 
 
 def training_data(ff, layer: str, *, cv: int = 5, seed: int = 0):
@@ -236,7 +108,6 @@ def fit_heads(jobs: dict, kinds, *, kernel: str = "linear", cv: int = 5,
     rows (same labels), so all are scored on the same folds. One joblib pool runs the folds of
     all jobs, another the refits. Returns ``{(key, kind): Head}``.
     """
-    import sklearn
 
     check_options(kinds, kernel, scoring)  # before any feature is read
     Xs, y, folds, how = {}, None, None, ""
@@ -265,13 +136,13 @@ def fit_heads(jobs: dict, kinds, *, kernel: str = "linear", cv: int = 5,
         for key, kind in order)
     from .store.layout import created_now  # the one UTC timestamp (SOURCE_DATE_EPOCH aware)
 
-    created = created_now()
+    created, v = created_now(), versions("scikit-learn")
     heads = {}
     for (key, kind), pipe in zip(order, pipes):
         ff, layer = jobs[key]
         res = results[(key, kind)]
-        meta = {"created": created, "featurecache_version": __version__,
-                "sklearn_version": sklearn.__version__, "feature_file": str(ff.path),
+        meta = {"created": created, "featurecache_version": v["featurecache"],
+                "sklearn_version": v["scikit-learn"], "feature_file": str(ff.path),
                 "n_train": int(len(y)), "class_weight": class_weight, "seed": seed, "cv": how,
                 "cv_fold_scores": res.folds, "cv_std": res.std,
                 "refit_on": "train + val" if how == "val split" else "train",
@@ -341,8 +212,14 @@ def fit_head(features, layer: str, kind: str = "logreg", *, kernel: str = "linea
         UnknownLayerError: the layer is not stored (the message lists the stored ones).
         HeadError: an unknown kind, or too few classes or rows to search.
     """
+    from . import options
     from .store import FeatureFile, open_features
 
+    check_options([kind], kernel, scoring)
+    options.check([o for o in options.COMPARE if o.name in options.FIT_HEAD_SHARED]
+                  + list(options.FIT_HEAD),
+                  {"cv": cv, "n_jobs": n_jobs, "probability": probability, "seed": seed,
+                   "class_weight": class_weight or "none"})
     ff = features if isinstance(features, FeatureFile) else open_features(features)
     bar = Progress(progress, f"fit-head {kind} on {layer} (CV)")
     try:

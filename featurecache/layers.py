@@ -131,12 +131,34 @@ def probe(model: nn.Module, names: list[str], size: int, method: str = "auto"):
 def list_layers(backbone, all_nodes: bool = False, method: str = "auto") -> Listing:
     """Describe the storable layers of ``backbone`` (a :class:`~featurecache.backbones.Backbone`).
 
+    Three steps: the candidate names (FX graph nodes and module names, or module names for
+    forward hooks) -> one name per distinct output (``features`` and ``features.30`` end on
+    the same node) -> one probe of those names, ranked by depth.
+
     Args:
         all_nodes: list every FX graph node, not just module-level layers.
         method: ``"auto"``, ``"fx"`` or ``"hooks"`` (forward hooks on module names).
     """
     model, size = backbone.model, backbone.preprocess.crop
-    note, graph = "", None
+    names, position, method, note = _candidates(model, all_nodes, method)
+    first = _dedupe(names, position)
+    found, method = probe(model, list(first.values()), size, method)
+    if method == "hooks":  # positions are the order in which the hooks fired
+        position = {n: i for i, n in enumerate(found)}
+        first = {i: n for n, i in position.items()}
+    infos = _rank(names, position, first, found)
+    aliases = _aliases(infos, size)
+    by_target: dict = {}
+    for alias, target in aliases.items():
+        by_target.setdefault(target, []).append(alias)
+    infos = [dataclasses.replace(l, aliases=tuple(by_target.get(l.name, ()))) for l in infos]
+    return Listing(infos, aliases, method, note)
+
+
+def _candidates(model: nn.Module, all_nodes: bool, method: str):
+    """``(names, position, method, note)``: the names that may be stored, in listing order,
+    and the position of the graph node (or module) whose output each one is."""
+    note = ""
     if method in ("auto", "fx"):
         try:
             from torchvision.models.feature_extraction import get_graph_node_names
@@ -146,37 +168,36 @@ def list_layers(backbone, all_nodes: bool = False, method: str = "auto") -> List
             if method == "fx":
                 raise
             note = f"FX tracing failed ({type(exc).__name__}: {str(exc)[:120]}); using forward hooks"
-    if graph is None:
-        candidates = [n for n, _ in model.named_modules() if n] if all_nodes else _module_names(model)
-        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-        method = "hooks"
-    else:
-        order = {n: i for i, n in enumerate(graph)}
-        mods = [n for n in _module_names(model)
-                if n in order or any(g.startswith(n + ".") for g in graph)]
-        candidates = list(dict.fromkeys(mods + graph)) if all_nodes else mods
-        # a module's output is its last node (torchvision's rule for truncated names)
-        for m in mods:
-            if m not in order:
-                order[m] = max(i for g, i in order.items() if g.startswith(m + "."))
-        method = "fx"
-    canon: dict = {}  # output position -> first name that ends there
-    for n in candidates:
-        canon.setdefault(order[n], n)
-    found, method = probe(model, list(dict.fromkeys(canon.values())), size, method)
-    if method == "hooks":
-        order = {n: i for i, n in enumerate(found)}
-        canon = {i: n for n, i in order.items()}
-    found = {n: found[canon[order[n]]] for n in candidates if n in order and canon[order[n]] in found}
-    ranks = {pos: r for r, pos in enumerate(sorted({order[n] for n in found}))}
-    infos = sorted((LayerInfo(n, k, s, ranks[order[n]], (), canon[order[n]])
-                    for n, (k, s) in found.items()), key=lambda l: (l.depth, l.name))
-    aliases = _aliases(infos, size)
-    by_target: dict = {}
-    for alias, target in aliases.items():
-        by_target.setdefault(target, []).append(alias)
-    infos = [dataclasses.replace(l, aliases=tuple(by_target.get(l.name, ()))) for l in infos]
-    return Listing(infos, aliases, method, note)
+        else:
+            position = {n: i for i, n in enumerate(graph)}
+            mods = [n for n in _module_names(model)
+                    if n in position or any(g.startswith(n + ".") for g in graph)]
+            for m in mods:  # a module's output is its last node (torchvision's rule)
+                if m not in position:
+                    position[m] = max(i for g, i in position.items() if g.startswith(m + "."))
+            names = list(dict.fromkeys(mods + graph)) if all_nodes else mods
+            return names, position, "fx", note
+    names = [n for n, _ in model.named_modules() if n] if all_nodes else _module_names(model)
+    position = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return names, position, "hooks", note
+
+
+def _dedupe(names: list, position: dict) -> dict:
+    """Output position -> the first candidate name that ends there (the one probed)."""
+    first: dict = {}
+    for n in names:
+        first.setdefault(position[n], n)
+    return first
+
+
+def _rank(names: list, position: dict, first: dict, found: dict) -> list:
+    """:class:`LayerInfo` of every candidate whose output the probe found, shallowest first;
+    names sharing an output share its depth and its probed node."""
+    found = {n: found[first[position[n]]] for n in names
+             if n in position and first[position[n]] in found}
+    ranks = {pos: r for r, pos in enumerate(sorted({position[n] for n in found}))}
+    return sorted((LayerInfo(n, k, s, ranks[position[n]], (), first[position[n]])
+                   for n, (k, s) in found.items()), key=lambda l: (l.depth, l.name))
 
 
 def _reduction(info: LayerInfo, size: int) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .errors import OptionError
 
 __all__ = ["Option", "DATA", "EMBED", "COMPARE", "TOP", "STAGES", "check", "click_options",
-           "reference_toml", "class_weight", "DEFAULT_BACKBONE", "POOLS", "TOKEN_POOLS", "DTYPES", "ON_ERROR",
+           "reference_toml", "class_weight", "FIT_HEAD", "FIT_HEAD_SHARED", "DEFAULT_BACKBONE", "POOLS", "TOKEN_POOLS", "DTYPES", "ON_ERROR",
            "HEAD_KINDS", "KERNELS", "SCORINGS", "SELECT", "CLASS_WEIGHTS"]
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -56,6 +56,7 @@ class Option:
     example: object = _UNSET  # the value reference.toml shows, when not the default
     items: tuple = (str,)     # types of a list's items
     auto_means: str = "auto"  # what ``auto`` stands for, in reference.toml
+    excluded: tuple = ()      # values inside the range that mean nothing (n_jobs = 0)
 
     @property
     def toml_key(self) -> str:
@@ -75,7 +76,7 @@ class Option:
 
     def check(self, value, where: str = ""):
         """Return ``value`` if it is allowed, else raise :class:`OptionError` naming it."""
-        where = where or self.name
+        named = where or self.name
         if value is None and self.default is None:
             return value
         if self.type is float and isinstance(value, int) and not isinstance(value, bool):
@@ -86,22 +87,25 @@ class Option:
             if not isinstance(value, list) or not all(isinstance(v, self.items) and
                                                       not isinstance(v, bool) for v in value):
                 kinds = " or ".join("numbers" if t is int else "strings" for t in self.items)
-                raise OptionError(f"{where} must be a list of {kinds}, got {value!r}.")
+                raise OptionError(f"{named} must be a list of {kinds}, got {value!r}.")
             bad = [v for v in value if self.choices and v not in self.choices]
             if bad:
-                raise OptionError(f"{where}: {bad} not known; choose from "
+                raise OptionError(f"{named}: {bad} not known; choose from "
                                   f"{', '.join(self.choices)}.")
             return value
         if not isinstance(value, self.type) or (self.type is not bool and isinstance(value, bool)):
-            raise OptionError(f"{where} must be {self.type.__name__}, got "
+            raise OptionError(f"{named} must be {self.type.__name__}, got "
                               f"{type(value).__name__} {value!r}.")
+        where = f"{named} = {value!r}"
+        if value in self.excluded:
+            raise OptionError(f"{where} is not allowed; {self.help}.")
         if self.choices and value not in self.choices:
-            raise OptionError(f"{where} = {value!r} is not allowed; choose one of "
+            raise OptionError(f"{where} is not allowed; choose one of "
                               f"{', '.join(self.choices)}.")
         below = self.low is not None and (value <= self.low if self.open else value < self.low)
         above = self.high is not None and (value >= self.high if self.open else value > self.high)
         if below or above:
-            raise OptionError(f"{where} = {value!r} is out of range; it must be {self._range()}.")
+            raise OptionError(f"{where} is out of range; it must be {self._range()}.")
         return value
 
     def _range(self) -> str:
@@ -169,9 +173,17 @@ COMPARE = (
            items=(int, str)),
     Option("repeats", int, 3, "seeded draws per few-shot size", low=1),
     Option("class_weight", str, "none", "class weights of the heads", choices=CLASS_WEIGHTS),
-    Option("n_jobs", int, -1, "parallel CV tasks (layers x folds); -1: all cores"),
+    Option("n_jobs", int, -1, "parallel CV tasks (layers x folds): a count, or -1 for all "
+           "cores", excluded=(0,)),
     Option("n_boot", int, 1000, "bootstrap resamples for the 95% intervals", low=1),
 )
+# fit-head's own options (with kernel, cv, scoring, class_weight and n_jobs of COMPARE);
+# not a pipeline table: pipelines fit heads through compare
+FIT_HEAD = (
+    Option("probability", bool, False, "fit SVM probability estimates (sigmoid, by CV; slower)"),
+    Option("seed", int, 0, "seeds the CV folds"),
+)
+FIT_HEAD_SHARED = ("kernel", "cv", "scoring", "class_weight", "n_jobs")
 STAGES = {"": TOP, "data": DATA, "embed": EMBED, "compare": COMPARE}
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 import tomllib
 from dataclasses import dataclass
@@ -227,7 +226,7 @@ def _check_data(src, cv: int) -> None:
 
 def run_pipeline(plan: Plan, progress: bool = True) -> dict:
     """Run embed -> compare and write ``run.json``; returns its content."""
-    from . import __version__
+    from . import versions
     from .data import open_source
     from .embedding import embed
     from .report import compare
@@ -246,15 +245,10 @@ def run_pipeline(plan: Plan, progress: bool = True) -> dict:
     res = compare(out / "features.h5", out / "report", overwrite=True, progress=progress,
                   **_compare_kwargs(plan.config))
     timings["compare_s"] = round(time.perf_counter() - t, 2)
-    import sklearn
-    import torch
-    import torchvision
 
     record = {
         "pipeline": str(plan.source) if plan.source else None, "config": plan.config,
-        "versions": {"featurecache": __version__, "torch": str(torch.__version__),
-                     "torchvision": torchvision.__version__, "scikit-learn": sklearn.__version__,
-                     "python": platform.python_version()},
+        "versions": versions("torch", "torchvision", "scikit-learn", "python"),
         "timings": timings,
         "embed": {"rows": r.n_rows, "skipped": r.n_skipped, "reused": r.already_complete,
                   "resumed_from": r.resumed_from},

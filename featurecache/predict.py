@@ -24,7 +24,7 @@ import torch
 
 from .backbones import DEFAULT_BACKBONE, Preprocess, load_backbone
 from .data import ImageDataset, Record, collate
-from .data.sources import IMAGE_EXTENSIONS, is_hidden
+from .data.folders import IMAGE_EXTENSIONS, is_hidden
 from .errors import DataError, FeaturecacheError
 from .extract import FeatureExtractor, default_device
 from .files import atomic_output, require_folder

@@ -90,6 +90,23 @@ def test_stray_entries_are_ignored_and_counted_and_broken_links_are_skipped(tmp_
     assert path.endswith("dog9.png") and "broken symbolic link" in reason and "gone.png" in reason
 
 
+def test_files_beside_the_class_folders_are_counted_once(tmp_path):
+    """An image left in DATA itself is not an input (it has no class): say so in the count.
+    Hidden entries at the top of a class-folder tree were counted twice before."""
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            make_image(tmp_path / c / f"{i}.png", (10, 20, 30), i)
+    make_image(tmp_path / "stray.jpg", (1, 2, 3), 0)
+    (tmp_path / "README.txt").write_text("two classes")
+    (tmp_path / ".git").mkdir()
+    src = open_source(tmp_path, test_size=0.5)
+    assert len(src.records) == 4
+    assert src.ignored == {"hidden or system entries": 1, "files that are not images": 1,
+                           "images outside a class folder": 1}
+    assert "1 images outside a class folder" in src.summary()
+
+
 def test_split_folders_beside_class_folders_are_refused(tmp_path):
     for d in ("train/a", "test/a", "extra/a"):
         (tmp_path / d).mkdir(parents=True)

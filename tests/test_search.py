@@ -85,7 +85,7 @@ def test_gram_svm_predicts_like_libsvms_linear_kernel():
 
 
 def test_linear_svm_head_is_gram_based_for_wide_features_until_the_row_limit(monkeypatch):
-    import featurecache.search as s
+    import featurecache.solvers as s
 
     X, y = noisy_classes(n=90, d=600)
     assert isinstance(search(X, y, "svm", n_jobs=1)[0][-1], GramLinearSVC)

@@ -24,14 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
+from .folders import IMAGE_EXTENSIONS, SPLIT_NAMES, folder_items, stamp
 
-__all__ = ["Record", "Source", "open_source", "shard_range", "BUILTINS", "IMAGE_EXTENSIONS"]
+__all__ = ["BUILTINS", "IMAGE_EXTENSIONS", "Record", "Source", "open_source", "shard_range"]
 
 MISSING_SHOWN = 5  # missing files named in the error
-NOT_UTF8 = "files whose names are not UTF-8"
-IGNORED_NAMES = ("__MACOSX",)  # folders that archive tools add beside the data
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-SPLIT_NAMES = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
 BUILTINS = ("digits",)
 
 
@@ -122,7 +119,7 @@ def open_source(spec, test_size: float = 0.3, seed: int = 0,
         if path.is_file():
             kind, items = "manifest", _manifest_items(path)
         else:
-            kind, items = _folder_items(path, ignored)
+            kind, items = folder_items(path, ignored)
     if not items:
         raise DataError(f"data source {spec} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}).")
     classes = sorted({c for _, c, _, _ in items})
@@ -153,158 +150,6 @@ def _limit(records: list, k: int) -> list:
             seen[key] = seen.get(key, 0) + 1
             kept.append(r)
     return kept
-
-
-def _stamp(path: str, st=None) -> str:
-    """``size:mtime_ns`` of a file (``st``: its stat, when already made), or "" when it
-    cannot be read (a broken link)."""
-    st = st or _stat(path)
-    return f"{st.st_size}:{st.st_mtime_ns}" if st else ""
-
-
-def _stat(path: str):
-    try:
-        return os.stat(path)
-    except OSError:
-        return None
-
-
-def _utf8(name: str) -> bool:
-    """False for a file name with bytes that are not UTF-8 (Python holds them as surrogates);
-    the file stores names as UTF-8."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _shown(name: str) -> str:
-    """A name with its undecodable bytes written as ``\\xff`` (printable in any terminal)."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace") if not _utf8(name) else name
-
-
-def is_hidden(name: str) -> bool:
-    """A hidden or system entry (``.DS_Store``, ``._x.jpg``, ``__MACOSX``): never an input."""
-    return name.startswith(".") or name in IGNORED_NAMES
-
-
-def _visible_dirs(folder: Path, ignored: dict) -> list[Path]:
-    out = []
-    for d in sorted(folder.iterdir()):
-        if d.is_dir():
-            if is_hidden(d.name):
-                _count(ignored, "hidden or system entries")
-            elif not _utf8(d.name):
-                raise DataError(f"folder name {_shown(str(d))} is not valid UTF-8, and class "
-                                f"names are stored as UTF-8; rename the folder.")
-            else:
-                out.append(d)
-    return out
-
-
-def _count(ignored: dict, why: str, n: int = 1) -> None:
-    ignored[why] = ignored.get(why, 0) + n
-
-
-def _images_in(folder: Path, ignored: dict) -> list[tuple]:
-    """``(path, stamp, identity)`` of the images under ``folder`` (any depth), sorted; hidden
-    entries and other files are counted in ``ignored``; broken links are kept (the embed
-    skips them)."""
-    found, seen = [], set()
-    for top, dirs, files in os.walk(folder, followlinks=True):
-        st = os.stat(top)
-        if (st.st_dev, st.st_ino) in seen:  # a link back up the tree
-            dirs[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        keep = sorted(d for d in dirs if not is_hidden(d))
-        if len(keep) < len(dirs):
-            _count(ignored, "hidden or system entries", len(dirs) - len(keep))
-        dirs[:] = keep
-        for name in files:
-            if is_hidden(name):
-                _count(ignored, "hidden or system entries")
-            elif not _utf8(name):
-                if NOT_UTF8 not in ignored:  # one example named, once; the rest counted
-                    _warn(f"{_shown(os.path.join(top, name))}: the file name is not valid UTF-8, "
-                          f"and names are stored as UTF-8; such files are left out (rename them).")
-                _count(ignored, NOT_UTF8)
-            elif os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
-                _count(ignored, "files that are not images")
-            else:
-                p = os.path.abspath(os.path.join(top, name))
-                st = _stat(p)
-                found.append((p, _stamp(p, st), (st.st_dev, st.st_ino) if st else p))
-    return sorted(found)
-
-
-def _folder_items(root: Path, ignored: dict):
-    dirs = _visible_dirs(root, ignored)
-    if not dirs:
-        raise DataError(f"folder {root} has no class subfolders; lay it out as "
-                        f"{root}/<class>/<image> or {root}/<split>/<class>/<image>.")
-    splits = [d for d in dirs if d.name.lower() in SPLIT_NAMES]
-    if splits and len(splits) < len(dirs):
-        others = [d.name for d in dirs if d not in splits]
-        raise DataError(
-            f"folder {root} mixes split folders ({', '.join(d.name for d in splits)}) with other "
-            f"folders ({', '.join(others[:5])}); use {root}/<split>/<class>/<image> throughout, or, "
-            f"if {splits[0].name!r} is a class, a CSV manifest (path,label).")
-    if splits:
-        items = []
-        for sd in splits:
-            items += _class_items(sd, SPLIT_NAMES[sd.name.lower()], ignored)
-        _warn_if_splits_disagree(root, items)
-        return "split-folders", _once(root, items)
-    return "folder", _once(root, _class_items(root, None, ignored))
-
-
-def _once(root: Path, items: list) -> list:
-    """Refuse an image reached twice (a linked folder, a hard link): it would count twice,
-    perhaps under two classes or in both train and test. Drops the file identity."""
-    first: dict = {}
-    for p, c, s, stamp, ident in items:
-        if ident in first:
-            raise DataError(f"{root}: {p} is the same file as {first[ident]} (a linked folder or "
-                            f"file); each image may appear once, or it could count twice or under "
-                            f"two classes. Remove the link.")
-        first[ident] = p
-    return [(p, c, s, stamp) for p, c, s, stamp, _ in items]
-
-
-def _warn(message: str) -> None:
-    import warnings
-
-    from ..errors import DataWarning
-
-    warnings.warn(DataWarning(message), stacklevel=4)
-
-
-def _warn_if_splits_disagree(root: Path, items) -> None:
-    """Say when the split folders do not hold the same classes (a head cannot learn a class
-    that has no training images, and a class missing from test is never scored)."""
-    by_split: dict = {}
-    for _, c, s, *_ in items:
-        by_split.setdefault(s, set()).add(c)
-    every = set().union(*by_split.values())
-    gaps = [f"{sorted(every - have)} not in {s}/" for s, have in sorted(by_split.items())
-            if every - have]
-    if gaps:
-        _warn(f"the split folders of {root} hold different classes: {'; '.join(gaps)}. Heads "
-              f"cannot learn a class without training images, and a class without test images "
-              f"is never scored; add the missing class folders or remove the extra ones.")
-
-
-def _class_items(folder: Path, split, ignored: dict):
-    items = []
-    for cd in _visible_dirs(folder, ignored):
-        images = _images_in(cd, ignored)
-        if not images:
-            raise DataError(f"class folder {cd} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                            f"add images or remove the folder.")
-        items += [(p, cd.name, split, stamp, ident) for p, stamp, ident in images]
-    return items
 
 
 def _manifest_items(path: Path):
@@ -358,13 +203,13 @@ def _manifest_items(path: Path):
 
 
 def _stamps(paths: list) -> list:
-    """:func:`_stamp` of many files, in threads (stat releases the GIL; network disks are slow)."""
+    """:func:`~.folders.stamp` of many files, in threads (stat releases the GIL; network disks are slow)."""
     if len(paths) < 256:
-        return [_stamp(p) for p in paths]
+        return [stamp(p) for p in paths]
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(16) as pool:
-        return list(pool.map(_stamp, paths, chunksize=256))
+        return list(pool.map(stamp, paths, chunksize=256))
 
 
 def _seeded_split(items, test_size: float, seed: int, spec: str):

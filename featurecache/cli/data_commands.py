@@ -1,0 +1,169 @@
+"""Commands on backbones and feature files: ``backbones``, ``layers``, ``embed``, ``info``, ``join``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .. import options
+from .app import _friendly, cli
+
+
+def _shard(value: str) -> tuple:
+    try:
+        index, count = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not INDEX/COUNT, e.g. 0/4") from None
+    return index, count
+
+@cli.command(epilog="\b\nExample:\n  featurecache backbones | grep resnet")
+def backbones():
+    """List the backbone names that --backbone accepts."""
+    from ..backbones import available_backbones
+
+    for name in available_backbones():
+        click.echo(name)
+
+
+@cli.command(epilog="\b\nExamples:\n  featurecache layers efficientnet_lite0\n"
+                    "  featurecache layers resnet50 --weights none --all")
+@click.argument("backbone", default=options.DEFAULT_BACKBONE)
+@click.option("--weights", default="none", show_default=True,
+              help="Weights to load (shapes do not depend on them; none is fastest).")
+@click.option("--all", "all_nodes", is_flag=True, help="Also list every FX graph node, not just modules.")
+@click.option("--pool", default="avg", type=click.Choice(options.POOLS), show_default=True,
+              help="Pooling the widths are computed for.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_friendly
+def layers(backbone, weights, all_nodes, pool, as_json):
+    """List the layers of BACKBONE that embed can store: name, kind, width, depth.
+
+    Kinds: map (N,C,H,W), map-nhwc (N,H,W,C), tokens (N,L,D), vector (N,D). The width is
+    the stored size after pooling. Aliases (avgpool, stageK) are shown beside their layer.
+    """
+    from ..backbones import load_backbone
+    from ..layers import list_layers
+
+    listing = list_layers(load_backbone(backbone, weights), all_nodes=all_nodes)
+    rows = [{"name": l.name, "kind": l.kind, "shape": list(l.shape), "width": l.width(pool),
+             "depth": l.depth, "aliases": list(l.aliases)} for l in listing.layers]
+    if as_json:
+        click.echo(json.dumps({"backbone": backbone, "method": listing.method, "layers": rows}, indent=1))
+        return
+    click.echo(f"{backbone}: {len(rows)} storable layers (extraction: {listing.method}"
+               f"{'; ' + listing.note if listing.note else ''})")
+    w = max(len(r["name"]) for r in rows)
+    click.echo(f"{'depth':>5}  {'name':<{w}}  {'kind':<8}  {'width':>6}  {'shape':<16}  aliases")
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        click.echo(f"{r['depth']:>5}  {r['name']:<{w}}  {r['kind']:<8}  {r['width']:>6}  "
+                   f"{shape:<16}  {', '.join(r['aliases'])}")
+
+
+@cli.command(epilog="""\b
+Examples:
+  featurecache embed ../shared/data/clipart10 -o feats.h5 --layer blocks.5 --layer avgpool
+  featurecache embed photos/ -o feats.h5 --backbone resnet50 --weights IMAGENET1K_V2 --layer stage4
+  featurecache embed manifest.csv -o feats.h5 --weights-file my_weights.pth
+  featurecache embed builtin:digits -o digits.h5 --layer stage3,avgpool --max-per-class 20
+Run the same command again after an interruption: it resumes after the committed rows.""")
+@click.argument("data")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="HDF5 file to write (its folder must exist).")
+@click.option("--layer", "layer_opts", multiple=True,
+              help="Layer to store (repeat, or comma-separate); see `featurecache layers NAME`. "
+                   "Default: avgpool.")
+@options.click_options(options.EMBED)
+@options.click_options(options.DATA, skip=("root",))
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")
+@click.option("--shard", default="0/1", show_default=True,
+              help="INDEX/COUNT: embed only this part of the data into a self-contained file.")
+@click.option("-q", "--quiet", is_flag=True, help="No phases, no progress bar.")
+@_friendly
+def embed(data, output, layer_opts, shard, quiet, **kwargs):
+    """Embed the images in DATA and store pooled features of several layers in one file.
+
+    DATA is an image folder (DATA/<class>/*.jpg, or DATA/train/<class>/..., DATA/test/...),
+    a CSV manifest with columns path,label[,split], or builtin:digits. All layers come
+    from one forward pass per batch.
+    """
+    from ..embedding import embed as run_embed
+
+    names = [n.strip() for opt in layer_opts for n in opt.split(",") if n.strip()] \
+        if layer_opts else ["avgpool"]
+    r = run_embed(data, output, layers=names, shard=_shard(shard), progress=not quiet, **kwargs)
+    if r.already_complete:
+        click.echo(f"{r.path} is already complete ({r.n_rows} rows); nothing to do.")
+    else:
+        resumed = f", resumed after {r.resumed_from} inputs" if r.resumed_from else ""
+        see = " (see `featurecache info --skipped`)" if r.n_skipped else ""
+        ignored = sum(r.ignored.values())
+        ignored = f", {ignored} ignored (hidden, system or non-image files)" if ignored else ""
+        click.echo(f"wrote {r.path}: {r.n_rows} rows x {len(r.layers)} layers "
+                   f"({', '.join(f'{s.name}[{s.dim}]' for s in r.layers)}), {r.n_skipped} "
+                   f"skipped{see}{ignored}{resumed}, {r.seconds:.1f}s")
+
+
+@cli.command(epilog="\b\nExample:\n  featurecache info feats.h5 --skipped")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--skipped", "show_skipped", is_flag=True, help="List the skipped inputs and why.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_friendly
+def info(path, show_skipped, as_json):
+    """Show what a feature file holds: layers, rows, splits, provenance."""
+    from ..store import open_features
+
+    d = open_features(path).describe(skipped=show_skipped)
+    if as_json:
+        click.echo(json.dumps(d, indent=1, default=str))
+        return
+    p = d["provenance"]
+    state = "complete" if d["complete"] else (
+        f"INCOMPLETE: {d['n_done']} of {d['n_inputs']} inputs done; re-run the same embed to resume")
+    n_skipped = len(d["skipped"]) if show_skipped else d["skipped"]
+    click.echo(f"{d['path']}: {state}")
+    click.echo(f"rows: {d['rows']}  splits: {d['splits']}  skipped: {n_skipped}")
+    click.echo(f"classes ({len(d['classes'])}): {', '.join(d['classes'][:20])}"
+               f"{' ...' if len(d['classes']) > 20 else ''}")
+    click.echo(f"backbone: {p['backbone']}  weights: {p['weights']}  dtype: {p['dtype']}  "
+               f"extraction: {p['extraction_method']}")
+    pre = p["preprocess"]
+    click.echo(f"preprocess: resize {pre['resize']}, crop {pre['crop']}, {pre['interpolation']}, "
+               f"mean {pre['mean']}, std {pre['std']}, EXIF orientation "
+               f"{'applied' if pre.get('exif') else 'not applied'}")
+    click.echo("layers:")
+    for s in d["layers"].values():
+        click.echo(f"  {s['name']:<20} node={s['node']:<24} kind={s['kind']:<8} "
+                   f"pool={s['pool']:<6} dim={s['dim']:<6} depth={s['depth']}")
+    click.echo(f"data: {p['data_root']} ({p['data_kind']}, split {p['split_origin']}), "
+               f"shard {p['shard_index']}/{p['shard_count']}")
+    click.echo(f"made: {p['created']} with featurecache {p['featurecache_version']}, torch "
+               f"{p['torch_version']}, torchvision {p['torchvision_version']} on {p['device']}")
+    click.echo(f"rebuild: {p['rebuild']}")
+    if show_skipped:
+        for sp, reason in d["skipped"]:
+            click.echo(f"skipped: {sp}: {reason}")
+
+
+@cli.command(epilog="""\b
+Example:
+  for i in 0 1 2 3; do featurecache embed DATA -o part$i.h5 --shard $i/4 & done; wait
+  featurecache join feats.h5 part0.h5 part1.h5 part2.h5 part3.h5""")
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.argument("shards", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--copy", is_flag=True, help="Copy the layers into OUTPUT: one self-contained file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@_friendly
+def join(output, shards, copy, overwrite):
+    """Join the shard files of one embed run into OUTPUT.
+
+    By default OUTPUT's layers are HDF5 virtual datasets that point into the shard files (no
+    copy): keep the shards beside it. With --copy, OUTPUT holds everything itself.
+    """
+    from ..store import join_shards, open_features
+
+    path = join_shards(shards, output, overwrite=overwrite, copy=copy)
+    how = "copied into one file" if copy else "virtual layers pointing into them"
+    click.echo(f"wrote {path}: {open_features(path).n_rows} rows from {len(shards)} shards ({how})")
+

@@ -1,0 +1,166 @@
+"""Commands on heads: ``fit-head``, ``score``, ``compare``, ``predict``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .. import options
+from .app import _csv, _friendly, cli
+
+
+@cli.command("fit-head", epilog="""\b
+Examples:
+  featurecache fit-head logreg feats.h5 --layer avgpool -o heads/avgpool-logreg.joblib
+  featurecache fit-head svm feats.h5 --layer blocks.10 --kernel rbf -o heads/b10-svm.joblib
+  featurecache fit-head knn feats.h5 --layer avgpool -o heads/avgpool-knn.joblib
+  featurecache fit-head logreg feats.h5 --layer blocks.5+avgpool -o heads/concat.skops
+joblib files are pickles: load only heads you trust; .skops heads are safe to share.""")
+@click.argument("kind", type=click.Choice(options.HEAD_KINDS))
+@click.argument("features", type=click.Path(dir_okay=False))
+@click.option("--layer", required=True, help="Stored layer, or several joined with + (concatenated).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Head file: .joblib (a pickle) or .skops (safe to share and load).")
+@options.click_options(options.COMPARE, only=options.FIT_HEAD_SHARED)
+@options.click_options(options.FIT_HEAD)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_friendly
+def fit_head_cmd(kind, features, layer, output, kernel, cv, scoring, class_weight, probability,
+                 n_jobs, seed, quiet):
+    """Search hyperparameters by stratified CV, refit on the train split, save the head.
+
+    logreg and svm walk C = 1e-6..1e6 a decade apart (each fold stops two decades past its
+    best), then quarter-decades around the best; knn (cosine, temperature-weighted votes)
+    picks k from 10, 20, 50.
+    """
+    from ..files import require_folder, same_file
+    from ..heads import fit_head
+
+    require_folder(output)  # before the search, not after it
+    if same_file(output, features):
+        raise click.ClickException(f"-o {output} is the feature file itself; give the head "
+                                   f"another name (.joblib or .skops).")
+    head = fit_head(features, layer, kind, kernel=kernel, cv=cv, scoring=scoring, seed=seed,
+                    n_jobs=n_jobs, class_weight=options.class_weight(class_weight),
+                    probability=probability, progress=not quiet)
+    path = head.save(output)
+    params = ", ".join(f"{k}={v:.3g}" for k, v in head.params_.items())
+    done = sum(r["status"] == "evaluated" for r in head.cv_results_)
+    click.echo(f"{kind} on {layer}: best {params}, CV {head.scoring} {head.cv_score_:.3f} "
+               f"({done} of {len(head.cv_results_)} grid points evaluated); saved {path}")
+
+
+@cli.command(epilog="""\b
+Examples:
+  featurecache score reports/run1/best.joblib feats.h5
+  featurecache score heads/avgpool-logreg.skops other-photos.h5 --split train --json""")
+@click.argument("head", type=click.Path(dir_okay=False))
+@click.argument("features", type=click.Path(dir_okay=False))
+@click.option("--split", default="test", show_default=True, help="Split of the file to score.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_friendly
+def score(head, features, split, as_json):
+    """Evaluate a saved head on a feature file (accuracy, balanced accuracy, macro-F1).
+
+    The file must be made the same way as the head's training features (backbone, weights,
+    preprocessing, layer and pooling); otherwise the differing field is named.
+    """
+    from ..heads import load_head
+
+    h = load_head(head)
+    res = h.evaluate(features, split=split)
+    if as_json:
+        click.echo(json.dumps(res, indent=1))
+        return
+    click.echo(f"{h.kind} head on {h.layer}, {res['n']} {split} rows of {res['feature_file']}: "
+               f"accuracy {res['accuracy']:.3f}, balanced accuracy "
+               f"{res['balanced_accuracy']:.3f}, macro-F1 {res['macro_f1']:.3f}")
+
+
+@cli.command(epilog="""\b
+Examples:
+  featurecache compare feats.h5 -o reports/run1/
+  featurecache compare feats.h5 --heads logreg --layers blocks.5,avgpool --extra blocks.5+avgpool -o r/
+  featurecache compare feats.h5 --shots 1,5,10,25,all --repeats 3 -o r/
+  featurecache compare lite0.h5 lite2.h5 -o r/        # two backbones, same images""")
+@click.argument("features", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Report folder.")
+@click.option("--heads", default="logreg,svm,knn", show_default=True,
+              help=f"Comma-separated head kinds ({', '.join(options.HEAD_KINDS)}).")
+@click.option("--layers", default=None, help="Comma-separated stored layers (default: all).")
+@click.option("--extra", "extra", multiple=True, help="A concatenation such as blocks.5+avgpool (repeatable).")
+@options.click_options(options.COMPARE)
+@click.option("--shots", default=None, help="Few-shot curve, e.g. 1,5,10,25,all (images per class).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--overwrite", is_flag=True, help="Replace an existing report folder.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_friendly
+def compare(features, output, heads, layers, extra, shots, seed, overwrite, quiet, **kwargs):
+    """Compare every stored layer x head (x backbone); pick the winner by CV; report on test.
+
+    FEATURES is one feature file, or several files of the same images made with different
+    backbones. Every candidate is scored on the same CV folds of the train split and the
+    winner is chosen from those scores alone; the test split is read once, to report.
+    Writes results.csv/json, report.md (table + verdict), layer_depth.png, confusion.png,
+    few_shot.png (with --shots), heads/*.joblib and best.joblib (ready for `predict`).
+    """
+    from ..report import compare as run_compare
+
+    kwargs["class_weight"] = options.class_weight(kwargs["class_weight"])
+    res = run_compare(list(features), output, layers=_csv(layers), heads=_csv(heads) or [],
+                      extra_layers=extra, shots=_csv(shots) or (), seed=seed,
+                      overwrite=overwrite, progress=not quiet, **kwargs)
+    click.echo(res.table())
+    click.echo(res.verdict.replace("**", ""))
+    click.echo(f"\nreport: {res.out_dir / 'report.md'}; best head: {res.out_dir / 'best.joblib'}")
+
+
+@cli.command(epilog="""\b
+Examples:
+  featurecache predict reports/run1/best.joblib photos/ -o preds.csv
+  featurecache predict heads/avgpool-logreg.joblib 'shots/*.jpg' --format json
+  featurecache predict --imagenet cat.jpg""")
+@click.argument("args", nargs=-1, required=True)
+@click.option("--imagenet", is_flag=True, help="Use the backbone's own 1000-class ImageNet head; "
+              "then every argument is an image.")
+@click.option("--backbone", default=options.DEFAULT_BACKBONE, show_default=True,
+              help="With --imagenet.")
+@click.option("--weights", default="DEFAULT", show_default=True, help="With --imagenet.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here (default: print).")
+@click.option("--format", "fmt", default="csv", type=click.Choice(["csv", "json"]), show_default=True)
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@_friendly
+def predict(args, imagenet, backbone, weights, output, fmt, top_k, batch_size):
+    """Classify images: HEAD IMAGES... (files, folders or globs), or --imagenet IMAGES...
+
+    Unreadable images get a row with the reason; the others are still predicted.
+    """
+    from ..files import require_folder, same_file
+    from ..predict import predict as run_predict
+    from ..predict import predict_imagenet, write_predictions
+
+    if output:
+        require_folder(output)  # before any image is decoded
+        inputs = [Path(a) for a in args if Path(a).is_file()]
+        if any(same_file(output, p) for p in inputs):
+            raise click.ClickException(f"-o {output} is one of the inputs (the head or an "
+                                       f"image); write the predictions to another file.")
+    if imagenet:
+        rows = predict_imagenet(args, backbone=backbone, weights=weights, top_k=top_k,
+                                batch_size=batch_size)
+    else:
+        if len(args) < 2:
+            raise click.UsageError("give a head file and at least one image (or use --imagenet).")
+        rows = run_predict(args[0], args[1:], top_k=top_k, batch_size=batch_size)
+    if output:
+        write_predictions(rows, output, fmt)
+        bad = sum(1 for r in rows if r["error"])
+        click.echo(f"wrote {len(rows)} predictions to {output}" + (f" ({bad} unreadable)" if bad else ""))
+    else:
+        write_predictions(rows, click.get_text_stream("stdout"), fmt)
+    if all(r["error"] for r in rows):
+        raise click.ClickException("no image could be read.")
+

@@ -309,3 +309,7 @@ def test_shards_join_into_one_virtual_file(image_folder, tiny_backbone, tmp_path
         assert f["layers/avgpool"].is_virtual and f.attrs["joined_from"] == 3
     with pytest.raises(StoreError, match=r"need shards 0..2 exactly once"):
         join_shards([shard_dir / "s0.h5", shard_dir / "s1.h5"], tmp_path / "x.h5")
+    run(image_folder, tmp_path / "half.h5", tiny_backbone, shard=(1, 2))
+    with pytest.raises(StoreError, match=r"different numbers of shards \(.*s0.h5 is 0/3, "
+                                         r".*half.h5 is 1/2\)"):
+        join_shards([shard_dir / "s0.h5", tmp_path / "half.h5"], tmp_path / "x.h5")

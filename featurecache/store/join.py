@@ -44,6 +44,12 @@ def join_shards(shards, output, overwrite: bool = False, copy: bool = False) -> 
         raise StoreError("no shard files given.")
     first = files[0].provenance
     count = first["shard_count"]
+    counts = {f.provenance["shard_count"] for f in files}
+    if len(counts) > 1:
+        shown = ", ".join(f"{f.path} is {f.provenance['shard_index']}/{f.provenance['shard_count']}"
+                          for f in files)
+        raise StoreError(f"these shards come from runs cut into different numbers of shards "
+                         f"({shown}); join the shards of one run (the same --shard I/K count).")
     if [f.provenance["shard_index"] for f in files] != list(range(count)):
         raise StoreError(f"need shards 0..{count - 1} exactly once; got "
                          f"{[f.provenance['shard_index'] for f in files]}.")

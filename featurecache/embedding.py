@@ -28,7 +28,7 @@ from . import versions
 from .backbones import Backbone, load_backbone
 from .data import ImageDataset, Source, collate, open_source, shard_range
 from .errors import DataError, OptionError, option
-from .options import DATA, DEFAULT_BACKBONE, DTYPES, EMBED, ON_ERROR, check
+from .options import CLUSTER, DATA, DEFAULT_BACKBONE, DTYPES, EMBED, ON_ERROR, check
 from .extract import FeatureExtractor, default_device, on_device
 from .files import require_folder
 from .layers import resolve_layers
@@ -56,15 +56,17 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
           token_pool: str = "cls", dtype: str = "float16", batch_size: int | None = None,
           num_workers: int | None = None, device: str | None = None, test_size: float = 0.3,
           seed: int = 0, max_per_class: int | None = None, on_error: str = "skip",
-          shard: tuple = (0, 1), overwrite: bool = False, progress: bool = True,
-          commit_rows: int = 512, commit_every: float = 30.0) -> EmbedResult:
+          shard: tuple = (0, 1), overwrite: bool = False, progress=True,
+          commit_rows: int = 512, commit_every: float = 30.0, cluster: str | None = None,
+          shards: int | None = None, copy: bool = False) -> EmbedResult:
     """Embed a data set with a frozen backbone and store several layers in one HDF5 file.
 
     Args:
         source: image folder (``DATA/<class>/…`` or ``DATA/<split>/<class>/…``), CSV
             manifest (``path,label[,split]``) or ``builtin:digits``; or a
             :class:`~featurecache.data.Source` opened with the same ``test_size``, ``seed``
-            and ``max_per_class`` (so the data are listed once).
+            and ``max_per_class`` (so the data are listed once), possibly one shard of it
+            (:meth:`~featurecache.data.Source.part`).
         output: the ``.h5`` file to write (its folder must exist).
         backbone: a name (see ``featurecache backbones``) or a loaded :class:`Backbone`.
         layers: layer names or aliases (see ``featurecache layers NAME``).
@@ -82,50 +84,112 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
         shard: ``(index, count)``: embed only this contiguous part of the records, into a
             self-contained file.
         overwrite: start over instead of resuming or refusing a different existing file.
-        progress: print the phases and a progress bar on stderr.
+        progress: print the phases and a progress bar on stderr; or a function called as
+            ``progress(inputs_done, inputs_total)`` after every batch (no printing).
         commit_rows, commit_every: commit the rows done so far every ``commit_rows`` rows or
             ``commit_every`` seconds, whichever comes first (a kill loses at most that much).
+        cluster, shards, copy: run on a Dask cluster (``local``, ``local:N``, ``local-cuda``
+            or a scheduler address) in ``shards`` shard files, then join them into ``output``
+            (virtual datasets, or one self-contained copy); see :mod:`featurecache.cluster`.
 
     Raises:
         FeaturecacheError: for any bad input; nothing is created before all inputs are checked.
     """
     t0 = time.perf_counter()
+    kw = {"backbone": backbone, "layers": layers, "weights": weights,
+          "weights_file": weights_file, "pool": pool, "token_pool": token_pool, "dtype": dtype,
+          "batch_size": batch_size, "num_workers": num_workers, "device": device,
+          "test_size": test_size, "seed": seed, "max_per_class": max_per_class,
+          "on_error": on_error, "overwrite": overwrite, "commit_rows": commit_rows,
+          "commit_every": commit_every}
+    check_options(kw, cluster=cluster, shards=shards, copy=copy)
+    if cluster is not None:
+        from .cluster import embed_on_cluster
+
+        return embed_on_cluster(source, output, cluster=cluster, shards=shards, copy=copy,
+                                progress=progress, **kw)
+    say = _Say(progress is True)
+    job = prepare(source, output, shard=shard, say=say, **kw)
+    dev, bb, specs, records = job.device, job.backbone, job.specs, job.records
+    extractor = FeatureExtractor(bb.model, specs)  # shares the model's modules: moved below
+    job.meta["extraction_method"] = extractor.method
+    with on_device(bb.model, dev), Writer(output, job.meta, specs, job.source.classes,
+                                         overwrite=overwrite, commit_rows=commit_rows,
+                                         commit_every=commit_every) as w:
+        resumed = w.n_done
+        if resumed and not w.already_complete:
+            say(f"resuming after {resumed:,} of {len(records):,} inputs committed earlier")
+        if not w.already_complete:
+            _run(records[w.n_done:], w.n_done, bb, extractor, dev, w, job.batch_size,
+                 num_workers, on_error, progress)
+            w.close(complete=True)
+        return EmbedResult(Path(output), w.n_committed, w.n_skipped, resumed,
+                           time.perf_counter() - t0, resumed == len(records), specs,
+                           job.source.ignored)
+
+
+def check_options(kw: dict, **cluster) -> None:
+    """Validate embed's keyword arguments against their declarations (options.py)."""
+    if kw["commit_rows"] < 1:
+        raise OptionError(f"commit_rows == {kw['commit_rows']}, must be >= 1.")
+    given = {k: v for k, v in kw.items() if k not in ("commit_rows", "backbone", "seed")}
+    given["layers"] = list(kw["layers"])
+    if isinstance(kw["backbone"], str):
+        given["backbone"] = kw["backbone"]
+    check(DATA + EMBED + CLUSTER, {**given, **{k: v for k, v in cluster.items()
+                                              if v is not None}})
+
+
+@dataclass
+class Job:
+    """What an embed is about to do: the listed data (the records of its shard), the loaded
+    backbone, the resolved layers and the provenance the file will hold."""
+
+    source: Source
+    records: list
+    backbone: Backbone
+    specs: list
+    meta: dict
+    device: object
+    batch_size: int
+
+
+def prepare(source, output, *, backbone, layers, weights, weights_file, pool, token_pool, dtype,
+            batch_size, device, test_size, seed, max_per_class, shard=(0, 1), say=None,
+            **_) -> Job:
+    """List the data (unless given a :class:`Source`), load the backbone, resolve the
+    layers and build the provenance: everything but the forward passes."""
+    say = say or _Say(False)
     output = Path(output)
-    check(DATA + EMBED, {"weights": weights, "weights_file": weights_file, "pool": pool,
-                         "token_pool": token_pool, "dtype": dtype, "batch_size": batch_size,
-                         "num_workers": num_workers, "device": device, "test_size": test_size,
-                         "max_per_class": max_per_class, "on_error": on_error,
-                         "commit_every": commit_every, "overwrite": overwrite,
-                         "layers": list(layers), **({"backbone": backbone}
-                                                    if isinstance(backbone, str) else {})})
-    if commit_rows < 1:
-        raise OptionError(f"commit_rows == {commit_rows}, must be >= 1.")
     dev = default_device(device)
-    batch_size = batch_size or (64 if dev.type == "cuda" else 16)
     require_folder(output)
-    say = _Say(progress)
     if isinstance(source, Source):  # already opened (a pipeline checks it before the embed)
         src, source = source, source.root
     else:
         src = open_source(source, test_size=test_size, seed=seed, max_per_class=max_per_class)
-    start, stop = shard_range(len(src.records), *shard)
-    records = src.records[start:stop]
-    say(src.summary())
+    if src.part is not None:  # one shard, cut by the cluster's client
+        if tuple(shard) not in ((0, 1), src.part[:2]):
+            raise OptionError(f"the source is shard {src.part[0]}/{src.part[1]} already; "
+                              f"do not pass another shard.")
+        shard, start, records = src.part[:2], src.part[2], src.records
+    else:
+        start, stop = shard_range(len(src.records), *shard)
+        records = src.records[start:stop]
+        say(src.summary())
     if not records:
         raise DataError(f"shard {shard[0]} of {shard[1]} of {source} holds no images.")
     if tuple(shard) != (0, 1):
-        say(f"shard {shard[0]} of {shard[1]}: inputs {start:,} to {stop - 1:,}")
+        say(f"shard {shard[0]} of {shard[1]}: inputs {start:,} to {start + len(records) - 1:,}")
     if not isinstance(backbone, Backbone):
         say(f"loading {backbone} (weights {weights_file or weights}) ...")
     bb = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, weights, weights_file)
     specs = resolve_layers(bb, layers, pool=pool, token_pool=token_pool)
     say(f"{len(specs)} layer{'s' * (len(specs) > 1)}: "
         f"{', '.join(f'{s.name}[{s.dim}]' for s in specs)}, {dtype}, on {dev}")
-    extractor = FeatureExtractor(bb.model, specs)  # shares the model's modules: moved below
     v = versions("torch", "torchvision", "python")
     meta = {
         **bb.provenance(), "pool": pool, "token_pool": token_pool, "dtype": dtype,
-        "layers": [s.name for s in specs], "extraction_method": extractor.method,
+        "layers": [s.name for s in specs], "extraction_method": "",
         "data_root": src.root, "data_kind": src.kind, "data_fingerprint": src.fingerprint(),
         "split_origin": src.split_origin, "seed": seed, "test_size": test_size,
         "max_per_class": -1 if max_per_class is None else max_per_class,
@@ -136,17 +200,8 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
         "rebuild": _rebuild_command(source, output, bb, specs, pool, token_pool, dtype, test_size,
                                     seed, max_per_class, shard, weights, weights_file),
     }
-    with on_device(bb.model, dev), Writer(output, meta, specs, src.classes, overwrite=overwrite,
-                                         commit_rows=commit_rows, commit_every=commit_every) as w:
-        resumed = w.n_done
-        if resumed and not w.already_complete:
-            say(f"resuming after {resumed:,} of {len(records):,} inputs committed earlier")
-        if not w.already_complete:
-            _run(records[w.n_done:], w.n_done, bb, extractor, dev, w, batch_size, num_workers,
-                 on_error, progress)
-            w.close(complete=True)
-        return EmbedResult(output, w.n_committed, w.n_skipped, resumed,
-                           time.perf_counter() - t0, resumed == len(records), specs, src.ignored)
+    return Job(src, records, bb, specs, meta, dev,
+               batch_size or (64 if dev.type == "cuda" else 16))
 
 
 class _Say:
@@ -170,7 +225,8 @@ def _run(records, offset, bb, extractor, dev, writer, batch_size, num_workers, o
         ImageDataset(records, bb.preprocess.transform(), bb.preprocess.exif), batch_size=batch_size,
         num_workers=num_workers, collate_fn=collate, pin_memory=dev.type == "cuda",
         persistent_workers=False)
-    bar = tqdm(total=len(records) + offset, initial=offset, unit="img", disable=not progress,
+    report, done = (progress if callable(progress) else None), offset
+    bar = tqdm(total=len(records) + offset, initial=offset, unit="img", disable=progress is not True,
                desc=f"embed {bb.name}", dynamic_ncols=True)
     amp = torch.autocast("cuda", dtype=torch.float16) if dev.type == "cuda" else nullcontext()
     with bar:
@@ -202,6 +258,9 @@ def _run(records, offset, bb, extractor, dev, writer, batch_size, num_workers, o
             writer.write(feats, [r.path for r in rows], [r.label for r in rows],
                          [r.split for r in rows], batch.n_inputs, skipped)
             bar.update(batch.n_inputs)
+            done += batch.n_inputs
+            if report is not None:
+                report(done, len(records) + offset)
             if skipped:
                 bar.set_postfix(skipped=writer.n_skipped + len(skipped), refresh=False)
     writer.flush()

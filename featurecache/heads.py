@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import joblib
@@ -101,12 +102,14 @@ def training_data(ff, layer: str, *, cv: int = 5, seed: int = 0):
 
 def fit_heads(jobs: dict, kinds, *, kernel: str = "linear", cv: int = 5,
               scoring: str = "balanced_accuracy", class_weight=None, seed: int = 0, n_jobs=-1,
-              probability: bool = False, early_stop: bool = True, progress=None) -> dict:
+              probability: bool = False, early_stop: bool = True, progress=None,
+              client=None) -> dict:
     """Search and refit every head kind on every ``(feature file, layer)`` in ``jobs``.
 
     ``jobs`` maps a key to ``(FeatureFile, layer)``; every job must hold the same training
     rows (same labels), so all are scored on the same folds. One joblib pool runs the folds of
-    all jobs, another the refits. Returns ``{(key, kind): Head}``.
+    all jobs, another the refits; with a Dask ``client``, on its workers (each array
+    scattered once). Returns ``{(key, kind): Head}``.
     """
 
     check_options(kinds, kernel, scoring)  # before any feature is read
@@ -125,15 +128,18 @@ def fit_heads(jobs: dict, kinds, *, kernel: str = "linear", cv: int = 5,
         elif not np.array_equal(y, yk):
             raise HeadError(f"{ff.path} holds other training rows than the first file; heads "
                             f"can only be compared on the same images.")
-        Xs[key] = X
-    results = search_layers(Xs, y, kinds, folds=folds, kernel=kernel, scoring=scoring,
-                            class_weight=class_weight, seed=seed, early_stop=early_stop,
-                            n_jobs=n_jobs, progress=progress)
-    order = list(results)
-    pipes = joblib.Parallel(n_jobs=n_jobs)(
-        joblib.delayed(refit)(Xs[key], y, kind, results[(key, kind)].params, kernel=kernel,
-                              class_weight=class_weight, seed=seed, probability=probability)
-        for key, kind in order)
+        Xs[key] = np.ascontiguousarray(X, dtype=np.float32)  # the arrays every task reads
+    if client is not None:
+        from .cluster import joblib_on
+    with joblib_on(client, [*Xs.values(), y]) if client is not None else contextlib.nullcontext():
+        results = search_layers(Xs, y, kinds, folds=folds, kernel=kernel, scoring=scoring,
+                                class_weight=class_weight, seed=seed, early_stop=early_stop,
+                                n_jobs=n_jobs, progress=progress)
+        order = list(results)
+        pipes = joblib.Parallel(n_jobs=n_jobs)(
+            joblib.delayed(refit)(Xs[key], y, kind, results[(key, kind)].params, kernel=kernel,
+                                  class_weight=class_weight, seed=seed, probability=probability)
+            for key, kind in order)
     from .store.layout import created_now  # the one UTC timestamp (SOURCE_DATE_EPOCH aware)
 
     created, v = created_now(), versions("scikit-learn")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .errors import OptionError
 
-__all__ = ["Option", "DATA", "EMBED", "COMPARE", "TOP", "STAGES", "check", "click_options",
+__all__ = ["Option", "DATA", "EMBED", "COMPARE", "CLUSTER", "TOP", "STAGES", "check", "click_options",
            "reference_toml", "class_weight", "FIT_HEAD", "FIT_HEAD_SHARED", "DEFAULT_BACKBONE", "POOLS", "TOKEN_POOLS", "DTYPES", "ON_ERROR",
            "HEAD_KINDS", "KERNELS", "SCORINGS", "SELECT", "CLASS_WEIGHTS"]
 
@@ -57,6 +57,7 @@ class Option:
     items: tuple = (str,)     # types of a list's items
     auto_means: str = "auto"  # what ``auto`` stands for, in reference.toml
     excluded: tuple = ()      # values inside the range that mean nothing (n_jobs = 0)
+    cli: str = ""             # the CLI flag's name, when not the pipeline key
 
     @property
     def toml_key(self) -> str:
@@ -64,7 +65,7 @@ class Option:
 
     @property
     def flag(self) -> str:
-        return "--" + self.toml_key.replace("_", "-")
+        return "--" + (self.cli or self.toml_key).replace("_", "-")
 
     @property
     def toml_default(self):
@@ -177,6 +178,17 @@ COMPARE = (
            "cores", excluded=(0,)),
     Option("n_boot", int, 1000, "bootstrap resamples for the 95% intervals", low=1),
 )
+# [cluster]: where embed (sharded) and compare (the CV fits) run; absent: in this process
+CLUSTER = (
+    Option("cluster", str, None, "Dask cluster: local, local:N (N worker processes), local-cuda "
+           "(one worker per GPU, needs dask-cuda) or a scheduler address tcp://host:8786",
+           auto="", key="address", cli="cluster", example="local:2"),
+    Option("shards", int, None, "shard files of a clustered embed (auto: the count already in "
+           "OUTPUT.shards/, else 4 per worker)", low=1, auto=0),
+    Option("copy", bool, False, "join the shards into one self-contained file (default: "
+           "virtual datasets pointing into OUTPUT.shards/)"),
+)
+
 # fit-head's own options (with kernel, cv, scoring, class_weight and n_jobs of COMPARE);
 # not a pipeline table: pipelines fit heads through compare
 FIT_HEAD = (
@@ -184,7 +196,7 @@ FIT_HEAD = (
     Option("seed", int, 0, "seeds the CV folds"),
 )
 FIT_HEAD_SHARED = ("kernel", "cv", "scoring", "class_weight", "n_jobs")
-STAGES = {"": TOP, "data": DATA, "embed": EMBED, "compare": COMPARE}
+STAGES = {"": TOP, "data": DATA, "embed": EMBED, "compare": COMPARE, "cluster": CLUSTER}
 
 
 def class_weight(value):

@@ -163,14 +163,15 @@ def _kwargs(table: str, c: dict) -> dict:
 
 def _embed_kwargs(c: dict) -> dict:
     data = _kwargs("data", c)
-    return {**_kwargs("embed", c), "test_size": data["test_size"],
+    return {**_kwargs("embed", c), **_kwargs("cluster", c), "test_size": data["test_size"],
             "max_per_class": data["max_per_class"], "seed": c[""]["seed"]}
 
 
 def _compare_kwargs(c: dict) -> dict:
     k = _kwargs("compare", c)
     return {**k, "layers": k["layers"] or None, "seed": c[""]["seed"],
-            "class_weight": class_weight(k["class_weight"])}
+            "class_weight": class_weight(k["class_weight"]),
+            "cluster": _kwargs("cluster", c)["cluster"]}
 
 
 def check_pipeline(plan: Plan) -> dict:

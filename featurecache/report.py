@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FeaturecacheError, HeadError, HeadOptionError, option
-from .options import COMPARE, SELECT, check
+from .options import CLUSTER, COMPARE, SELECT, check
 from .search import HEAD_KINDS, check_options
 from .fewshot import check_shots, feasible_shots, refit_few_shot
 from .report_files import markdown_table, publish, row_name, verdict_text, write_report
@@ -124,7 +125,7 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
             kernel: str = "linear", cv: int = 5, scoring: str = "balanced_accuracy",
             select: str = "cv", class_weight=None, seed: int = 0, n_jobs=-1,
             n_boot: int = 1000, shots=(), repeats: int = 3, overwrite: bool = False,
-            progress: bool = True) -> CompareResult:
+            progress: bool = True, cluster: str | None = None) -> CompareResult:
     """Fit every head on every layer (of every file), pick a winner by CV, write the report.
 
     Args:
@@ -138,6 +139,8 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
         shots: few-shot sizes, e.g. ``(1, 5, 10, "all")``: refit each row on that many train
             images per class, ``repeats`` seeded draws each, and report the test score.
         overwrite: replace an existing ``out_dir``; otherwise an existing one is refused.
+        cluster: run the CV fits and refits on this Dask cluster (see
+            :mod:`featurecache.cluster`); the results equal a local run's.
 
     Raises:
         FeaturecacheError: the folder exists, a layer or head is unknown, the files are not
@@ -183,9 +186,14 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
     if not out_dir.parent.is_dir():
         raise FeaturecacheError(f"folder {out_dir.parent} does not exist; create it first.")
 
+    if cluster is not None:
+        check(CLUSTER, {"cluster": cluster})
+        from .cluster import connect
     bar = Progress(progress, "compare (CV folds)")
-    fitted = fit_heads(jobs, heads, kernel=kernel, cv=cv, scoring=scoring,
-                       class_weight=class_weight, seed=seed, n_jobs=n_jobs, progress=bar.update)
+    with connect(cluster) if cluster is not None else contextlib.nullcontext() as client:
+        fitted = fit_heads(jobs, heads, kernel=kernel, cv=cv, scoring=scoring,
+                           class_weight=class_weight, seed=seed, n_jobs=n_jobs,
+                           progress=bar.update, client=client)
     bar.close()
     rows = [_row(name, layer, kind, head, jobs) for ((name, layer), kind), head in fitted.items()]
     rows.sort(key=lambda r: (r["backbone"], r["depth"], "+" in r["layer"], r["layer"], r["head"]))

@@ -67,6 +67,8 @@ Examples:
   featurecache embed photos/ -o feats.h5 --backbone resnet50 --weights IMAGENET1K_V2 --layer stage4
   featurecache embed manifest.csv -o feats.h5 --weights-file my_weights.pth
   featurecache embed builtin:digits -o digits.h5 --layer stage3,avgpool --max-per-class 20
+  featurecache embed photos/ -o feats.h5 --layer stage4,avgpool --cluster local:2 --shards 16
+  featurecache embed photos/ -o feats.h5 --cluster tcp://scheduler:8786 --shards 512
 Run the same command again after an interruption: it resumes after the committed rows.""")
 @click.argument("data")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
@@ -79,6 +81,7 @@ Run the same command again after an interruption: it resumes after the committed
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")
 @click.option("--shard", default="0/1", show_default=True,
               help="INDEX/COUNT: embed only this part of the data into a self-contained file.")
+@options.click_options(options.CLUSTER)
 @click.option("-q", "--quiet", is_flag=True, help="No phases, no progress bar.")
 @_friendly
 def embed(data, output, layer_opts, shard, quiet, **kwargs):
@@ -137,7 +140,8 @@ def info(path, show_skipped, as_json):
         click.echo(f"  {s['name']:<20} node={s['node']:<24} kind={s['kind']:<8} "
                    f"pool={s['pool']:<6} dim={s['dim']:<6} depth={s['depth']}")
     click.echo(f"data: {p['data_root']} ({p['data_kind']}, split {p['split_origin']}), "
-               f"shard {p['shard_index']}/{p['shard_count']}")
+               + (f"joined from {p['joined_from']} shards ({p.get('joined_as', 'virtual')})"
+                  if p.get("joined_from") else f"shard {p['shard_index']}/{p['shard_count']}"))
     click.echo(f"made: {p['created']} with featurecache {p['featurecache_version']}, torch "
                f"{p['torch_version']}, torchvision {p['torchvision_version']} on {p['device']}")
     click.echo(f"rebuild: {p['rebuild']}")

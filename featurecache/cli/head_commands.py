@@ -92,6 +92,7 @@ Examples:
 @click.option("--layers", default=None, help="Comma-separated stored layers (default: all).")
 @click.option("--extra", "extra", multiple=True, help="A concatenation such as blocks.5+avgpool (repeatable).")
 @options.click_options(options.COMPARE)
+@options.click_options(options.CLUSTER, only=("cluster",))
 @click.option("--shots", default=None, help="Few-shot curve, e.g. 1,5,10,25,all (images per class).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True, help="Replace an existing report folder.")

@@ -16,6 +16,7 @@ the row order of the feature file, which resume relies on.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -52,10 +53,22 @@ class Source:
     records: list
     split_origin: str     # given | seeded(test_size=..., seed=...)
     ignored: dict = field(default_factory=dict)  # what the listing left out: {why: count}
+    part: tuple | None = None  # (index, count, first row) when this holds one shard's records
+    whole_fingerprint: str = ""  # the fingerprint of the whole data set, for a part
+
+    def part_of(self, index: int, count: int) -> "Source":
+        """Shard ``index`` of ``count``: its records only (what a cluster task receives),
+        remembering where it starts and the whole data set's fingerprint."""
+        start, stop = shard_range(len(self.records), index, count)
+        return dataclasses.replace(self, records=self.records[start:stop],
+                                   part=(index, count, start),
+                                   whole_fingerprint=self.fingerprint())
 
     def fingerprint(self) -> str:
         """sha256 over classes and every (path, label, split, size, mtime): changes when the
         data set does, including an image rewritten under the same name."""
+        if self.whole_fingerprint:
+            return self.whole_fingerprint
         h = hashlib.sha256(json.dumps(self.classes).encode())
         for r in self.records:
             h.update(f"{r.path}\t{r.label}\t{r.split}\t{r.stamp}\n".encode("utf-8", "surrogateescape"))

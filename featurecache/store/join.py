@@ -15,7 +15,8 @@ from .reader import open_features
 __all__ = ["join_shards"]
 
 
-def join_shards(shards, output, overwrite: bool = False, copy: bool = False) -> Path:
+def join_shards(shards, output, overwrite: bool = False, copy: bool = False,
+                rebuild: str | None = None) -> Path:
     """Join complete shard files (``embed --shard i/k``) into one file, in shard order.
 
     The layers become HDF5 virtual datasets that point into the shard files (kept beside the
@@ -70,6 +71,8 @@ def join_shards(shards, output, overwrite: bool = False, copy: bool = False) -> 
                 n_skipped=sum(f.provenance["n_skipped"] for f in files))
     meta["fingerprint"] = fingerprint(meta)
     meta["joined_as"] = "copy" if copy else "virtual"
+    if rebuild:  # the one-process command that makes the same file (a clustered embed's)
+        meta["rebuild"] = rebuild
     with hdf5_output(output) as out:
         write_header(out, meta, files[0].classes)
         grp = out.create_group("layers")

@@ -134,6 +134,7 @@ def embed_on_cluster(source, output, *, cluster: str, shards: int | None = None,
     from .embedding import EmbedResult, _Say, prepare
     from .store import join_shards, open_features
     from .store.layout import fingerprint
+    from .store.reader import is_hdf5
 
     t0 = time.perf_counter()
     output = Path(output)
@@ -144,6 +145,9 @@ def embed_on_cluster(source, output, *, cluster: str, shards: int | None = None,
     # the whole data set's fingerprint, computed once: every shard's file records it
     src = dataclasses.replace(job.source, whole_fingerprint=job.source.fingerprint())
     n = len(job.records)
+    if output.exists() and not (output.is_file() and is_hdf5(output)):
+        raise StoreMismatchError(f"{output} exists and is not a feature file; choose another "
+                                 f"output (it is never replaced).")
     if output.exists() and not overwrite:
         ff = open_features(output)
         if not (ff.complete and ff.provenance.get("fingerprint") == fingerprint(job.meta)):

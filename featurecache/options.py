@@ -182,7 +182,7 @@ COMPARE = (
 CLUSTER = (
     Option("cluster", str, None, "Dask cluster: local, local:N (N worker processes), local-cuda "
            "(one worker per GPU, needs dask-cuda) or a scheduler address tcp://host:8786",
-           auto="", key="address", cli="cluster", example="local:2"),
+           auto="", key="address", cli="cluster", auto_means="in this process, no cluster"),
     Option("shards", int, None, "shard files of a clustered embed (auto: the count already in "
            "OUTPUT.shards/, else 4 per worker)", low=1, auto=0),
     Option("copy", bool, False, "join the shards into one self-contained file (default: "

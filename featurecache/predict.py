@@ -26,7 +26,7 @@ from .backbones import DEFAULT_BACKBONE, Preprocess, load_backbone
 from .data import ImageDataset, Record, collate
 from .data.folders import IMAGE_EXTENSIONS, is_hidden
 from .errors import DataError, FeaturecacheError
-from .extract import FeatureExtractor, default_device
+from .extract import CHANNELS_LAST, FeatureExtractor, default_device, to_layout
 from .files import atomic_output, require_folder
 from .heads import Head, load_head
 from .layers import LayerSpec
@@ -89,7 +89,7 @@ def _rows(paths, bb, score_fn, classes, top_k, batch_size, num_workers, dev) -> 
         if batch.images is None:
             continue
         with torch.inference_mode():
-            scores, are_proba = score_fn(batch.images.to(dev))
+            scores, are_proba = score_fn(to_layout(batch.images.to(dev)))
         for j, i in enumerate(batch.index):
             order = np.argsort(-scores[j])[:top_k]
             best = int(order[0])
@@ -116,7 +116,11 @@ def predict(head, images, top_k: int = 3, batch_size: int = 32, device: str | No
     specs = [LayerSpec.from_attrs(s) for s in prov["specs"]]
     head.check_compatible({**prov, **bb.provenance(), "specs": prov["specs"]}, "the images")
     dev = default_device(device)
-    extractor = FeatureExtractor(bb.model.to(dev), specs)
+    # the backbone is loaded here, for this call: it may stay on the device, in the layout
+    # the embed ran it in
+    model = bb.model.to(dev).to(memory_format=torch.channels_last) if CHANNELS_LAST \
+        else bb.model.to(dev)
+    extractor = FeatureExtractor(model, specs)
     dtype = prov.get("dtype") or "float32"
 
     def score(images):
@@ -138,7 +142,8 @@ def predict_imagenet(images, backbone: str = DEFAULT_BACKBONE, weights: str = "D
         raise FeaturecacheError(f"{backbone} has no 1000-class ImageNet head to predict with.")
     paths = expand_images(images)
     dev = default_device(device)
-    model = bb.model.to(dev)
+    model = bb.model.to(dev).to(memory_format=torch.channels_last) if CHANNELS_LAST \
+        else bb.model.to(dev)
     return _rows(paths, bb, lambda x: (model(x).softmax(1).cpu().numpy(), True), bb.categories,
                  top_k, batch_size, 0, dev)
 

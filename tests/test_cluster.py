@@ -16,6 +16,7 @@ import pytest
 
 from featurecache import embed, open_features  # noqa: E402
 from featurecache.cluster import ClusterError, shard_paths  # noqa: E402
+from featurecache.errors import FeaturecacheError  # noqa: E402
 
 from .conftest import COLORS, make_image  # noqa: E402
 from .test_embed import assert_same_file  # noqa: E402
@@ -146,3 +147,32 @@ def test_bad_cluster_requests_fail_fast_and_clearly(images, tmp_path):
     with pytest.raises(ClusterError, match=r"local:N with N >= 1"):
         embed(images, tmp_path / "f.h5", cluster="local:zero", **KW)
     assert not (tmp_path / "f.h5").exists() and not (tmp_path / "f.h5.shards").exists()
+    keep = tmp_path / "labels.csv"
+    keep.write_text("path,label\n")
+    with pytest.raises(FeaturecacheError, match="is not a feature file"):
+        embed(images, keep, cluster="local:2", overwrite=True, **KW)
+    assert keep.read_text() == "path,label\n"
+
+
+def test_a_pipeline_with_a_cluster_table_runs_sharded(tmp_path):
+    from featurecache.pipeline import load_pipeline, run_pipeline
+
+    plan = load_pipeline(text=f"""
+output = "{tmp_path / 'run'}"
+[data]
+root = "builtin:digits"
+max_per_class = 4
+[embed]
+layers = ["avgpool"]
+[compare]
+heads = ["logreg"]
+cv = 2
+n_boot = 20
+[cluster]
+address = "local:2"
+shards = 2
+""")
+    record = run_pipeline(plan, progress=False)
+    feats = open_features(tmp_path / "run" / "features.h5")
+    assert feats.provenance["joined_from"] == 2 and feats.n_rows == 80
+    assert record["embed"]["rows"] == 80 and (tmp_path / "run" / "report" / "report.md").exists()

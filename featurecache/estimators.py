@@ -7,6 +7,8 @@ Every head is ``Pipeline([("scale", StandardScaler()), ("clf", estimator)])``:
   :data:`~featurecache.solvers.GRAM_MAX_ROWS` training rows (libsvm on the precomputed Gram
   matrix, saved as one weight vector per pair of classes), ``LinearSVC`` (primal) otherwise
   (see :func:`~featurecache.solvers.use_gram`); ``svm`` (rbf): ``SVC``.
+* ``mlp``: ``MLPClassifier``, one hidden layer (width and ``alpha`` searched), early stopping
+  on a stratified 10% of the training rows; class weights become sample weights.
 * ``knn``: ``KNeighborsClassifier`` with cosine distance and DINOv2's temperature-weighted
   votes (:func:`temperature_weights`, T = 0.07).
 """
@@ -17,7 +19,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .solvers import _SVC_MAX_ITER, KNN_TEMPERATURE, LOGREG, gram, use_gram
+from .solvers import _SVC_MAX_ITER, KNN_TEMPERATURE, LOGREG, gram, mlp_classifier, use_gram
 
 __all__ = ["GramLinearSVC", "make_estimator", "temperature_weights"]
 
@@ -103,11 +105,12 @@ class GramLinearSVC(ClassifierMixin, BaseEstimator):
 
 def make_estimator(kind: str, params: dict, *, kernel: str = "linear", class_weight=None,
                    seed: int = 0, n_rows: int = 0, n_features: int = 0,
-                   probability: bool = False, gram=None):
+                   probability: bool = False, gram=None, y=None):
     """The unfitted pipeline of a head kind with chosen hyperparameters, for ``n_rows`` x
     ``n_features`` training data.
 
-    ``gram`` forces the linear SVM's solver (None: by the shape, as the search decides)."""
+    ``gram`` forces the linear SVM's solver (None: by the shape, as the search decides);
+    ``y`` (the training labels) decides whether the MLP can stop early on a stratified 10%."""
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
@@ -118,6 +121,8 @@ def make_estimator(kind: str, params: dict, *, kernel: str = "linear", class_wei
     if kind == "logreg":
         clf = LogisticRegression(C=params["C"], class_weight=class_weight, random_state=seed,
                                  **LOGREG)
+    elif kind == "mlp":
+        clf = mlp_classifier(params, seed=seed, y=y)
     elif kind == "knn":
         clf = KNeighborsClassifier(n_neighbors=max(1, min(params["k"], n_rows)), metric="cosine",
                                    algorithm="brute", weights=temperature_weights)

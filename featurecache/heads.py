@@ -1,7 +1,7 @@
 """Stage 2: shallow scikit-learn heads on stored features, chosen by cross-validation.
 
-Head kinds: ``logreg`` (logistic regression), ``svm`` (linear or rbf kernel) and ``knn``
-(cosine k-NN with temperature-weighted votes); how each is built is in
+Head kinds: ``logreg`` (logistic regression), ``svm`` (linear or rbf kernel), ``knn``
+(cosine k-NN with temperature-weighted votes) and ``mlp`` (one hidden layer); how each is built is in
 :mod:`featurecache.estimators`, how its hyperparameters are searched in
 :mod:`featurecache.search` (C = 1e-6 .. 1e6 walked with early stopping, then quarter-decades
 around the best; stratified k-fold CV on the train split, or a ``val`` split when the file
@@ -31,8 +31,8 @@ import numpy as np
 from . import versions
 from .errors import DataWarning, HeadError
 from .persist import Head, load_head
-from .search import (HEAD_KINDS, KERNELS, SCORINGS, check_options, coarse_grid, make_folds,
-                     search_layers)
+from .search import (HEAD_KINDS, KERNELS, MLP_WIDTHS, SCORINGS, check_options, coarse_grid,
+                     make_folds, search_layers)
 
 __all__ = ["Head", "fit_head", "fit_heads", "training_data", "load_head", "search", "refit",
            "HEAD_KINDS", "KERNELS", "SCORINGS", "coarse_grid"]
@@ -48,22 +48,23 @@ def refit(X, y, kind: str, params: dict, *, kernel: str = "linear", class_weight
     from .estimators import make_estimator
 
     X = np.asarray(X, dtype=np.float32)
-    from .solvers import use_gram
+    from .solvers import sample_weights, use_gram
 
     pipe = make_estimator(kind, params, kernel=kernel, class_weight=class_weight, seed=seed,
                           n_rows=len(y), n_features=X.shape[1], probability=probability,
                           gram=use_gram(len(y) if solver_rows is None else solver_rows,
-                                        X.shape[1]))
+                                        X.shape[1]), y=y)
     if probability and kind == "svm":
         pipe.set_params(clf__cv=min(5, _min_count(y)))
+    fit = {"clf__sample_weight": sample_weights(class_weight, y)} if kind == "mlp" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return pipe.fit(X, y)
+        return pipe.fit(X, y, **fit)
 
 
 def search(X, y, kind: str = "logreg", kernel: str = "linear", *, folds=None, cv: int = 5,
            scoring: str = "balanced_accuracy", class_weight=None, seed: int = 0, n_jobs=-1,
-           probability: bool = False, early_stop: bool = True):
+           probability: bool = False, early_stop: bool = True, mlp_widths=MLP_WIDTHS):
     """Search one head kind on one matrix and refit the winner.
 
     Returns ``(fitted pipeline, best params, best CV score, cv table)``; the table has one row
@@ -75,7 +76,7 @@ def search(X, y, kind: str = "logreg", kernel: str = "linear", *, folds=None, cv
         folds = make_folds(y, cv, seed)
     res = search_layers({"X": X}, y, [kind], folds=folds, kernel=kernel, scoring=scoring,
                         class_weight=class_weight, seed=seed, early_stop=early_stop,
-                        n_jobs=n_jobs)[("X", kind)]
+                        n_jobs=n_jobs, mlp_widths=mlp_widths)[("X", kind)]
     pipe = refit(X, y, kind, res.params, kernel=kernel, class_weight=class_weight, seed=seed,
                  probability=probability)
     return pipe, res.params, res.score, res.table
@@ -103,7 +104,7 @@ def training_data(ff, layer: str, *, cv: int = 5, seed: int = 0):
 def fit_heads(jobs: dict, kinds, *, kernel: str = "linear", cv: int = 5,
               scoring: str = "balanced_accuracy", class_weight=None, seed: int = 0, n_jobs=-1,
               probability: bool = False, early_stop: bool = True, progress=None,
-              client=None) -> dict:
+              client=None, mlp_widths=MLP_WIDTHS) -> dict:
     """Search and refit every head kind on every ``(feature file, layer)`` in ``jobs``.
 
     ``jobs`` maps a key to ``(FeatureFile, layer)``; every job must hold the same training
@@ -134,7 +135,7 @@ def fit_heads(jobs: dict, kinds, *, kernel: str = "linear", cv: int = 5,
     with joblib_on(client, [*Xs.values(), y]) if client is not None else contextlib.nullcontext():
         results = search_layers(Xs, y, kinds, folds=folds, kernel=kernel, scoring=scoring,
                                 class_weight=class_weight, seed=seed, early_stop=early_stop,
-                                n_jobs=n_jobs, progress=progress)
+                                n_jobs=n_jobs, progress=progress, mlp_widths=mlp_widths)
         order = list(results)
         pipes = joblib.Parallel(n_jobs=n_jobs)(
             joblib.delayed(refit)(Xs[key], y, kind, results[(key, kind)].params, kernel=kernel,
@@ -198,13 +199,15 @@ class Progress:
 
 def fit_head(features, layer: str, kind: str = "logreg", *, kernel: str = "linear",
              cv: int = 5, scoring: str = "balanced_accuracy", class_weight=None, seed: int = 0,
-             n_jobs=-1, probability: bool = False, progress: bool = False) -> Head:
+             n_jobs=-1, probability: bool = False, progress: bool = False,
+             mlp_widths=MLP_WIDTHS) -> Head:
     """Search, refit and return a head on ``layer`` of a feature file.
 
     Args:
         features: a :class:`~featurecache.store.FeatureFile` or a path to one.
         layer: a stored layer, or several joined with ``+`` (their columns concatenated).
-        kind: ``logreg``, ``svm`` or ``knn``; ``kernel``: ``linear`` or ``rbf`` (svm only).
+        kind: ``logreg``, ``svm``, ``knn`` or ``mlp``; ``kernel``: ``linear`` or ``rbf``
+            (svm only); ``mlp_widths``: the hidden widths the mlp searches.
         cv: folds of the stratified CV on the train split (a ``val`` split, when the file has
             one, is used instead).
         scoring: the CV score that picks the hyperparameters: ``balanced_accuracy``,
@@ -225,12 +228,13 @@ def fit_head(features, layer: str, kind: str = "logreg", *, kernel: str = "linea
     options.check([o for o in options.COMPARE if o.name in options.FIT_HEAD_SHARED]
                   + list(options.FIT_HEAD),
                   {"cv": cv, "n_jobs": n_jobs, "probability": probability, "seed": seed,
-                   "class_weight": class_weight or "none"})
+                   "class_weight": class_weight or "none", "mlp_widths": list(mlp_widths)})
     ff = features if isinstance(features, FeatureFile) else open_features(features)
     bar = Progress(progress, f"fit-head {kind} on {layer} (CV)")
     try:
         return fit_heads({layer: (ff, layer)}, [kind], kernel=kernel, cv=cv, scoring=scoring,
                          class_weight=class_weight, seed=seed, n_jobs=n_jobs,
-                         probability=probability, progress=bar.update)[(layer, kind)]
+                         probability=probability, progress=bar.update,
+                         mlp_widths=mlp_widths)[(layer, kind)]
     finally:
         bar.close()

@@ -25,7 +25,7 @@ POOLS = ("avg", "max", "avgmax")
 TOKEN_POOLS = ("cls", "mean")
 DTYPES = ("float16", "float32")
 ON_ERROR = ("skip", "fail")
-HEAD_KINDS = ("logreg", "svm", "knn")
+HEAD_KINDS = ("logreg", "svm", "knn", "mlp")
 KERNELS = ("linear", "rbf")
 SCORINGS = ("balanced_accuracy", "accuracy", "f1_macro")
 SELECT = ("cv", "cv-1se")
@@ -89,6 +89,10 @@ class Option:
                                                       not isinstance(v, bool) for v in value):
                 kinds = " or ".join("numbers" if t is int else "strings" for t in self.items)
                 raise OptionError(f"{named} must be a list of {kinds}, got {value!r}.")
+            small = [v for v in value if self.low is not None and v < self.low]
+            if small:
+                raise OptionError(f"{named}: {small} below {self.low:g}; each must be "
+                                  f"{self._range()}.")
             bad = [v for v in value if self.choices and v not in self.choices]
             if bad:
                 raise OptionError(f"{named}: {bad} not known; choose from "
@@ -165,6 +169,8 @@ COMPARE = (
     Option("extra_layers", list, [], "concatenations such as blocks.5+avgpool, each its own row",
            example=["stage3+avgpool"]),
     Option("kernel", str, "linear", "svm kernel", choices=KERNELS),
+    Option("mlp_widths", list, [256, 1024], "hidden-layer widths the mlp head searches (with "
+           "its alpha)", items=(int,), low=1),
     Option("cv", int, 5, "stratified CV folds on the train split", low=2),
     Option("scoring", str, "balanced_accuracy", "CV score that picks heads and the winner",
            choices=SCORINGS),
@@ -195,7 +201,7 @@ FIT_HEAD = (
     Option("probability", bool, False, "fit SVM probability estimates (sigmoid, by CV; slower)"),
     Option("seed", int, 0, "seeds the CV folds"),
 )
-FIT_HEAD_SHARED = ("kernel", "cv", "scoring", "class_weight", "n_jobs")
+FIT_HEAD_SHARED = ("kernel", "cv", "scoring", "class_weight", "n_jobs", "mlp_widths")
 STAGES = {"": TOP, "data": DATA, "embed": EMBED, "compare": COMPARE, "cluster": CLUSTER}
 
 
@@ -219,16 +225,29 @@ def check(options, values: dict) -> None:
 def click_options(options, skip=(), only=None):
     """A decorator adding one click option per declaration (type, choices, range, default,
     help), in declaration order; ``skip`` names the ones the command declares itself, ``only``
-    the ones it takes (default: all but lists, which each command spells its own way)."""
+    the ones it takes (default: all but lists, which each command spells its own way; a list
+    named in ``only`` is one comma-separated value, ``--mlp-widths 256,1024``)."""
     import click
+
+    def comma_list(o):
+        def parse(ctx, param, value):
+            try:
+                items = [o.items[0](v.strip()) for v in value.split(",") if v.strip()]
+                return o.check(items, o.flag)
+            except (ValueError, OptionError) as exc:
+                raise click.BadParameter(str(exc)) from None
+        return parse
 
     def decorate(fn):
         for o in reversed(options):
-            if o.name in skip or o.type is list or (only is not None and o.name not in only):
+            if o.name in skip or (only is None and o.type is list) or \
+                    (only is not None and o.name not in only):
                 continue
             kw = {"default": o.default, "help": o.help + ".",
                   "show_default": o.default is not None}
-            if o.type is bool:
+            if o.type is list:
+                kw.update(default=",".join(map(str, o.default)), callback=comma_list(o))
+            elif o.type is bool:
                 kw.update(is_flag=True, show_default=False)
             elif o.choices:
                 kw["type"] = click.Choice(list(o.choices))

@@ -29,8 +29,10 @@ __all__ = ["Head", "load_head", "dump_head", "load_head_dict", "SKOPS_TRUSTED", 
 
 FORMAT = "featurecache-head"
 FORMAT_VERSION = 1
-# featurecache's own types that a head may hold, beyond what skops trusts by default
+# types a head may hold beyond what skops trusts by default: featurecache's own, and the
+# Adam optimizer state scikit-learn's MLPClassifier keeps after fitting (plain arrays)
 SKOPS_TRUSTED = ("featurecache.estimators.GramLinearSVC",
+                 "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",  # mlp heads
                  "featurecache.estimators.temperature_weights")
 
 

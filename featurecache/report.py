@@ -44,7 +44,7 @@ from .stats import METRICS, SCORING_METRIC, bootstrap, interval, paired_differen
 
 __all__ = ["compare", "CompareResult", "SELECT", "select_winner"]
 
-_HEAD_COST = {"knn": 0, "logreg": 1, "svm": 2}  # cheaper first, for the one-SE rule
+_HEAD_COST = {"knn": 0, "logreg": 1, "svm": 2, "mlp": 3}  # cheaper first, for the one-SE rule
 
 
 @dataclass
@@ -125,14 +125,16 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
             kernel: str = "linear", cv: int = 5, scoring: str = "balanced_accuracy",
             select: str = "cv", class_weight=None, seed: int = 0, n_jobs=-1,
             n_boot: int = 1000, shots=(), repeats: int = 3, overwrite: bool = False,
-            progress: bool = True, cluster: str | None = None) -> CompareResult:
+            progress: bool = True, cluster: str | None = None,
+            mlp_widths=(256, 1024)) -> CompareResult:
     """Fit every head on every layer (of every file), pick a winner by CV, write the report.
 
     Args:
         features: a feature file path or :class:`~featurecache.store.FeatureFile`, or a list
             of them for several backbones over the same images.
         layers: stored layers to compare (default: all of each file's).
-        heads: head kinds (``logreg``, ``svm``, ``knn``).
+        heads: head kinds (``logreg``, ``svm``, ``knn``, ``mlp``); ``mlp_widths``: the
+            hidden widths the ``mlp`` head searches.
         extra_layers: concatenations such as ``"blocks.5+avgpool"``, each its own row.
         scoring: the CV score (``balanced_accuracy``, ``accuracy``, ``f1_macro``).
         select: ``cv`` (best CV score) or ``cv-1se`` (simplest within one standard error).
@@ -156,7 +158,7 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
         raise HeadError(f"no head kind given; choose from {', '.join(HEAD_KINDS)}.")
     check_options(heads, kernel, scoring)
     check(COMPARE, {"cv": cv, "repeats": repeats, "n_boot": n_boot, "n_jobs": n_jobs,
-                    "extra_layers": list(extra_layers)})
+                    "extra_layers": list(extra_layers), "mlp_widths": list(mlp_widths)})
     if select not in SELECT:
         raise HeadOptionError(f"select {select!r} is not one of {', '.join(SELECT)}.")
     shots = check_shots(shots, repeats)
@@ -193,7 +195,7 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
     with connect(cluster) if cluster is not None else contextlib.nullcontext() as client:
         fitted = fit_heads(jobs, heads, kernel=kernel, cv=cv, scoring=scoring,
                            class_weight=class_weight, seed=seed, n_jobs=n_jobs,
-                           progress=bar.update, client=client)
+                           progress=bar.update, client=client, mlp_widths=mlp_widths)
     bar.close()
     rows = [_row(name, layer, kind, head, jobs) for ((name, layer), kind), head in fitted.items()]
     rows.sort(key=lambda r: (r["backbone"], r["depth"], "+" in r["layer"], r["layer"], r["head"]))

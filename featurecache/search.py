@@ -63,14 +63,19 @@ __all__ = [
 ]
 
 KNN_KS = (10, 20, 50)
+MLP_WIDTHS = (256, 1024)   # hidden-layer widths (options.COMPARE mlp_widths)
+MLP_ALPHAS = (1.0, 1e-2, 1e-4)
 PATIENCE = 2               # decades below the best before a fold stops walking C
 
 
-def coarse_grid(kind: str, kernel: str, n_features: int) -> list[dict]:
+def coarse_grid(kind: str, kernel: str, n_features: int, mlp_widths=MLP_WIDTHS) -> list[dict]:
     """First sweep, in path order: C = 1e-6 .. 1e6 one point a decade (rbf: for each of four
-    gammas around 1/n_features); k-NN: k in 10, 20, 50."""
+    gammas around 1/n_features); k-NN: k in 10, 20, 50; MLP: alpha 1, 1e-2, 1e-4 (strong to
+    weak) for each hidden width."""
     if kind == "knn":
         return [{"k": k} for k in KNN_KS]
+    if kind == "mlp":
+        return [{"hidden": int(h), "alpha": a} for h in mlp_widths for a in MLP_ALPHAS]
     cs = [10.0 ** e for e in range(-6, 7)]
     if kind == "svm" and kernel == "rbf":
         gammas = [10.0 ** e / n_features for e in (-2, -1, 0, 1)]
@@ -79,8 +84,9 @@ def coarse_grid(kind: str, kernel: str, n_features: int) -> list[dict]:
 
 
 def fine_grid(kind: str, best: dict) -> list[dict]:
-    """Second sweep: quarter-decade steps around the best C (other params kept); none for k-NN."""
-    if kind == "knn":
+    """Second sweep: quarter-decade steps around the best C (other params kept); none for
+    k-NN and the MLP (each of its fits costs a training run)."""
+    if kind in ("knn", "mlp"):
         return []
     return [{**best, "C": best["C"] * 10.0 ** s} for s in (-0.75, -0.5, -0.25, 0.25, 0.5, 0.75)]
 
@@ -164,10 +170,11 @@ class _Spec:
 
 def _path(grid: list, kind: str, kernel: str) -> list[list]:
     """Split a grid into paths walked from strong to weak regularisation (one per gamma)."""
-    if kind == "svm" and kernel == "rbf":
+    if (kind == "svm" and kernel == "rbf") or kind == "mlp":
+        by = "gamma" if kind == "svm" else "hidden"
         paths = {}
         for p in grid:
-            paths.setdefault(p["gamma"], []).append(p)
+            paths.setdefault(p[by], []).append(p)
         return list(paths.values())
     return [grid]
 
@@ -241,13 +248,15 @@ def _table(stage: int, grid: list, per_fold: list) -> list:
 
 def search_layers(Xs: dict, y, kinds, *, folds, kernel: str = "linear",
                   scoring: str = "balanced_accuracy", class_weight=None, seed: int = 0,
-                  early_stop: bool = True, n_jobs=-1, progress=None) -> dict:
+                  early_stop: bool = True, n_jobs=-1, progress=None,
+                  mlp_widths=MLP_WIDTHS) -> dict:
     """Search every head kind on every layer, on the same folds, in one joblib pool.
 
     Args:
         Xs: ``{layer: (rows, dim) array}`` of the training rows (any float dtype).
         y: class indices of those rows.
-        kinds: head kinds (``logreg``, ``svm``, ``knn``).
+        kinds: head kinds (``logreg``, ``svm``, ``knn``, ``mlp``).
+        mlp_widths: the hidden-layer widths the ``mlp`` head searches.
         folds: ``[(train_idx, test_idx)]``, e.g. from :func:`make_folds`.
         early_stop: stop each fold's C path once past its peak (False: the full grid).
         progress: optional ``callable(n_done_tasks, n_tasks)``.
@@ -263,7 +272,8 @@ def search_layers(Xs: dict, y, kinds, *, folds, kernel: str = "linear",
     Xs = {name: np.ascontiguousarray(X, dtype=np.float32) for name, X in Xs.items()}
     spec = _Spec(kinds, kernel, scoring, class_weight, seed, early_stop, len(y))
     stages = {}
-    grids = {(l, k): coarse_grid(k, kernel, X.shape[1]) for l, X in Xs.items() for k in kinds}
+    grids = {(l, k): coarse_grid(k, kernel, X.shape[1], mlp_widths) for l, X in Xs.items()
+             for k in kinds}
     for stage in (1, 2):
         if not any(grids.values()):
             if progress:

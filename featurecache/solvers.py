@@ -15,12 +15,15 @@ import numpy as np
 from .errors import HeadOptionError
 from .options import SCORINGS
 
-__all__ = ["GRAM_MAX_ROWS", "fold_fitter", "gram", "knn_vote_scores", "score_predictions", "standardise", "use_gram"]
+__all__ = ["GRAM_MAX_ROWS", "fold_fitter", "gram", "knn_vote_scores", "mlp_classifier", "sample_weights", "score_predictions", "standardise", "use_gram"]
 
 # Linear SVMs use libsvm on a precomputed Gram matrix while a fit has at most this many rows:
 # the matrix is rows^2 float64 (20,000 rows: 3.2 GB), libsvm then costs seconds per C.
 GRAM_MAX_ROWS = 20_000
 GRAM_MIN_FEATURES = 512  # narrower features: LinearSVC's primal solver (see use_gram)
+MLP_MAX_ITER = 200         # epochs at most (early stopping usually ends sooner)
+MLP_BATCH = 32             # small batches: sklearn's 200 leaves a small data set one Adam
+                           # step per epoch, and early stopping ends it before it learns
 KNN_TEMPERATURE = 0.07     # DINOv2's k-NN evaluation protocol
 _SVC_MAX_ITER = 1_000_000  # libsvm at C = 1e6 on non-separable data can otherwise run for hours
 
@@ -38,6 +41,31 @@ def score_predictions(scoring: str, y_true, y_pred) -> float:
     if scoring == "f1_macro":
         return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
     raise HeadOptionError(f"scoring {scoring!r} is not one of {', '.join(SCORINGS)}.")
+
+
+def mlp_classifier(params: dict, *, seed: int = 0, y=None):
+    """scikit-learn's ``MLPClassifier`` with one hidden layer of ``params["hidden"]`` units
+    and L2 penalty ``params["alpha"]``; early stopping on 10% of the rows when ``y`` allows a
+    stratified 10% (every class twice, at least one row per class in the 10%)."""
+    from sklearn.neural_network import MLPClassifier
+
+    early = True
+    if y is not None:
+        counts = np.bincount(np.asarray(y))
+        counts = counts[counts > 0]
+        early = bool(counts.min() >= 2 and int(0.1 * len(y)) >= len(counts))
+    return MLPClassifier(hidden_layer_sizes=(int(params["hidden"]),), alpha=params["alpha"],
+                         early_stopping=early, max_iter=MLP_MAX_ITER, batch_size=MLP_BATCH,
+                         random_state=seed)
+
+
+def sample_weights(class_weight, y):
+    """Per-row weights for estimators without ``class_weight`` (the MLP), or None."""
+    if class_weight is None:
+        return None
+    from sklearn.utils.class_weight import compute_sample_weight
+
+    return compute_sample_weight(class_weight, y)
 
 
 def use_gram(n_rows: int, n_features: int) -> bool:
@@ -113,6 +141,13 @@ def fold_fitter(kind: str, spec, Xtr, ytr, Xte, yte):
     from sklearn.svm import SVC, LinearSVC
 
     cw, seed = spec.class_weight, spec.seed
+    if kind == "mlp":
+        weights = sample_weights(cw, ytr)
+
+        def fit_score(p):
+            m = mlp_classifier(p, seed=seed, y=ytr).fit(Xtr, ytr, sample_weight=weights)
+            return score_predictions(spec.scoring, yte, m.predict(Xte))
+        return fit_score
     if kind == "logreg":
         est = LogisticRegression(class_weight=cw, random_state=seed, warm_start=True, **LOGREG)
 

@@ -114,3 +114,35 @@ def test_head_refuses_features_from_another_layer_setup(feats, image_folder, tin
           num_workers=0, progress=False)
     with pytest.raises(HeadError, match=r"specs = .*'pool': 'avg'.*'pool': 'max'"):
         head.check_compatible(open_features(other).layer_provenance("avgpool"))
+
+
+def test_mlp_head_searches_width_and_alpha_and_learns_a_nonlinear_rule(tmp_path):
+    """XOR of two features: no linear head can beat chance, one hidden layer can."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(0, 1, (400, 6))
+    y = ((X[:, 0] > 0) ^ (X[:, 1] > 0)).astype(int)
+    pipe, params, score, table = search(X[:300], y[:300], "mlp", cv=3, n_jobs=1,
+                                        mlp_widths=(8, 64))
+    assert sorted({(r["params"]["hidden"], r["params"]["alpha"]) for r in table}) == \
+        sorted((h, a) for h in (8, 64) for a in (1.0, 1e-2, 1e-4))
+    assert all(r["stage"] == 1 for r in table)  # no second sweep
+    mlp_acc = (pipe.predict(X[300:]) == y[300:]).mean()
+    linear, *_ = search(X[:300], y[:300], "logreg", cv=3, n_jobs=1)
+    linear_acc = (linear.predict(X[300:]) == y[300:]).mean()
+    assert mlp_acc >= 0.85 and linear_acc <= 0.7, (mlp_acc, linear_acc)
+    assert type(pipe[-1]).__name__ == "MLPClassifier" and pipe[-1].early_stopping
+    assert pipe[-1].hidden_layer_sizes == (params["hidden"],) and pipe[-1].alpha == params["alpha"]
+
+
+def test_mlp_head_is_saved_like_the_others(feats, tmp_path):
+    head = fit_head(feats, "avgpool", "mlp", mlp_widths=[32], class_weight="balanced")
+    assert (head.predict(feats.X("avgpool", "test")) == feats.y("test")).mean() >= 0.8
+    assert {r["params"]["hidden"] for r in head.cv_results_} == {32}
+    assert not head.pipeline_[-1].early_stopping  # 12 training rows: no stratified 10% left
+    for name in ("h.joblib", "h.skops"):
+        again = load_head(head.save(tmp_path / name))
+        np.testing.assert_array_equal(again.scores(feats.X("avgpool")),
+                                      head.scores(feats.X("avgpool")))
+    from featurecache.errors import OptionError
+    with pytest.raises(OptionError, match=r"mlp_widths: \[0\] below 1"):
+        fit_head(feats, "avgpool", "mlp", mlp_widths=[0])

@@ -139,5 +139,8 @@ def main():
             python_show(message, category, *args, **kwargs)
 
     warnings.showwarning = show
+    from ..malloc import tune
+
+    tune()  # this process is ours: keep activation buffers in the heap (see malloc.py)
     cli(prog_name="featurecache")
 

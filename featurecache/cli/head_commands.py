@@ -16,6 +16,7 @@ Examples:
   featurecache fit-head logreg feats.h5 --layer avgpool -o heads/avgpool-logreg.joblib
   featurecache fit-head svm feats.h5 --layer blocks.10 --kernel rbf -o heads/b10-svm.joblib
   featurecache fit-head knn feats.h5 --layer avgpool -o heads/avgpool-knn.joblib
+  featurecache fit-head mlp feats.h5 --layer avgpool -o heads/avgpool-mlp.joblib
   featurecache fit-head logreg feats.h5 --layer blocks.5+avgpool -o heads/concat.skops
 joblib files are pickles: load only heads you trust; .skops heads are safe to share.""")
 @click.argument("kind", type=click.Choice(options.HEAD_KINDS))
@@ -28,12 +29,13 @@ joblib files are pickles: load only heads you trust; .skops heads are safe to sh
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_friendly
 def fit_head_cmd(kind, features, layer, output, kernel, cv, scoring, class_weight, probability,
-                 n_jobs, seed, quiet):
+                 n_jobs, seed, quiet, mlp_widths):
     """Search hyperparameters by stratified CV, refit on the train split, save the head.
 
     logreg and svm walk C = 1e-6..1e6 a decade apart (each fold stops two decades past its
     best), then quarter-decades around the best; knn (cosine, temperature-weighted votes)
-    picks k from 10, 20, 50.
+    picks k from 10, 20, 50; mlp (one hidden layer, early stopping) searches the widths of
+    --mlp-widths with alpha 1, 1e-2, 1e-4.
     """
     from ..files import require_folder, same_file
     from ..heads import fit_head
@@ -43,6 +45,7 @@ def fit_head_cmd(kind, features, layer, output, kernel, cv, scoring, class_weigh
         raise click.ClickException(f"-o {output} is the feature file itself; give the head "
                                    f"another name (.joblib or .skops).")
     head = fit_head(features, layer, kind, kernel=kernel, cv=cv, scoring=scoring, seed=seed,
+                    mlp_widths=mlp_widths,
                     n_jobs=n_jobs, class_weight=options.class_weight(class_weight),
                     probability=probability, progress=not quiet)
     path = head.save(output)
@@ -84,7 +87,8 @@ Examples:
   featurecache compare feats.h5 -o reports/run1/
   featurecache compare feats.h5 --heads logreg --layers blocks.5,avgpool --extra blocks.5+avgpool -o r/
   featurecache compare feats.h5 --shots 1,5,10,25,all --repeats 3 -o r/
-  featurecache compare lite0.h5 lite2.h5 -o r/        # two backbones, same images""")
+  featurecache compare lite0.h5 lite2.h5 -o r/        # two backbones, same images
+  featurecache compare feats.h5 --heads logreg,mlp --mlp-widths 128,512 -o r/""")
 @click.argument("features", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Report folder.")
 @click.option("--heads", default="logreg,svm,knn", show_default=True,
@@ -92,6 +96,7 @@ Examples:
 @click.option("--layers", default=None, help="Comma-separated stored layers (default: all).")
 @click.option("--extra", "extra", multiple=True, help="A concatenation such as blocks.5+avgpool (repeatable).")
 @options.click_options(options.COMPARE)
+@options.click_options(options.COMPARE, only=("mlp_widths",))
 @options.click_options(options.CLUSTER, only=("cluster",))
 @click.option("--shots", default=None, help="Few-shot curve, e.g. 1,5,10,25,all (images per class).")
 @click.option("--seed", default=0, show_default=True, type=int)

@@ -171,7 +171,8 @@ def embed_on_cluster(source, output, *, cluster: str, shards: int | None = None,
             parts[i], fingerprint({**job.meta, "shard_index": i, "shard_count": count}))]
         say(f"{count} shards on {len(workers)} workers ({cluster}): {count - len(todo)} "
             f"complete, {len(todo)} to run; shard files in {parts[0].parent}")
-        task_kw = {**kw, "backbone": job.backbone.name, "layers": [s.name for s in job.specs],
+        task_kw = {**kw, "backbone": job.backbone.name,
+                   "layers": [s.name for s in job.specs if not s.is_map],
                    "weights_file": os.path.abspath(kw["weights_file"]) if kw["weights_file"]
                    else None, "overwrite": False}
         gpu = any("GPU" in w.get("resources", {}) for w in workers.values())

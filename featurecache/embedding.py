@@ -31,7 +31,7 @@ from .errors import DataError, OptionError, option
 from .options import CLUSTER, DATA, DEFAULT_BACKBONE, DTYPES, EMBED, ON_ERROR, check
 from .extract import FeatureExtractor, default_device, on_device, to_layout
 from .files import require_folder
-from .layers import resolve_layers
+from .layers import resolve_layers, resolve_maps
 from .store import Writer
 
 __all__ = ["embed", "EmbedResult", "DTYPES", "ON_ERROR"]
@@ -49,6 +49,7 @@ class EmbedResult:
     already_complete: bool
     layers: list          # LayerSpec of each stored layer
     ignored: dict = field(default_factory=dict)  # entries the folder listing left out: {why: n}
+    maps: list = field(default_factory=list)     # LayerSpec of each stored unpooled map
 
 
 def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers=("avgpool",),
@@ -58,7 +59,8 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
           seed: int = 0, max_per_class: int | None = None, on_error: str = "skip",
           shard: tuple = (0, 1), overwrite: bool = False, progress=True,
           commit_rows: int = 512, commit_every: float = 30.0, cluster: str | None = None,
-          shards: int | None = None, copy: bool = False) -> EmbedResult:
+          shards: int | None = None, copy: bool = False, keep_map=(),
+          map_size: int | None = None) -> EmbedResult:
     """Embed a data set with a frozen backbone and store several layers in one HDF5 file.
 
     Args:
@@ -72,6 +74,8 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
         layers: layer names or aliases (see ``featurecache layers NAME``).
         weights, weights_file: see :func:`featurecache.backbones.load_backbone`.
         pool: ``avg``, ``max`` or ``avgmax`` for feature maps.
+        keep_map, map_size: layers whose unpooled map ``(C, H, W)`` is stored too (under
+            ``/maps``, pooled down to ``map_size`` x ``map_size`` when given).
         token_pool: ``cls`` or ``mean`` for token sequences.
         dtype: ``float16`` (default) or ``float32`` storage.
         batch_size: images per forward pass (default 16 on CPU, where larger batches run
@@ -102,7 +106,7 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
           "batch_size": batch_size, "num_workers": num_workers, "device": device,
           "test_size": test_size, "seed": seed, "max_per_class": max_per_class,
           "on_error": on_error, "overwrite": overwrite, "commit_rows": commit_rows,
-          "commit_every": commit_every}
+          "commit_every": commit_every, "keep_map": list(keep_map), "map_size": map_size}
     check_options(kw, cluster=cluster, shards=shards, copy=copy)
     if cluster is not None:
         from .cluster import embed_on_cluster
@@ -125,8 +129,9 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
                  num_workers, on_error, progress)
             w.close(complete=True)
         return EmbedResult(Path(output), w.n_committed, w.n_skipped, resumed,
-                           time.perf_counter() - t0, resumed == len(records), specs,
-                           job.source.ignored)
+                           time.perf_counter() - t0, resumed == len(records),
+                           [s for s in specs if not s.is_map], job.source.ignored,
+                           [s for s in specs if s.is_map])
 
 
 def check_options(kw: dict, **cluster) -> None:
@@ -157,7 +162,7 @@ class Job:
 
 def prepare(source, output, *, backbone, layers, weights, weights_file, pool, token_pool, dtype,
             batch_size, device, test_size, seed, max_per_class, shard=(0, 1), say=None,
-            **_) -> Job:
+            keep_map=(), map_size=None, **_) -> Job:
     """List the data (unless given a :class:`Source`), load the backbone, resolve the
     layers and build the provenance: everything but the forward passes."""
     say = say or _Say(False)
@@ -185,8 +190,10 @@ def prepare(source, output, *, backbone, layers, weights, weights_file, pool, to
         say(f"loading {backbone} (weights {weights_file or weights}) ...")
     bb = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, weights, weights_file)
     specs = resolve_layers(bb, layers, pool=pool, token_pool=token_pool)
+    maps = resolve_maps(bb, keep_map, map_size)
     say(f"{len(specs)} layer{'s' * (len(specs) > 1)}: "
-        f"{', '.join(f'{s.name}[{s.dim}]' for s in specs)}, {dtype}, on {dev}")
+        f"{', '.join(f'{s.name}[{s.dim}]' for s in specs)}, {dtype}, on {dev}"
+        + "".join(f"; map {m.name}{list(m.shape)}" for m in maps))
     v = versions("torch", "torchvision", "python")
     meta = {
         **bb.provenance(), "pool": pool, "token_pool": token_pool, "dtype": dtype,
@@ -199,9 +206,12 @@ def prepare(source, output, *, backbone, layers, weights, weights_file, pool, to
         "torchvision_version": v["torchvision"], "featurecache_version": v["featurecache"],
         "python_version": v["python"], "device": str(dev),
         "rebuild": _rebuild_command(source, output, bb, specs, pool, token_pool, dtype, test_size,
-                                    seed, max_per_class, shard, weights, weights_file),
+                                    seed, max_per_class, shard, weights, weights_file, maps,
+                                    map_size),
     }
-    return Job(src, records, bb, specs, meta, dev,
+    if maps:  # part of the identity only when present (older files keep their fingerprint)
+        meta.update(maps=[m.name for m in maps], map_size=map_size or 0)
+    return Job(src, records, bb, specs + maps, meta, dev,
                batch_size or (64 if dev.type == "cuda" else 16))
 
 
@@ -271,7 +281,7 @@ def _unusable_rows(feats: dict, dtype: str) -> dict:
     limit = float(np.finfo(np.float16).max) if dtype == "float16" else np.inf
     bad = {}
     for name, v in feats.items():
-        for j in np.flatnonzero(~(np.abs(v) <= limit).all(axis=1)):  # NaN compares False
+        for j in np.flatnonzero(~(np.abs(v.reshape(len(v), -1)) <= limit).all(axis=1)):  # NaN: False
             bad.setdefault(int(j), f"non-finite features (NaN/inf) in layer {name!r}"
                            if not np.isfinite(v[j]).all() else
                            f"features of layer {name!r} exceed the float16 range; use {option('dtype', 'float32')}")
@@ -279,7 +289,7 @@ def _unusable_rows(feats: dict, dtype: str) -> dict:
 
 
 def _rebuild_command(source, output, bb, specs, pool, token_pool, dtype, test_size, seed,
-                     max_per_class, shard, weights, weights_file) -> str:
+                     max_per_class, shard, weights, weights_file, maps=(), map_size=None) -> str:
     source = str(source) if str(source).startswith("builtin:") else os.path.abspath(source)
     parts = ["featurecache", "embed", source, "-o", os.path.abspath(output), "--backbone", bb.name]
     parts += (["--weights-file", os.path.abspath(weights_file)] if weights_file
@@ -292,5 +302,8 @@ def _rebuild_command(source, output, bb, specs, pool, token_pool, dtype, test_si
         parts += ["--max-per-class", str(max_per_class)]
     if tuple(shard) != (0, 1):
         parts += ["--shard", f"{shard[0]}/{shard[1]}"]
+    if maps:
+        parts += ["--keep-map", ",".join(m.name for m in maps)]
+        parts += ["--map-size", str(map_size)] if map_size else []
     return shlex.join(parts)
 

@@ -117,6 +117,15 @@ def pool_output(t: torch.Tensor, kind: str, pool: str) -> torch.Tensor:
     raise OptionError(f"kind {kind!r} is not one of {', '.join(KINDS)}.")
 
 
+def stored_map(t: torch.Tensor, kind: str, size: tuple) -> torch.Tensor:
+    """An unpooled map as stored: ``(N, C, H, W)``, average-pooled down to ``size``."""
+    if kind == "map-nhwc":
+        t = t.permute(0, 3, 1, 2)
+    if tuple(t.shape[-2:]) != tuple(size):
+        t = torch.nn.functional.adaptive_avg_pool2d(t, tuple(size))
+    return t
+
+
 class _HookExtractor(nn.Module):
     """Fallback for models FX cannot trace: forward hooks on module names."""
 
@@ -182,4 +191,5 @@ class FeatureExtractor(nn.Module):
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> dict:
         raw = self.body(images)
-        return {s.name: pool_output(raw[s.node], s.kind, s.pool).float() for s in self.specs}
+        return {s.key: (stored_map(raw[s.node], s.kind, s.shape[1:]) if s.is_map
+                        else pool_output(raw[s.node], s.kind, s.pool)).float() for s in self.specs}

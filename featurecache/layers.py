@@ -32,7 +32,8 @@ from .errors import OptionError, UnknownLayerError, close_matches
 from .extract import POOLS, TOKEN_POOLS, raw_extractor
 from .store.layout import LayerSpec  # the record the file stores; torch-free
 
-__all__ = ["LayerInfo", "LayerSpec", "Listing", "list_layers", "probe", "resolve_layers"]
+__all__ = ["LayerInfo", "LayerSpec", "Listing", "list_layers", "probe", "resolve_layers",
+           "resolve_maps"]
 
 _SKIP = (nn.Dropout, nn.Identity)
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -223,6 +224,34 @@ def _aliases(infos: list, size: int) -> dict:
             if stage not in names:
                 aliases[stage] = l.name
     return dict(sorted(aliases.items()))
+
+
+def resolve_maps(backbone, names, size: int | None = None,
+                 listing: Listing | None = None) -> list[LayerSpec]:
+    """:class:`LayerSpec` records of unpooled feature maps to store (``pool="map"``, shape
+    ``(C, S, S)``, ``S`` = ``size`` or the map's own height).
+
+    Raises:
+        UnknownLayerError: a name is not a layer of the backbone.
+        OptionError: a layer is not a feature map, or ``size`` is larger than the map.
+    """
+    names = list(dict.fromkeys(names))
+    if not names:
+        return []
+    plain = resolve_layers(backbone, names, listing=listing)  # names checked, close matches
+    specs = []
+    for spec in plain:
+        if spec.kind not in ("map", "map-nhwc"):
+            raise OptionError(f"keep_map: {spec.name!r} is a {spec.kind} layer, not a feature "
+                              f"map; keep the map of a convolutional stage (stageK, blocks.N).")
+        c, h, w = spec.shape if spec.kind == "map" else (spec.shape[2], *spec.shape[:2])
+        s = size or h
+        if s > min(h, w):
+            raise OptionError(f"map_size = {s} is larger than the {h}x{w} map of "
+                              f"{spec.name!r}; give at most {min(h, w)}.")
+        specs.append(dataclasses.replace(spec, pool="map", dim=c * s * s, shape=(c, s, s),
+                                         reduction=spec.reduction * h // s))
+    return specs
 
 
 def resolve_layers(backbone, names, pool: str = "avg", token_pool: str = "cls",

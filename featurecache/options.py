@@ -148,6 +148,10 @@ EMBED = (
     Option("layers", list, ["avgpool"], "names or aliases from `featurecache layers BACKBONE`",
            example=["stage3", "avgpool"]),
     Option("pool", str, "avg", "pooling of feature maps", choices=POOLS),
+    Option("keep_map", list, [], "layers whose unpooled feature map is also stored, one image "
+           "per chunk (the input of the blocks above it, for fine-tuning)", example=[]),
+    Option("map_size", int, None, "average-pool the stored maps down to SxS (auto: as they are)",
+           low=1, auto=0),
     Option("token_pool", str, "cls", "pooling of token sequences (ViT)", choices=TOKEN_POOLS),
     Option("dtype", str, "float16", "storage type", choices=DTYPES),
     Option("batch_size", int, None, "images per forward pass (auto: 16 on CPU, 64 on GPU)",

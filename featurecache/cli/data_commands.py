@@ -67,6 +67,7 @@ Examples:
   featurecache embed photos/ -o feats.h5 --backbone resnet50 --weights IMAGENET1K_V2 --layer stage4
   featurecache embed manifest.csv -o feats.h5 --weights-file my_weights.pth
   featurecache embed builtin:digits -o digits.h5 --layer stage3,avgpool --max-per-class 20
+  featurecache embed photos/ -o feats.h5 --layer avgpool --keep-map stage4   # for finetune
   featurecache embed photos/ -o feats.h5 --layer stage4,avgpool --cluster local:2 --shards 16
   featurecache embed photos/ -o feats.h5 --cluster tcp://scheduler:8786 --shards 512
 Run the same command again after an interruption: it resumes after the committed rows.""")
@@ -77,6 +78,7 @@ Run the same command again after an interruption: it resumes after the committed
               help="Layer to store (repeat, or comma-separate); see `featurecache layers NAME`. "
                    "Default: avgpool.")
 @options.click_options(options.EMBED)
+@options.click_options(options.EMBED, only=("keep_map",))
 @options.click_options(options.DATA, skip=("root",))
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")
 @click.option("--shard", default="0/1", show_default=True,
@@ -105,7 +107,8 @@ def embed(data, output, layer_opts, shard, quiet, **kwargs):
         ignored = f", {ignored} ignored (hidden, system or non-image files)" if ignored else ""
         click.echo(f"wrote {r.path}: {r.n_rows} rows x {len(r.layers)} layers "
                    f"({', '.join(f'{s.name}[{s.dim}]' for s in r.layers)}), {r.n_skipped} "
-                   f"skipped{see}{ignored}{resumed}, {r.seconds:.1f}s")
+                   f"skipped{see}{ignored}{resumed}, {r.seconds:.1f}s"
+                   + "".join(f"; map {m.name} {list(m.shape)}" for m in r.maps))
 
 
 @cli.command(epilog="\b\nExample:\n  featurecache info feats.h5 --skipped")
@@ -139,6 +142,9 @@ def info(path, show_skipped, as_json):
     for s in d["layers"].values():
         click.echo(f"  {s['name']:<20} node={s['node']:<24} kind={s['kind']:<8} "
                    f"pool={s['pool']:<6} dim={s['dim']:<6} depth={s['depth']}")
+    for name, m in d["maps"].items():
+        size = f"{m['bytes'] / 2**20:.1f} MiB on disk" if m["bytes"] is not None else "unfinished"
+        click.echo(f"  map {name:<16} node={m['node']:<24} shape={m['shape']} ({size})")
     click.echo(f"data: {p['data_root']} ({p['data_kind']}, split {p['split_origin']}), "
                + (f"joined from {p['joined_from']} shards ({p.get('joined_as', 'virtual')})"
                   if p.get("joined_from") else f"shard {p['shard_index']}/{p['shard_count']}"))

@@ -77,26 +77,30 @@ def join_shards(shards, output, overwrite: bool = False, copy: bool = False,
         write_header(out, meta, files[0].classes)
         grp = out.create_group("layers")
         dtype = np.dtype(first["dtype"])
-        for spec in files[0].layers.values():
+        for spec in [*files[0].layers.values(), *files[0].maps.values()]:
+            shape = (total, *spec.shape) if spec.is_map else (total, spec.dim)
+            dest = out.require_group("maps") if spec.is_map else grp
             if copy:
-                d = grp.create_dataset(spec.name, shape=(total, spec.dim), dtype=dtype,
-                                       chunks=(max(1, min(total, (1 << 20) // (spec.dim * dtype.itemsize))), spec.dim))
+                chunk = (1, *spec.shape) if spec.is_map else \
+                    (max(1, min(total, (1 << 20) // (spec.dim * dtype.itemsize))), spec.dim)
+                d = dest.create_dataset(spec.name, shape=shape, dtype=dtype, chunks=chunk)
                 start = 0
                 for f, n in zip(files, sizes):
                     with h5py.File(f.path, "r") as src_file:
-                        for s in range(0, n, 4096):  # bounded memory
-                            e = min(n, s + 4096)
-                            d[start + s:start + e] = src_file["layers"][spec.name][s:e]
+                        step = 64 if spec.is_map else 4096  # bounded memory
+                        for s in range(0, n, step):
+                            e = min(n, s + step)
+                            d[start + s:start + e] = src_file[spec.path][s:e]
                     start += n
             else:
-                layout = h5py.VirtualLayout(shape=(total, spec.dim), dtype=dtype)
+                layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
                 start = 0
                 for f, n in zip(files, sizes):
                     rel = os.path.relpath(f.path, output.parent)
-                    layout[start:start + n] = h5py.VirtualSource(rel, f"layers/{spec.name}",
-                                                                 shape=(n, spec.dim))[:n]
+                    layout[start:start + n] = h5py.VirtualSource(rel, spec.path,
+                                                                 shape=(n, *shape[1:]))[:n]
                     start += n
-                d = grp.create_virtual_dataset(spec.name, layout, fillvalue=np.nan)
+                d = dest.create_virtual_dataset(spec.name, layout, fillvalue=np.nan)
             for k, v in spec.to_attrs().items():
                 d.attrs[k] = v
         out.create_dataset("labels", data=np.concatenate([f.y() for f in files]).astype(np.int32))

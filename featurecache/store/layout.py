@@ -8,6 +8,7 @@ Only the store package touches h5py. A complete file::
                             split_origin, seed, shard_index, shard_count, versions, created),
                             progress (n_inputs, n_done, n_committed, n_skipped, complete)
     /layers/<name>          (N, dim) float16 (or float32), chunked; attrs = its LayerSpec
+    /maps/<name>            (N, C, S, S) unpooled maps (embed keep_map), one row per chunk
     /labels                 (N,) int32 class index
     /classes                (C,) str
     /paths                  (N,) str
@@ -57,6 +58,21 @@ class LayerSpec:
     shape: tuple = ()   # per-image output shape before pooling (C, H, W), (L, D) or (D,)
     reduction: int = 0  # input size / map height (timm's FeatureInfo); 0 for tokens, vectors
 
+    @property
+    def is_map(self) -> bool:
+        """An unpooled feature map (``pool == "map"``), stored under ``/maps``."""
+        return self.pool == "map"
+
+    @property
+    def key(self) -> str:
+        """The name of its rows in a batch: a layer and a map of the same name differ."""
+        return f"map:{self.name}" if self.is_map else self.name
+
+    @property
+    def path(self) -> str:
+        """Its dataset in the file: ``maps/<name>`` or ``layers/<name>``."""
+        return f"{'maps' if self.is_map else 'layers'}/{self.name}"
+
     def to_attrs(self) -> dict:
         d = asdict(self)
         d["shape"] = list(self.shape)
@@ -81,6 +97,8 @@ def partial_path(path) -> Path:
 def fingerprint(meta: dict) -> str:
     """sha256 of the identity part of the provenance."""
     ident = {k: meta.get(k) for k in IDENTITY_KEYS}
+    if meta.get("maps"):  # files without stored maps keep the fingerprint they always had
+        ident.update(maps=meta["maps"], map_size=meta.get("map_size", 0))
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -124,8 +142,13 @@ def create_row_datasets(f, specs, dtype, n: int, k: int) -> None:
     dtype = np.dtype(dtype)
     grp = f.create_group("layers")
     for s in specs:
-        rows = max(1, min(n, max(16, min(1024, (1 << 20) // (s.dim * dtype.itemsize)))))
-        d = grp.create_dataset(s.name, shape=(n, s.dim), dtype=dtype, chunks=(rows, s.dim) if n else None)
+        if s.is_map:  # one image per chunk: training reads maps in shuffled batches of rows
+            d = f.require_group("maps").create_dataset(
+                s.name, shape=(n, *s.shape), dtype=dtype, chunks=(1, *s.shape) if n else None)
+        else:
+            rows = max(1, min(n, max(16, min(1024, (1 << 20) // (s.dim * dtype.itemsize)))))
+            d = grp.create_dataset(s.name, shape=(n, s.dim), dtype=dtype,
+                                   chunks=(rows, s.dim) if n else None)
         for key, v in s.to_attrs().items():
             d.attrs[key] = v
     f.create_dataset("labels", shape=(n,), dtype=np.int32)
@@ -142,8 +165,9 @@ def write_rows(f, start: int, features: dict, labels, paths, splits, skip_start:
     :func:`create_row_datasets`."""
     m = len(labels)
     if m:
-        for name, rows in features.items():
-            f["layers"][name][start:start + m] = rows
+        for key, rows in features.items():  # LayerSpec.key: "name" or "map:name"
+            path = f"maps/{key[4:]}" if key.startswith("map:") else f"layers/{key}"
+            f[path][start:start + m] = rows
         f["labels"][start:start + m] = np.asarray(labels, dtype=np.int32)
         f["paths"][start:start + m] = np.array(paths, dtype=object)
         f["splits"][start:start + m] = np.array(splits, dtype=object)

@@ -41,7 +41,9 @@ class FeatureFile:
                                  f".h5 file that `featurecache embed` wrote.") from None
             raise StoreError(f"cannot read {self.path} as a feature file ({exc}); it may be "
                              f"damaged: rebuild it with its embed command and {option('overwrite')}.") from None
-        self.layers = {s.name: s for s in sorted(self._specs, key=lambda s: (s.depth, s.name))}
+        ordered = sorted(self._specs, key=lambda s: (s.depth, s.name))
+        self.layers = {s.name: s for s in ordered if not s.is_map}
+        self.maps = {s.name: s for s in ordered if s.is_map}
         self._splits = np.array(self._column("splits", decode_strings=True), dtype=object)
 
     def _open_file(self) -> None:
@@ -55,8 +57,12 @@ class FeatureFile:
                                  f"reads {SCHEMA_VERSION}. Re-run `featurecache embed`.")
             n, k = int(self.provenance["n_committed"]), int(self.provenance["n_skipped"])
             check_structure(f, self.path, n, k)
-            self._specs = [LayerSpec.from_attrs(d.attrs) for d in f["layers"].values()]
-            missing = _missing_sources(self.path, f["layers"].values())
+            self._specs = [LayerSpec.from_attrs(d.attrs) for d in f["layers"].values()] + \
+                [LayerSpec.from_attrs(d.attrs) for d in f.get("maps", {}).values()]
+            self._map_bytes = {name: int(d.id.get_storage_size())
+                               for name, d in f.get("maps", {}).items()}
+            missing = _missing_sources(self.path, [*f["layers"].values(),
+                                                   *f.get("maps", {}).values()])
             self.classes = [decode(c) for c in f["classes"][()]]
         if missing:
             raise StoreError(
@@ -82,6 +88,7 @@ class FeatureFile:
                            "complete": False}
         self.classes = list(header["classes"])
         self._specs = [LayerSpec.from_attrs(s) for s in header["specs"]]
+        self._map_bytes = {}
         self._parts = [(p, int(a["row_start"]), int(a["n_rows"]), int(a["skip_start"]),
                         int(a["n_skipped"])) for p, a in segments]
 
@@ -147,6 +154,29 @@ class FeatureFile:
             cols.append(col[mask] if len(col) else np.zeros((0, self.layers[p].dim), np.float32))
         return cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
 
+    def check_map(self, name: str) -> LayerSpec:
+        """The stored map ``name``, or an error that says how to store one."""
+        if name not in self.maps:
+            kept = f"stored maps: {', '.join(self.maps)}" if self.maps else "it stores no maps"
+            raise UnknownLayerError(
+                f"the feature map of {name!r} is not stored in {self.path} ({kept}); re-embed "
+                f"with {option('keep_map', [name])} to keep it.")
+        return self.maps[name]
+
+    def map_rows(self, name: str, rows) -> np.ndarray:
+        """The stored maps ``(len(rows), C, S, S)`` of the given row indices (read one
+        chunk per row: memory holds only these rows)."""
+        spec = self.check_map(name)
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), *spec.shape), dtype=np.dtype(self.provenance["dtype"]))
+        order = np.argsort(rows, kind="stable")
+        for path, start, n, _, _ in self._parts:
+            sel = order[(rows[order] >= start) & (rows[order] < start + n)]
+            if len(sel):
+                with h5py.File(path, "r") as f:
+                    out[sel] = f[spec.path][rows[sel] - start]
+        return out
+
     def y(self, split: str | None = None) -> np.ndarray:
         """Class indices of the rows of ``split`` (all rows when None)."""
         return np.asarray(self._column("labels"))[self._mask(split)].astype(np.int64)
@@ -175,6 +205,8 @@ class FeatureFile:
                 "n_done": p["n_done"], "n_inputs": p["n_inputs"],
                 "splits": dict(sorted(Counter(self.splits()).items())), "classes": self.classes,
                 "layers": {k: v.to_attrs() for k, v in self.layers.items()}, "provenance": p,
+                "maps": {k: {**v.to_attrs(), "bytes": self._map_bytes.get(k)}
+                         for k, v in self.maps.items()},
                 "skipped": self.skipped() if skipped else p["n_skipped"]}
 
     def layer_provenance(self, layer: str) -> dict:

@@ -88,7 +88,7 @@ def _blocks(segments, specs, size: int):
         if not m:
             continue
         with h5py.File(p, "r") as seg:
-            pending.append({"features": {s.name: seg["layers"][s.name][:m] for s in specs},
+            pending.append({"features": {s.key: seg[s.path][:m] for s in specs},
                             "labels": seg["labels"][:m],
                             "paths": [decode(v) for v in seg["paths"][:m]],
                             "splits": [decode(v) for v in seg["splits"][:m]]})

@@ -298,7 +298,7 @@ class Writer:
         if not self._buffer:
             return
         batches, self._buffer = self._buffer, []
-        features = {s.name: self._rows(s.name, batches) for s in self.specs}
+        features = {s.key: self._rows(s.key, batches) for s in self.specs}
         paths = [p for b in batches for p in b.paths]
         labels = [v for b in batches for v in b.labels]
         splits = [v for b in batches for v in b.splits]

@@ -145,6 +145,8 @@ def embed_on_cluster(source, output, *, cluster: str, shards: int | None = None,
     # the whole data set's fingerprint, computed once: every shard's file records it
     src = dataclasses.replace(job.source, whole_fingerprint=job.source.fingerprint())
     n = len(job.records)
+    layers = [s for s in job.specs if not s.is_map]
+    maps = [s for s in job.specs if s.is_map]
     if output.exists() and not (output.is_file() and is_hdf5(output)):
         raise StoreMismatchError(f"{output} exists and is not a feature file; choose another "
                                  f"output (it is never replaced).")
@@ -156,7 +158,7 @@ def embed_on_cluster(source, output, *, cluster: str, shards: int | None = None,
                 f"another output path or {option('overwrite')} to start over.")
         say(f"{output} is complete; nothing to do.")
         return EmbedResult(output, ff.n_rows, len(ff.skipped()), n, time.perf_counter() - t0,
-                           True, job.specs, job.source.ignored)
+                           True, layers, job.source.ignored, maps)
     if shards is not None and shards > n:  # before any cluster is started
         raise ClusterError(f"{option('shards', shards)} is more shards than the {n:,} images; "
                            f"use at most {n:,}.")
@@ -172,7 +174,7 @@ def embed_on_cluster(source, output, *, cluster: str, shards: int | None = None,
         say(f"{count} shards on {len(workers)} workers ({cluster}): {count - len(todo)} "
             f"complete, {len(todo)} to run; shard files in {parts[0].parent}")
         task_kw = {**kw, "backbone": job.backbone.name,
-                   "layers": [s.name for s in job.specs if not s.is_map],
+                   "layers": [s.name for s in layers],
                    "weights_file": os.path.abspath(kw["weights_file"]) if kw["weights_file"]
                    else None, "overwrite": False}
         gpu = any("GPU" in w.get("resources", {}) for w in workers.values())
@@ -181,7 +183,7 @@ def embed_on_cluster(source, output, *, cluster: str, shards: int | None = None,
     join_shards(parts, output, overwrite=True, copy=copy, rebuild=job.meta["rebuild"])
     ff = open_features(output)
     return EmbedResult(output, ff.n_rows, len(ff.skipped()), 0, time.perf_counter() - t0,
-                       False, job.specs, job.source.ignored)
+                       False, layers, job.source.ignored, maps)
 
 
 def _complete(path: Path, fp: str) -> bool:

@@ -23,7 +23,7 @@ from .test_embed import assert_same_file  # noqa: E402
 
 # the real default backbone, by name (workers load it), at its own 224 px
 KW = {"backbone": "efficientnet_lite0", "layers": ["stage3", "avgpool"], "batch_size": 2,
-      "num_workers": 0, "progress": False}
+      "num_workers": 0, "progress": False, "keep_map": ["stage3"], "map_size": 7}
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +56,16 @@ def test_a_clustered_embed_equals_one_process(images, reference, tmp_path):
     out = tmp_path / "feats.h5"
     r = embed(images, out, cluster="local:2", shards=3, **KW)
     assert r.n_rows == 30 and not r.already_complete
+    assert [s.name for s in r.layers] == ["stage3", "avgpool"] and [m.name for m in r.maps] == ["stage3"]
     parts = shard_paths(out, 3)
     assert [p.name for p in parts] == [f"part-0000{i}-of-00003.h5" for i in range(3)]
     assert all(open_features(p).complete for p in parts)
     assert_same_file(reference, out)
-    joined, one = open_features(out).provenance, open_features(reference).provenance
+    mine, ref = open_features(out), open_features(reference)
+    np.testing.assert_allclose(mine.map_rows("stage3", range(30)).astype(np.float32),
+                               ref.map_rows("stage3", range(30)).astype(np.float32),
+                               rtol=1e-2, atol=1e-2)
+    joined, one = mine.provenance, ref.provenance
     assert joined["fingerprint"] == one["fingerprint"] and joined["joined_from"] == 3
     assert joined["rebuild"].split(" -o ")[0] == one["rebuild"].split(" -o ")[0]
     info = subprocess.run([sys.executable, "-m", "featurecache.cli", "info", str(out)],

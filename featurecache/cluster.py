@@ -66,8 +66,10 @@ def connect(address: str):
             raise ClusterError(f"{option('cluster', address)}: give local:N with N >= 1 "
                                f"worker processes.")
         n = int(n)
-        # worker processes that may start DataLoader decode processes of their own
-        with dask.config.set({"distributed.worker.daemon": False}):
+        # worker processes that may start DataLoader decode processes of their own, with one
+        # malloc arena from the start (the task threads' own arenas are slower: malloc.py)
+        with dask.config.set({"distributed.worker.daemon": False,
+                              "distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX": 1}):
             cluster = LocalCluster(n_workers=n, processes=True, dashboard_address=None,
                                    threads_per_worker=max(1, (os.cpu_count() or 1) // n))
     elif address == "local-cuda":
@@ -164,6 +166,7 @@ def embed_on_cluster(source, output, *, cluster: str, shards: int | None = None,
                            f"use at most {n:,}.")
     with connect(cluster) as client:
         workers = _workers(client)
+        client.run(_tune_worker)  # before any task thread exists on a fresh worker
         count = shards or _existing_count(output) or min(n, 4 * max(1, len(workers)))
         parts = shard_paths(output, count)
         parts[0].parent.mkdir(exist_ok=True)
@@ -274,6 +277,12 @@ def _shard_error(i, count, path, exc) -> ClusterError:
     return ClusterError(f"shard {i} of {count} ({path.name}) failed: {why}")
 
 
+def _tune_worker() -> bool:
+    from .malloc import tune
+
+    return tune(single_arena=True)
+
+
 def decode_workers(threads: int, device: str | None) -> int:
     """Decode processes for one task. On CPU none: the cluster's worker processes already use
     every core, and a Dask worker starts DataLoader processes by spawning fresh interpreters
@@ -297,7 +306,7 @@ def _embed_shard(part, path: str, kw: dict, topic: str, index: int):
 
     from .malloc import tune
 
-    tune()  # Dask workers trim memory after every free: 2.4x slower forward passes
+    tune(single_arena=True)  # Dask workers trim memory after every free (malloc.py)
     worker = get_worker()
     threads = max(1, worker.state.nthreads)
     torch.set_num_threads(threads)  # the worker's share of the machine, not all its cores

@@ -16,11 +16,9 @@ Reports:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
-import shutil
 import subprocess
 import tempfile
 import time
@@ -28,27 +26,11 @@ from pathlib import Path
 
 import torch
 
+from manifests import manifest  # benchmarks/manifests.py
+
 from featurecache.data import open_source
 
 LAYERS = "blocks.5,blocks.10,head,avgpool"
-
-
-def manifest(records, classes, n, path: Path) -> Path:
-    """A CSV of n rows cycling over the data set's images; beyond its size, the images are
-    copied under new names (a manifest lists each file once)."""
-    copies = path.with_suffix("")
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "split"])
-        for i in range(n):
-            r = records[i % len(records)]
-            p = r.path
-            if i >= len(records):
-                copies.mkdir(exist_ok=True)
-                p = copies / f"{i}{Path(r.path).suffix}"
-                shutil.copyfile(r.path, p)
-            w.writerow([p, classes[r.label], "train" if i % 10 else "test"])
-    return path
 
 
 def timed(*args) -> float:
@@ -69,9 +51,11 @@ def main():
     args = ap.parse_args()
     src = open_source(args.data)
     tmp = Path(tempfile.mkdtemp(prefix="fc-cluster-"))
-    data = manifest(src.records, src.classes, args.n, tmp / "data.csv")
+    data = manifest(src.records, src.classes, args.n, tmp / "data.csv",
+                    split=lambda i: "train" if i % 10 else "test")
     two = [next(r for r in src.records if r.label == c) for c in (0, 1)]
-    small = manifest(two, src.classes, 2, tmp / "two.csv")
+    small = manifest(two, src.classes, 2, tmp / "two.csv",
+                     split=lambda i: "train" if i % 10 else "test")
 
     plain = timed(data, "-o", tmp / "plain.h5")
     print(f"plain: {plain:.1f} s", flush=True)

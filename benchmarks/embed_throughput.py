@@ -15,11 +15,9 @@ Targets (issue 3): b/a >= 0.9, b/c >= 2 for 4 layers, RSS(10N) / RSS(N) <= 1.2.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from manifests import manifest  # benchmarks/manifests.py
 
 from featurecache.backbones import load_backbone
 from featurecache.data import ImageDataset, collate, open_source
@@ -38,25 +38,6 @@ from featurecache.malloc import tune
 LAYERS = ["blocks.5", "blocks.10", "head", "avgpool"]
 BATCH = 16  # embed's CPU default
 TUNE = True
-SPLIT = None
-
-
-def manifest(records, classes, n, path: Path) -> Path:
-    """A CSV of n rows cycling over the data set's images; beyond its size, the images are
-    copied under new names (a manifest lists each file once)."""
-    copies = path.with_suffix("")
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "split"])
-        for i in range(n):
-            r = records[i % len(records)]
-            p = r.path
-            if i >= len(records):
-                copies.mkdir(exist_ok=True)
-                p = copies / f"{i}{Path(r.path).suffix}"
-                shutil.copyfile(r.path, p)
-            w.writerow([p, classes[r.label], SPLIT(i) if SPLIT else "train"])
-    return path
 
 
 def pure_forward(bb, records, workers) -> dict:

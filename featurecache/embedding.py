@@ -68,7 +68,7 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
             manifest (``path,label[,split]``) or ``builtin:digits``; or a
             :class:`~featurecache.data.Source` opened with the same ``test_size``, ``seed``
             and ``max_per_class`` (so the data are listed once), possibly one shard of it
-            (:meth:`~featurecache.data.Source.part`).
+            (:meth:`~featurecache.data.Source.part_of`).
         output: the ``.h5`` file to write (its folder must exist).
         backbone: a name (see ``featurecache backbones``) or a loaded :class:`Backbone`.
         layers: layer names or aliases (see ``featurecache layers NAME``).

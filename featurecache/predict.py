@@ -26,7 +26,7 @@ from .backbones import DEFAULT_BACKBONE, Preprocess, load_backbone
 from .data import ImageDataset, Record, collate
 from .data.folders import IMAGE_EXTENSIONS, is_hidden
 from .errors import DataError, FeaturecacheError
-from .extract import CHANNELS_LAST, FeatureExtractor, default_device, to_layout
+from .extract import FeatureExtractor, default_device, on_device, to_layout
 from .files import atomic_output, require_folder
 from .heads import Head, load_head
 from .layers import LayerSpec
@@ -116,11 +116,7 @@ def predict(head, images, top_k: int = 3, batch_size: int = 32, device: str | No
     specs = [LayerSpec.from_attrs(s) for s in prov["specs"]]
     head.check_compatible({**prov, **bb.provenance(), "specs": prov["specs"]}, "the images")
     dev = default_device(device)
-    # the backbone is loaded here, for this call: it may stay on the device, in the layout
-    # the embed ran it in
-    model = bb.model.to(dev).to(memory_format=torch.channels_last) if CHANNELS_LAST \
-        else bb.model.to(dev)
-    extractor = FeatureExtractor(model, specs)
+    extractor = FeatureExtractor(bb.model, specs)
     dtype = prov.get("dtype") or "float32"
 
     def score(images):
@@ -130,7 +126,8 @@ def predict(head, images, top_k: int = 3, batch_size: int = 32, device: str | No
         return (proba, True) if proba is not None else (head.scores(X), False)
 
     # score columns follow the fitted estimator's classes, which are indices into head.classes
-    return _rows(paths, bb, score, head.column_classes, top_k, batch_size, num_workers, dev)
+    with on_device(bb.model, dev):  # in the layout the embed ran it in
+        return _rows(paths, bb, score, head.column_classes, top_k, batch_size, num_workers, dev)
 
 
 def predict_imagenet(images, backbone: str = DEFAULT_BACKBONE, weights: str = "DEFAULT",
@@ -142,10 +139,9 @@ def predict_imagenet(images, backbone: str = DEFAULT_BACKBONE, weights: str = "D
         raise FeaturecacheError(f"{backbone} has no 1000-class ImageNet head to predict with.")
     paths = expand_images(images)
     dev = default_device(device)
-    model = bb.model.to(dev).to(memory_format=torch.channels_last) if CHANNELS_LAST \
-        else bb.model.to(dev)
-    return _rows(paths, bb, lambda x: (model(x).softmax(1).cpu().numpy(), True), bb.categories,
-                 top_k, batch_size, 0, dev)
+    with on_device(bb.model, dev) as model:
+        return _rows(paths, bb, lambda x: (model(x).softmax(1).cpu().numpy(), True),
+                     bb.categories, top_k, batch_size, 0, dev)
 
 
 def write_predictions(rows: list, dest, fmt: str = "csv"):

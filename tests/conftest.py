@@ -21,15 +21,19 @@ def make_image(path: Path, color, seed: int, size: int = 32) -> None:
     Image.fromarray(arr).save(path)
 
 
+def make_folder(root: Path, per_class: int) -> Path:
+    """DATA/<class>/*.png: the 3 colour classes, ``per_class`` images each."""
+    for ci, (name, color) in enumerate(COLORS.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            make_image(root / name / f"{name}_{i}.png", color, seed=ci * 100 + i)
+    return root
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     """DATA/<class>/*.png: 3 colour classes x 6 images."""
-    root = tmp_path / "imgs"
-    for ci, (name, color) in enumerate(COLORS.items()):
-        (root / name).mkdir(parents=True)
-        for i in range(6):
-            make_image(root / name / f"{name}_{i}.png", color, seed=ci * 100 + i)
-    return root
+    return make_folder(tmp_path / "imgs", 6)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from featurecache import embed, open_features  # noqa: E402
 from featurecache.cluster import ClusterError, shard_paths  # noqa: E402
 from featurecache.errors import FeaturecacheError  # noqa: E402
 
-from .conftest import COLORS, make_image  # noqa: E402
+from .conftest import make_folder  # noqa: E402
 from .test_embed import assert_same_file  # noqa: E402
 
 # the real default backbone, by name (workers load it), at its own 224 px
@@ -28,12 +28,7 @@ KW = {"backbone": "efficientnet_lite0", "layers": ["stage3", "avgpool"], "batch_
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cluster") / "imgs"
-    for ci, (name, color) in enumerate(COLORS.items()):
-        (root / name).mkdir(parents=True)
-        for i in range(10):
-            make_image(root / name / f"{name}_{i:02d}.png", color, seed=ci * 100 + i)
-    return root
+    return make_folder(tmp_path_factory.mktemp("cluster") / "imgs", 10)
 
 
 @pytest.fixture(scope="module")

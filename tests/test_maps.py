@@ -55,7 +55,7 @@ def test_a_stored_map_is_the_layer_before_pooling(image_folder, tiny_backbone, t
     np.testing.assert_array_equal(ff.map_rows("stage4", rows), maps[rows])
     info = subprocess.run([sys.executable, "-m", "featurecache.cli", "info", str(out)],
                           capture_output=True, text=True)
-    assert f"map stage4" in info.stdout and "MiB on disk" in info.stdout
+    assert "map stage4" in info.stdout and "MiB on disk" in info.stdout
 
 
 def test_map_size_average_pools_the_stored_map(image_folder, tiny_backbone, tmp_path):

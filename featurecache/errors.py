@@ -29,16 +29,27 @@ def render(message: str, style: str = "python", table_of=None) -> str:
     ``table_of(name)`` gives a pipeline key's table, e.g. ``embed``)."""
     def one(m) -> str:
         name, value = m.group(1), json.loads(m.group(2))
+        declared = _declared(name)
         if style == "cli":
-            flag = "--" + name.replace("_", "-")
+            flag = declared.flag if declared else "--" + name.replace("_", "-")
+            if isinstance(value, list):
+                value = ",".join(map(str, value))
             return flag if value is True else f"{flag} {value}"
         if style == "pipeline":
+            name = declared.toml_key if declared else name
             table = table_of(name) if table_of else None
             toml = json.dumps(value) if not isinstance(value, bool) else str(value).lower()
             return f"{table + '.' if table else ''}{name} = {toml}"
         return f"{name}={value!r}"
 
     return _OPTION.sub(one, message)
+
+
+def _declared(name: str):
+    """The declared option of that keyword (its flag and pipeline key may differ from it)."""
+    from .options import STAGES
+
+    return next((o for opts in STAGES.values() for o in opts if o.name == name), None)
 
 
 class FeaturecacheError(Exception):

@@ -242,8 +242,9 @@ def resolve_maps(backbone, names, size: int | None = None,
     specs = []
     for spec in plain:
         if spec.kind not in ("map", "map-nhwc"):
-            raise OptionError(f"keep_map: {spec.name!r} is a {spec.kind} layer, not a feature "
-                              f"map; keep the map of a convolutional stage (stageK, blocks.N).")
+            raise OptionError(f"{spec.name!r} is a {spec.kind} layer, not a feature map; keep "
+                              f"(or fine-tune from) the map of a convolutional stage (stageK, "
+                              f"blocks.N).")
         c, h, w = spec.shape if spec.kind == "map" else (spec.shape[2], *spec.shape[:2])
         s = size or h
         if s > min(h, w):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .errors import OptionError
 
-__all__ = ["Option", "DATA", "EMBED", "COMPARE", "CLUSTER", "TOP", "STAGES", "check", "click_options",
+__all__ = ["Option", "DATA", "EMBED", "COMPARE", "CLUSTER", "FINETUNE", "TOP", "STAGES", "check", "click_options",
            "reference_toml", "class_weight", "FIT_HEAD", "FIT_HEAD_SHARED", "DEFAULT_BACKBONE", "POOLS", "TOKEN_POOLS", "DTYPES", "ON_ERROR",
            "HEAD_KINDS", "KERNELS", "SCORINGS", "SELECT", "CLASS_WEIGHTS"]
 
@@ -199,6 +199,27 @@ CLUSTER = (
            "virtual datasets pointing into OUTPUT.shards/)"),
 )
 
+# [finetune]: LP-FT of the blocks above a stored map (pipelines run it when `sources` names one)
+FINETUNE = (
+    Option("sources", list, [], "fine-tune from: \"cache\" (the map embed.keep_map stored) "
+           "and/or \"images\" (decoded again, with augment); empty: no fine-tuning",
+           choices=("cache", "images"), example=[]),
+    Option("from_layer", str, "stage4", "the layer whose map feeds the unfrozen blocks above "
+           "it (from a feature file: a map kept with keep_map)", key="from"),
+    Option("augment", bool, False, "from images: random resized crops and flips"),
+    Option("epochs", int, 5, "most epochs (the best on the validation fold is kept)", low=1),
+    Option("lr", float, 1e-3, "the classifier's AdamW learning rate; the blocks get a tenth",
+           low=0, open=True),
+    Option("weight_decay", float, 0.01, "AdamW weight decay", low=0),
+    Option("batch_size", int, 32, "maps (or images) per step", low=1),
+    Option("val_fraction", float, 0.2, "share of each class's training rows held out to pick "
+           "the epoch (a val split, when the data have one, is used instead)", low=0, high=1,
+           open=True),
+    Option("patience", int, 2, "stop after this many epochs without a better validation "
+           "score", low=1),
+)
+SOURCES = ("cache", "images")
+
 # fit-head's own options (with kernel, cv, scoring, class_weight and n_jobs of COMPARE);
 # not a pipeline table: pipelines fit heads through compare
 FIT_HEAD = (
@@ -206,7 +227,8 @@ FIT_HEAD = (
     Option("seed", int, 0, "seeds the CV folds"),
 )
 FIT_HEAD_SHARED = ("kernel", "cv", "scoring", "class_weight", "n_jobs", "mlp_widths")
-STAGES = {"": TOP, "data": DATA, "embed": EMBED, "compare": COMPARE, "cluster": CLUSTER}
+STAGES = {"": TOP, "data": DATA, "embed": EMBED, "compare": COMPARE, "finetune": FINETUNE,
+          "cluster": CLUSTER}
 
 
 def class_weight(value):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["plot_depth", "plot_few_shot", "plot_confusion"]
+__all__ = ["plot_depth", "plot_few_shot", "plot_confusion", "plot_curve"]
 
 
 def _figure(figsize, dpi: int = 110):
@@ -102,3 +102,31 @@ def plot_confusion(path: Path, cm, classes, winner) -> None:
     fig.tight_layout()
     fig.savefig(path)
 
+
+
+def plot_curve(path: Path, history: list, best_epoch: int, scoring: str) -> None:
+    """Fine-tuning: training loss and validation score per epoch (epoch 0 = the linear
+    probe before any step); the kept epoch is marked."""
+    fig, ax = _figure((7, 4))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", color="tab:blue",
+            label="training loss")
+    ax.plot(epochs, [h["val_loss"] for h in history], "s--", color="tab:cyan",
+            label="validation loss")
+    ax.set_xlabel("epoch (0 = linear probe, before fine-tuning)")
+    ax.set_ylabel("cross-entropy")
+    ax.set_xticks(epochs)
+    right = ax.twinx()
+    right.plot(epochs, [h["val_score"] for h in history], "^-", color="tab:red",
+               label=f"validation {scoring.replace('_', ' ')}")
+    best = next(h for h in history if h["epoch"] == best_epoch)
+    right.plot([best_epoch], [best["val_score"]], "*", ms=16, color="gold",
+               markeredgecolor="black", label=f"kept: epoch {best_epoch}")
+    right.set_ylabel(f"validation {scoring.replace('_', ' ')}")
+    lines = ax.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="center right")
+    ax.set_title("LP-FT: loss and validation score per epoch")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)

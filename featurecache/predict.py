@@ -102,13 +102,22 @@ def _rows(paths, bb, score_fn, classes, top_k, batch_size, num_workers, dev) -> 
 
 def predict(head, images, top_k: int = 3, batch_size: int = 32, device: str | None = None,
             num_workers: int = 0) -> list[dict]:
-    """Predict classes for ``images`` (files, folders, globs) with a saved head.
+    """Predict classes for ``images`` (files, folders, globs) with a saved head, or with a
+    fine-tuned model (``ft/`` or ``ft/model.pt``: the frozen bottom, then the tuned top).
 
     Returns one dict per image: ``path``, ``predicted``, ``class_index``, ``probability``
     (None for an SVM without probability estimates), ``score``, ``top_k``
     (``[[class, score], ...]``) and ``error`` (the reason when the image could not be read;
     the other images are still predicted).
     """
+    from .checkpoint import Finetuned, is_checkpoint, load_finetuned
+
+    if isinstance(head, Finetuned) or (not isinstance(head, Head) and is_checkpoint(head)):
+        ft = head if isinstance(head, Finetuned) else load_finetuned(head)
+        paths, dev = expand_images(images), default_device(device)
+        with on_device(ft.backbone.model, dev), on_device(ft.model, dev):
+            return _rows(paths, ft.backbone, ft.image_scorer(), ft.classes, top_k, batch_size,
+                         num_workers, dev)
     head = head if isinstance(head, Head) else load_head(head)
     paths = expand_images(images)
     prov = head.provenance

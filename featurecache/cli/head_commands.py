@@ -59,7 +59,7 @@ def fit_head_cmd(kind, features, layer, output, kernel, cv, scoring, class_weigh
 Examples:
   featurecache score reports/run1/best.joblib feats.h5
   featurecache score heads/avgpool-logreg.skops other-photos.h5 --split train --json""")
-@click.argument("head", type=click.Path(dir_okay=False))
+@click.argument("head", type=click.Path())
 @click.argument("features", type=click.Path(dir_okay=False))
 @click.option("--split", default="test", show_default=True, help="Split of the file to score.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -68,16 +68,25 @@ def score(head, features, split, as_json):
     """Evaluate a saved head on a feature file (accuracy, balanced accuracy, macro-F1).
 
     The file must be made the same way as the head's training features (backbone, weights,
-    preprocessing, layer and pooling); otherwise the differing field is named.
+    preprocessing, layer and pooling); otherwise the differing field is named. HEAD may be a
+    fine-tuned model (ft/ or ft/model.pt): it is scored on the file's stored map.
     """
+    from ..checkpoint import is_checkpoint, load_finetuned
     from ..heads import load_head
 
-    h = load_head(head)
-    res = h.evaluate(features, split=split)
+    if is_checkpoint(head):
+        ft = load_finetuned(head)
+        res = ft.evaluate(features, split=split)
+        p = ft.provenance
+        what = f"fine-tuned top of {p['backbone']} above {p['from_layer']}"
+    else:
+        h = load_head(head)
+        res = h.evaluate(features, split=split)
+        what = f"{h.kind} head on {h.layer}"
     if as_json:
         click.echo(json.dumps(res, indent=1))
         return
-    click.echo(f"{h.kind} head on {h.layer}, {res['n']} {split} rows of {res['feature_file']}: "
+    click.echo(f"{what}, {res['n']} {split} rows of {res['feature_file']}: "
                f"accuracy {res['accuracy']:.3f}, balanced accuracy "
                f"{res['balanced_accuracy']:.3f}, macro-F1 {res['macro_f1']:.3f}")
 
@@ -126,6 +135,7 @@ def compare(features, output, heads, layers, extra, shots, seed, overwrite, quie
 @cli.command(epilog="""\b
 Examples:
   featurecache predict reports/run1/best.joblib photos/ -o preds.csv
+  featurecache predict ft/ photos/ -o preds.csv          # a fine-tuned model
   featurecache predict heads/avgpool-logreg.joblib 'shots/*.jpg' --format json
   featurecache predict --imagenet cat.jpg""")
 @click.argument("args", nargs=-1, required=True)
@@ -141,6 +151,8 @@ Examples:
 @_friendly
 def predict(args, imagenet, backbone, weights, output, fmt, top_k, batch_size):
     """Classify images: HEAD IMAGES... (files, folders or globs), or --imagenet IMAGES...
+
+    HEAD is a head file (.joblib, .skops) or a fine-tuned model (ft/ or ft/model.pt).
 
     Unreadable images get a row with the reason; the others are still predicted.
     """

@@ -50,13 +50,13 @@ class Finetuned:
     history: list
     path: Path
 
-    def check_compatible(self, provenance: dict, what: str) -> None:
+    def check_compatible(self, provenance: dict, what: str, keys=MATCH_KEYS) -> None:
         """Refuse maps made differently from the training maps, naming the field.
 
         Raises:
             HeadError: the first field of :data:`MATCH_KEYS` that differs.
         """
-        for key in MATCH_KEYS:
+        for key in keys:
             mine, theirs = self.provenance.get(key), provenance.get(key)
             if key == "map_shape" and theirs is not None:
                 theirs = list(theirs)
@@ -120,12 +120,13 @@ class Finetuned:
         was made as the training maps were."""
         from .feeds import CachedMaps
 
+        self.check_compatible(ff.provenance, str(ff.path), MATCH_KEYS[:3])  # the backbone
         spec = next((s for s in ff.maps.values() if s.node == self.provenance["from_node"]),
                     None)
         if spec is None:
             ff.check_map(self.provenance["from_layer"])  # raises, saying how to keep it
-        prov = {**ff.provenance, "from_node": spec.node, "map_shape": list(spec.shape)}
-        self.check_compatible(prov, str(ff.path))
+        self.check_compatible({"from_node": spec.node, "map_shape": list(spec.shape)},
+                              str(ff.path), MATCH_KEYS[3:])
         return CachedMaps(ff, spec)
 
 

@@ -74,14 +74,15 @@ def finetune(source, output, *, from_layer: str = "stage4", augment: bool = Fals
              epochs: int = 5, lr: float = 1e-3, weight_decay: float = 0.01, batch_size: int = 32,
              val_fraction: float = 0.2, patience: int = 2, scoring: str = "balanced_accuracy",
              seed: int = 0, device: str | None = None, num_workers: int | None = None,
-             backbone: str = DEFAULT_BACKBONE, weights: str = "DEFAULT", weights_file=None,
+             backbone=DEFAULT_BACKBONE, weights: str = "DEFAULT", weights_file=None,
              test_size: float = 0.3, max_per_class: int | None = None,
              overwrite: bool = False, progress: bool = True) -> FinetuneResult:
     """Fine-tune the blocks above ``from_layer`` with a linear-probe start; write ``output/``.
 
     Args:
         source: a feature file that kept the map of ``from_layer`` (``embed --keep-map``), or
-            images (a folder, a CSV manifest, ``builtin:digits``; then ``backbone``,
+            images (a folder, a CSV manifest, ``builtin:digits``; then ``backbone`` (a
+            name or a loaded :class:`~featurecache.backbones.Backbone`),
             ``weights``, ``weights_file``, ``test_size``, ``max_per_class`` as for embed).
         output: the folder for model.pt, curve.png and summary.json.
         from_layer: the layer whose map feeds the unfrozen blocks above it.
@@ -155,7 +156,7 @@ def _check_output(out: Path, overwrite: bool) -> Path:
 def _open(source, from_layer, augment, dev, *, backbone, weights, weights_file, test_size,
           seed, max_per_class, num_workers):
     """The feed of maps, the backbone, and the provenance of the model to train."""
-    from .backbones import load_backbone
+    from .backbones import Backbone, load_backbone
     from .feeds import CachedMaps, ImageMaps
     from .layers import list_layers, resolve_maps
     from .predict import backbone_for
@@ -182,7 +183,8 @@ def _open(source, from_layer, augment, dev, *, backbone, weights, weights_file, 
         from .data import open_source
 
         src = open_source(source, test_size=test_size, seed=seed, max_per_class=max_per_class)
-        bb = load_backbone(backbone, weights, weights_file)
+        bb = backbone if isinstance(backbone, Backbone) else \
+            load_backbone(backbone, weights, weights_file)
         listing = list_layers(bb)
         spec = resolve_maps(bb, [from_layer], listing=listing)[0]
         pools, classes, data = {}, src.classes, src.root

@@ -69,9 +69,17 @@ class Plan:
                      f"pool {e['pool']}, {e['dtype']} -> {self.output / 'features.h5'}")
         layers = k["layers"] or e["layers"]
         extra = f" + {', '.join(k['extra_layers'])}" if k["extra_layers"] else ""
-        lines.append(f"  2. compare {', '.join(k['heads'])} heads on {', '.join(layers)}{extra} "
-                     f"({k['cv']}-fold CV) -> {self.output / 'report'}/")
-        lines.append(f"  3. record  {self.output / 'run.json'}")
+        f = c["finetune"]
+        step = 2
+        for src in f["sources"]:
+            aug = " with augmentation" if src == "images" and f["augment"] else ""
+            lines.append(f"  {step}. finetune the blocks above {f['from']} from the {src}{aug} "
+                         f"({f['epochs']} epochs at most) -> {self.output / ('finetune-' + src)}/")
+            step += 1
+        lines.append(f"  {step}. compare {', '.join(k['heads'])} heads on {', '.join(layers)}{extra} "
+                     f"({k['cv']}-fold CV){' + the fine-tuned models' if f['sources'] else ''} "
+                     f"-> {self.output / 'report'}/")
+        lines.append(f"  {step + 1}. record  {self.output / 'run.json'}")
         return "\n".join(lines)
 
 
@@ -113,7 +121,8 @@ def load_pipeline(path=None, overrides=(), text: str | None = None) -> Plan:
         target[name] = value
     unknown = [t for t in raw if t not in SCHEMA and isinstance(raw[t], dict)]
     if unknown:
-        raise PipelineError(f"unknown table [{unknown[0]}]; tables: data, embed, compare.")
+        raise PipelineError(f"unknown table [{unknown[0]}]; tables: "
+                            f"{', '.join(t for t in SCHEMA if t)}.")
     config = {}
     for table, keys in SCHEMA.items():
         given = raw if table == "" else raw.get(table, {})
@@ -140,6 +149,7 @@ def load_pipeline(path=None, overrides=(), text: str | None = None) -> Plan:
                     and opt.default is None else opt.check(given[name], where)
             except OptionError as exc:
                 raise PipelineOptionError(str(exc)) from None
+    _check_finetune(config)
     if not config["embed"]["layers"]:
         raise PipelineError("embed.layers must name at least one layer.")
     if not config[""]["output"].strip():
@@ -154,6 +164,33 @@ def load_pipeline(path=None, overrides=(), text: str | None = None) -> Plan:
                     not Path(value).expanduser().is_absolute():
                 config[table][name] = os.path.normpath(base / Path(value).expanduser())
     return Plan(config, Path(path) if path else None)
+
+
+def _check_finetune(config: dict) -> None:
+    """Fine-tuning from the cache needs the embed to keep the map of ``finetune.from``."""
+    f, e = config["finetune"], config["embed"]
+    if "cache" in f["sources"] and f["from"] not in e["keep_map"]:
+        raise PipelineError(f"finetune.sources includes \"cache\", which trains on the map of "
+                            f"finetune.from = {f['from']!r}; keep it in the embed: embed.keep_map "
+                            f"= [{', '.join(json.dumps(m) for m in e['keep_map'] + [f['from']])}].")
+    if f["augment"] and "images" not in f["sources"]:
+        raise PipelineError("finetune.augment = true needs \"images\" in finetune.sources (the "
+                            "cached maps cannot be augmented).")
+
+
+def _finetune_kwargs(c: dict, source: str) -> dict:
+    f = _kwargs("finetune", c)
+    f.pop("sources")
+    if source == "cache":
+        f.pop("augment")
+    else:
+        e, d = _kwargs("embed", c), _kwargs("data", c)
+        f.update(backbone=e["backbone"], weights=e["weights"], weights_file=e["weights_file"],
+                 num_workers=e["num_workers"], test_size=d["test_size"],
+                 max_per_class=d["max_per_class"])
+    k = _kwargs("compare", c)
+    return {**f, "scoring": k["scoring"], "seed": c[""]["seed"],
+            "device": _kwargs("embed", c)["device"]}
 
 
 def _kwargs(table: str, c: dict) -> dict:
@@ -188,6 +225,10 @@ def check_pipeline(plan: Plan) -> dict:
                       max_per_class=kw["max_per_class"])
     bb = load_backbone(kw["backbone"], kw["weights"], kw["weights_file"])
     specs = resolve_layers(bb, kw["layers"], pool=kw["pool"], token_pool=kw["token_pool"])
+    if plan.config["finetune"]["sources"]:
+        from .layers import resolve_maps
+
+        resolve_maps(bb, [plan.config["finetune"]["from"]])
     k = plan.config["compare"]
     from .fewshot import check_shots
 
@@ -242,8 +283,20 @@ def run_pipeline(plan: Plan, progress: bool = True) -> dict:
     t = time.perf_counter()
     r = embed(src, out / "features.h5", progress=progress, **kw)
     timings["embed_s"] = round(time.perf_counter() - t, 2)
+    tuned = {}
+    for source in plan.config["finetune"]["sources"]:
+        from .finetune import finetune
+
+        t = time.perf_counter()
+        given = out / "features.h5" if source == "cache" else plan.config["data"]["root"]
+        r_ft = finetune(given, out / f"finetune-{source}", overwrite=True, progress=progress,
+                        **_finetune_kwargs(plan.config, source))
+        timings[f"finetune_{source}_s"] = round(time.perf_counter() - t, 2)
+        tuned[source] = {"folder": str(r_ft.out_dir), "best_epoch": r_ft.best_epoch,
+                         "val_score": r_ft.val_score}
     t = time.perf_counter()
     res = compare(out / "features.h5", out / "report", overwrite=True, progress=progress,
+                  finetuned=[v["folder"] for v in tuned.values()],
                   **_compare_kwargs(plan.config))
     timings["compare_s"] = round(time.perf_counter() - t, 2)
 
@@ -257,7 +310,9 @@ def run_pipeline(plan: Plan, progress: bool = True) -> dict:
                     "results": str(out / "report" / "results.json"),
                     "plot": str(out / "report" / "layer_depth.png"),
                     "best_head": str(out / "report" / "best.joblib")},
-        "winner": {k: res.winner[k] for k in ("layer", "head", "balanced_accuracy", "accuracy")},
+        "finetune": tuned,
+        "winner": {k: res.winner[k] for k in ("layer", "head", "strategy", "balanced_accuracy",
+                                               "accuracy")},
         "verdict": res.verdict,
     }
     config = dict(record["config"])

@@ -60,7 +60,7 @@ def plot_depth(path: Path, rows, winner, metric: str) -> None:
 
 def plot_few_shot(path: Path, rows, winner, metric: str, n_lines: int = 4) -> None:
     """Test score vs labelled images per class for the best rows by CV (mean ± std)."""
-    best = sorted(rows, key=lambda r: -r["cv_score"])[:n_lines]
+    best = sorted((r for r in rows if "few_shot" in r), key=lambda r: -r["cv_score"])[:n_lines]
     several = len({r["backbone"] for r in rows}) > 1
     fig, ax = _figure((7, 4.5))
     for r in best:

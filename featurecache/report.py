@@ -16,7 +16,13 @@ It writes into one folder:
 * ``layer_depth.png``: test score vs depth, one line per backbone x head;
 * ``few_shot.png`` (with ``shots``): test score vs labelled images per class;
 * ``confusion.png``: the winner's confusion matrix on the test split;
-* ``heads/*.joblib`` and ``best.joblib`` (the winner), ready for ``predict``.
+* ``heads/*.joblib`` and ``best.joblib`` (the winning frozen head), ready for ``predict``.
+
+With ``finetuned`` folders (``featurecache finetune``), each fine-tuned model is a row too
+(``strategy`` column: ``frozen`` or ``fine-tune (cache|images)``), selected by its validation
+score (a fold of the train split) beside the frozen heads' CV scores; the verdict gives its
+margin over the best frozen head (paired bootstrap on the same test rows) and the time each
+took.
 
 Example::
 
@@ -44,7 +50,7 @@ from .stats import METRICS, SCORING_METRIC, bootstrap, interval, paired_differen
 
 __all__ = ["compare", "CompareResult", "SELECT", "select_winner"]
 
-_HEAD_COST = {"knn": 0, "logreg": 1, "svm": 2, "mlp": 3}  # cheaper first, for the one-SE rule
+_HEAD_COST = {"knn": 0, "logreg": 1, "svm": 2, "mlp": 3, "lp-ft": 4}  # cheaper first, for the one-SE rule
 
 
 @dataclass
@@ -126,7 +132,7 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
             select: str = "cv", class_weight=None, seed: int = 0, n_jobs=-1,
             n_boot: int = 1000, shots=(), repeats: int = 3, overwrite: bool = False,
             progress: bool = True, cluster: str | None = None,
-            mlp_widths=(256, 1024)) -> CompareResult:
+            mlp_widths=(256, 1024), finetuned=()) -> CompareResult:
     """Fit every head on every layer (of every file), pick a winner by CV, write the report.
 
     Args:
@@ -143,6 +149,9 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
         overwrite: replace an existing ``out_dir``; otherwise an existing one is refused.
         cluster: run the CV fits and refits on this Dask cluster (see
             :mod:`featurecache.cluster`); the results equal a local run's.
+        finetuned: fine-tune folders (``featurecache finetune``) of the same images: each
+            is a row (strategy ``fine-tune (cache|images)``) selected by its validation score
+            beside the frozen heads' CV scores, with its margin over the best frozen head.
 
     Raises:
         FeaturecacheError: the folder exists, a layer or head is unknown, the files are not
@@ -179,6 +188,9 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
     if len(np.unique(first.y("train"))) < 2:
         raise HeadError("the train split holds a single class; nothing to compare.")
     shots = feasible_shots(shots, first.y("train"))
+    from .strategies import FROZEN, finetuned_rows, read_finetuned, strategy_text
+
+    summaries = [read_finetuned(f, first) for f in finetuned]
     if out_dir.exists() and not out_dir.is_dir():
         raise FeaturecacheError(f"{out_dir} is a file; give a folder for the report.")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -191,15 +203,20 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
     if cluster is not None:
         check(CLUSTER, {"cluster": cluster})
         from .cluster import connect
+    t_fit = time.perf_counter()
     bar = Progress(progress, "compare (CV folds)")
     with connect(cluster) if cluster is not None else contextlib.nullcontext() as client:
         fitted = fit_heads(jobs, heads, kernel=kernel, cv=cv, scoring=scoring,
                            class_weight=class_weight, seed=seed, n_jobs=n_jobs,
                            progress=bar.update, client=client, mlp_widths=mlp_widths)
     bar.close()
+    frozen_seconds = time.perf_counter() - t_fit
     rows = [_row(name, layer, kind, head, jobs) for ((name, layer), kind), head in fitted.items()]
+    rows += finetuned_rows(summaries, files, names)
     rows.sort(key=lambda r: (r["backbone"], r["depth"], "+" in r["layer"], r["layer"], r["head"]))
     winner = select_winner(rows, select)  # selection ends here; the test split is read below
+    frozen = [r for r in rows if r["strategy"] == FROZEN]
+    best_frozen = select_winner(frozen, select)
 
     y_test = first.y("test")
     unscored = sorted(set(first.y("train").tolist()) - set(y_test.tolist()))
@@ -212,8 +229,8 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
             f"classes {[first.classes[i] for i in unscored]} have no test images: the test "
             f"scores say nothing about them, and balanced accuracy averages over the others."))
     X_test = {key: ff.X(layer, "test") for key, (ff, layer) in jobs.items()}
-    preds = np.stack([fitted[((r["backbone"], r["layer"]), r["head"])].predict(
-        X_test[(r["backbone"], r["layer"])]) for r in rows])
+    preds = np.stack([r.pop("_pred") if "_pred" in r else fitted[((r["backbone"], r["layer"]),
+                      r["head"])].predict(X_test[(r["backbone"], r["layer"])]) for r in rows])
     samples = bootstrap(y_test, preds, len(first.classes), n_boot, seed)
     point = _point_metrics(y_test, preds, len(first.classes))
     for j, r in enumerate(rows):
@@ -229,15 +246,22 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
         diff = paired_difference(samples[metric][:, w], samples[metric][:, rows.index(runner)])
         winner["lead_over_runner_up"] = {"runner_up": row_name(runner), "metric": metric,
                                          "difference": winner[metric] - runner[metric], **diff}
+    for j, r in enumerate(rows):
+        if r["strategy"] != FROZEN:
+            diff = paired_difference(samples[metric][:, j],
+                                     samples[metric][:, rows.index(best_frozen)])
+            r["margin_over_frozen"] = {"best_frozen": row_name(best_frozen), "metric": metric,
+                                       "difference": r[metric] - best_frozen[metric], **diff}
     if shots:
-        refit_few_shot(rows, fitted, jobs, y_test, X_test, shots, repeats, kernel, class_weight,
+        refit_few_shot(frozen, fitted, jobs, y_test, X_test, shots, repeats, kernel, class_weight,
                   seed, metric, n_jobs)
 
     several = len(files) > 1
-    for r in rows:
+    for r in frozen:
         stem = "-".join(([r["backbone"]] if several else []) + [r["layer"], r["head"]])
         r["head_file"] = f"heads/{stem.replace('+', '_')}.joblib"
-    verdict = verdict_text(rows, winner, runner, scoring, select, several)
+    verdict = verdict_text(rows, winner, runner, scoring, select, several) + \
+        strategy_text(rows, best_frozen, metric, frozen_seconds)
     from sklearn.metrics import confusion_matrix
 
     cm = confusion_matrix(y_test, preds[w], labels=range(len(first.classes)))
@@ -251,9 +275,9 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
     staging = Path(tempfile.mkdtemp(prefix=".compare-", dir=out_dir))
     try:
         (staging / "heads").mkdir()
-        for r in rows:
+        for r in frozen:
             fitted[((r["backbone"], r["layer"]), r["head"])].save(staging / r["head_file"])
-        shutil.copyfile(staging / winner["head_file"], staging / "best.joblib")
+        shutil.copyfile(staging / best_frozen["head_file"], staging / "best.joblib")
         write_report(staging, files, names, rows, winner, verdict, cm, settings)
         publish(staging, out_dir)
     finally:
@@ -267,7 +291,7 @@ def _row(name, layer, kind, head, jobs) -> dict:
     depth = max(ff.layers[p].depth for p in parts) + (0.5 if len(parts) > 1 else 0)
     deepest = max(s.depth for s in ff.layers.values()) or 1
     table = head.cv_results_
-    return {"backbone": name, "layer": layer, "head": kind, "depth": depth,
+    return {"backbone": name, "layer": layer, "head": kind, "strategy": "frozen", "depth": depth,
             "rel_depth": round(min(depth / deepest, 1.0), 4),
             "dim": sum(ff.layers[p].dim for p in parts), "params": head.params_,
             "cv_score": head.cv_score_, "cv_std": head.meta["cv_std"],

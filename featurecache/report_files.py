@@ -22,7 +22,7 @@ def own_files(folder: Path) -> set:
     """The files a previous report in ``folder`` wrote (named by its results.json)."""
     try:
         old = json.loads((folder / "results.json").read_text())
-        heads = {r["head_file"] for r in old.get("rows", [])}
+        heads = {r["head_file"] for r in old.get("rows", []) if r.get("head_file")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()
     return {f for f in REPORT_FILES if (folder / f).is_file()} | heads
@@ -57,9 +57,16 @@ def verdict_text(rows, w, runner, scoring, select, several) -> str:
 
     metric = SCORING_METRIC[scoring]
     what = f"{w['backbone']} " if several else ""
-    text = (f"**{what}{w['layer']}** with a {w['head']} head is chosen by cross-validation "
-            f"on the train split: CV {scoring} {w['cv_score']:.3f} (± {w['cv_std']:.3f} over the "
-            f"folds). On the test split, read once for this report, it scores {metric} "
+    if w.get("strategy", "frozen") != "frozen":
+        text = (f"**{w['strategy']} of the blocks above {w['layer'].split('..')[0]}** "
+                f"({w['folder']}) is chosen by its {scoring} on a validation fold of the "
+                f"train split, {w['cv_score']:.3f}, above every frozen head's CV score. On the "
+                f"test split")
+    else:
+        text = (f"**{what}{w['layer']}** with a {w['head']} head is chosen by cross-validation "
+                f"on the train split: CV {scoring} {w['cv_score']:.3f} (± {w['cv_std']:.3f} over "
+                f"the folds). On the test split")
+    text += (f", read once for this report, it scores {metric} "
             f"{w[metric]:.3f} (95% CI {w[metric + '_lo']:.3f}-{w[metric + '_hi']:.3f}), "
             f"accuracy {w['accuracy']:.3f}, macro-F1 {w['macro_f1']:.3f}.")
     if select == "cv-1se":
@@ -77,7 +84,8 @@ def verdict_text(rows, w, runner, scoring, select, several) -> str:
                  f"{lead['difference']:+.3f} (95% CI {lead['lo']:+.3f} to {lead['hi']:+.3f}), so "
                  + ("the difference is clear on this test set." if clear else
                     "this test set cannot tell the two apart."))
-    same = [r for r in rows if r["backbone"] == w["backbone"]]
+    same = [r for r in rows if r["backbone"] == w["backbone"]
+            and r.get("strategy", "frozen") == "frozen"]
     shallow = min(same, key=lambda r: (r["depth"], -r["cv_score"]))
     if shallow["layer"] != w["layer"]:
         text += (f" The shallowest layer compared, {shallow['layer']}, reaches "
@@ -98,20 +106,22 @@ def _fmt(r, key) -> str:
 def markdown_table(rows, winner) -> str:
     several = len({r["backbone"] for r in rows}) > 1
     cols = (["backbone"] if several else []) + [
-        "depth", "layer", "head", "dim", "best params", "grid", "CV score", "test accuracy",
+        "depth", "strategy", "layer", "head", "dim", "best params", "grid", "CV score", "test accuracy",
         "balanced accuracy", "macro-F1"]
-    shots = list(rows[0].get("few_shot", {}))
+    shots = list(next((r["few_shot"] for r in rows if r.get("few_shot")), {}))
     cols += [f"{s}-shot" for s in shots]
     lines = ["| " + " | ".join(cols) + " |",
              "|" + "|".join("---:" if c in ("depth", "dim") else "---" for c in cols) + "|"]
     for r in rows:
         params = ", ".join(f"{k}={v:.3g}" for k, v in r["params"].items())
         cells = ([r["backbone"]] if several else []) + [
-            f"{r['depth']:g}", r["layer"], r["head"], str(r["dim"]), params,
+            f"{r['depth']:g}", r.get("strategy", "frozen"), r["layer"], r["head"], str(r["dim"]),
+            params,
             f"{r['grid_evaluated']}/{r['grid_points']}",
             f"{r['cv_score']:.3f} ± {r['cv_std']:.3f}", _fmt(r, "accuracy"),
             _fmt(r, "balanced_accuracy"), _fmt(r, "macro_f1")]
-        cells += [f"{r['few_shot'][s]['mean']:.3f} ± {r['few_shot'][s]['std']:.3f}" for s in shots]
+        cells += [f"{r['few_shot'][s]['mean']:.3f} ± {r['few_shot'][s]['std']:.3f}"
+                  if "few_shot" in r else "-" for s in shots]
         if r is winner:
             cells = [f"**{c}**" for c in cells]
         lines.append("| " + " | ".join(cells) + " |")
@@ -119,7 +129,8 @@ def markdown_table(rows, winner) -> str:
 
 
 def write_report(out_dir: Path, files, names, rows, winner, verdict, cm, settings) -> None:
-    flat = [k for k in rows[0] if k not in ("params", "few_shot", "lead_over_runner_up")]
+    flat = [k for k in dict.fromkeys(k for r in rows for k in r)
+            if k not in ("params", "few_shot", "lead_over_runner_up", "margin_over_frozen")]
     with open(out_dir / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=flat + ["params", "few_shot"], extrasaction="ignore")
         w.writeheader()
@@ -152,6 +163,11 @@ def write_report(out_dir: Path, files, names, rows, winner, verdict, cm, setting
           + (f" Few-shot columns: mean ± std of the test {SCORING_METRIC[settings['scoring']]} "
              f"over {settings['repeats']} seeded draws of k train images per class, refit with "
              f"the hyperparameters chosen on the full train split." if settings["shots"] else "")
+          + (" Fine-tuned rows (strategy `fine-tune`): the grid column counts the epochs run of "
+             "those asked, and the CV score is the score on the validation fold of the train "
+             "split that picked the epoch; the model is in its own folder (`featurecache predict "
+             "FOLDER IMAGES`), and `best.joblib` is the best frozen head."
+             if any(r.get("strategy", "frozen") != "frozen" for r in rows) else "")
           + f"\n\n{plots}![confusion matrix of the winner](confusion.png)\n")
     (out_dir / "report.md").write_text(md)
     from .plots import plot_confusion, plot_depth, plot_few_shot

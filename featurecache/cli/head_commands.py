@@ -97,13 +97,17 @@ Examples:
   featurecache compare feats.h5 --heads logreg --layers blocks.5,avgpool --extra blocks.5+avgpool -o r/
   featurecache compare feats.h5 --shots 1,5,10,25,all --repeats 3 -o r/
   featurecache compare lite0.h5 lite2.h5 -o r/        # two backbones, same images
-  featurecache compare feats.h5 --heads logreg,mlp --mlp-widths 128,512 -o r/""")
+  featurecache compare feats.h5 --heads logreg,mlp --mlp-widths 128,512 -o r/
+  featurecache compare feats.h5 --heads logreg,mlp --finetuned ft/ --finetuned ft-img/ -o r/""")
 @click.argument("features", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Report folder.")
 @click.option("--heads", default="logreg,svm,knn", show_default=True,
               help=f"Comma-separated head kinds ({', '.join(options.HEAD_KINDS)}).")
 @click.option("--layers", default=None, help="Comma-separated stored layers (default: all).")
 @click.option("--extra", "extra", multiple=True, help="A concatenation such as blocks.5+avgpool (repeatable).")
+@click.option("--finetuned", "finetuned", multiple=True, type=click.Path(exists=True),
+              help="A fine-tune folder (`featurecache finetune`) of the same images, compared "
+                   "as its own strategy (repeatable).")
 @options.click_options(options.COMPARE)
 @options.click_options(options.COMPARE, only=("mlp_widths",))
 @options.click_options(options.CLUSTER, only=("cluster",))

@@ -1,0 +1,254 @@
+"""LP-FT (featurecache finetune): the top blocks cut out of the backbone reproduce it, step 0
+is the linear probe, training lowers the loss, the checkpoint reloads and predicts the same
+from images as from the cache, and bad inputs are refused naming the fix."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from featurecache import embed, open_features
+from featurecache.errors import FeaturecacheError, HeadError, OptionError, UnknownLayerError
+
+from .conftest import make_folder, shared_data
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "featurecache.cli", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory, tiny_backbone):
+    """clipart10 at 64 px (10 train + 10 test images per class), avgpool stored and the map
+    of stage4 kept."""
+    root = tmp_path_factory.mktemp("clip")
+    out = root / "c.h5"
+    embed(shared_data("clipart10"), out, backbone=tiny_backbone, layers=["stage4", "avgpool"],
+          keep_map=["stage4"], max_per_class=10, num_workers=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tuned(clip, tmp_path_factory):
+    from featurecache.finetune import finetune
+
+    out = tmp_path_factory.mktemp("ft") / "ft"
+    r = finetune(clip, out, from_layer="stage4", epochs=4, patience=4, progress=False)
+    return r
+
+
+def test_the_top_blocks_reproduce_the_stored_final_layer(clip):
+    from featurecache.predict import backbone_for
+    from featurecache.topblocks import split_top
+
+    ff = open_features(clip)
+    bb = backbone_for(ff.provenance)
+    top = split_top(bb.model, ff.maps["stage4"].node, "avgpool")
+    maps = torch.from_numpy(ff.map_rows("stage4", np.arange(ff.n_rows))).float()
+    with torch.inference_mode():
+        pooled = top(maps).flatten(1).numpy()
+    stored = ff.X("avgpool").astype(np.float32)
+    assert pooled.shape == stored.shape == (ff.n_rows, 1280)
+    # both come from one forward pass; the map was rounded to float16 on the way
+    np.testing.assert_allclose(pooled, stored, rtol=2e-2, atol=2e-2)
+    assert np.abs(pooled - stored).mean() < 2e-3
+    # the backbone itself is untouched by the cut (the top is a copy)
+    assert next(top.parameters()).data_ptr() != next(bb.model.blocks[11].parameters()).data_ptr()
+
+
+def test_a_cut_across_a_skip_connection_is_refused():
+    from featurecache.backbones import load_backbone
+    from featurecache.topblocks import split_top
+
+    bb = load_backbone("resnet18", weights="none")
+    assert sum(p.numel() for p in split_top(bb.model, "layer3", "avgpool").parameters()) > 0
+    with pytest.raises(OptionError, match="cannot be cut out.*layer3_0_downsample"):
+        split_top(bb.model, "layer3.0.conv1", "avgpool")
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_the_folded_probe_predicts_what_the_logistic_head_predicts(n_classes):
+    from featurecache.heads import refit
+    from featurecache.topblocks import TopModel, fold_logistic
+
+    rng = np.random.default_rng(n_classes)
+    X = rng.normal(3, 2, (120, 16)) * rng.uniform(0.1, 10, 16)   # unscaled, off-centre
+    y = rng.integers(0, n_classes, 120)
+    X[np.arange(120), y] += 4
+    pipe = refit(X, y, "logreg", {"C": 0.3})
+    model = TopModel(torch.nn.Identity(), "vector", "none", 16, n_classes + 1)  # +1: unseen class
+    w, b = fold_logistic(pipe, n_classes + 1)
+    with torch.no_grad():
+        model.fc.weight.copy_(w)
+        model.fc.bias.copy_(b)
+        proba = model(torch.from_numpy(X).float()).softmax(1).numpy()
+    np.testing.assert_array_equal(proba.argmax(1), pipe.predict(X.astype(np.float32)))
+    np.testing.assert_allclose(proba[:, :n_classes], pipe.predict_proba(X.astype(np.float32)),
+                               atol=1e-4)
+    assert proba[:, n_classes].max() < 1e-6
+
+
+def test_step_zero_is_the_probe_and_training_lowers_the_loss(tuned, clip):
+    h = tuned.history
+    assert [e["epoch"] for e in h] == [0, 1, 2, 3, 4]
+    # the probe's own training loss (epoch 0), then the mean loss of each epoch's steps
+    assert h[-1]["train_loss"] < 0.7 * h[0]["train_loss"] and h[-1]["train_loss"] < h[1]["train_loss"], h
+    s = tuned.summary
+    assert s["n_train"] + s["n_val"] == 100 and s["n_val"] == 20
+    assert s["best_epoch"] == max(range(5), key=lambda e: (h[e]["val_score"], -e))
+    # the epoch-0 validation score is the probe's: refit the probe independently and score it
+    from featurecache.checkpoint import load_finetuned
+    from featurecache.finetune import holdout
+    from featurecache.heads import search
+    from featurecache.solvers import score_predictions
+
+    ff = open_features(clip)
+    train, val = holdout(ff.y(), ff.splits(), 0.2, 0)
+    ft = load_finetuned(tuned.out_dir)
+    top = ft.model.top
+    maps = lambda rows: torch.from_numpy(ff.map_rows("stage4", rows)).float()
+    with torch.inference_mode():
+        Xt, Xv = (top(maps(r)).flatten(1).numpy() for r in (train, val))
+    pipe = search(Xt, ff.y()[train], "logreg", seed=0)[0]
+    probe = score_predictions("balanced_accuracy", ff.y()[val], pipe.predict(Xv))
+    assert h[0]["val_score"] == pytest.approx(probe)
+
+
+def test_the_checkpoint_reloads_and_images_predict_as_the_cache(tuned, clip):
+    from featurecache.checkpoint import load_finetuned
+    from featurecache.predict import predict
+
+    raw = torch.load(tuned.out_dir / "model.pt", weights_only=True)
+    assert raw["provenance"]["from_node"] == "blocks.10" and raw["provenance"]["weights_sha256"]
+    ft = load_finetuned(tuned.out_dir)
+    ff = open_features(clip)
+    rows, pred = ft.predict_file(ff, "test")
+    assert [ft.classes[p] for p in pred] == tuned.summary["test"]["predicted"]
+    assert ft.evaluate(ff)["accuracy"] == pytest.approx(tuned.test["accuracy"])
+    paths = [ff.paths()[i] for i in rows[:24]]
+    out = predict(tuned.out_dir, paths)
+    assert [r["predicted"] for r in out] == [ft.classes[p] for p in pred[:24]]
+    assert (tuned.out_dir / "curve.png").stat().st_size > 5000
+
+
+def test_compare_reports_the_strategies_side_by_side(tuned, clip, tmp_path):
+    from featurecache.report import compare
+
+    res = compare(clip, tmp_path / "r", heads=["logreg"], finetuned=[tuned.out_dir],
+                  progress=False, n_boot=200)
+    strategies = [r["strategy"] for r in res.rows]
+    assert strategies.count("frozen") == 2 and strategies.count("fine-tune (cache)") == 1
+    ft_row = next(r for r in res.rows if r["strategy"] != "frozen")
+    assert ft_row["accuracy"] == pytest.approx(tuned.test["accuracy"])
+    assert ft_row["cv_score"] == pytest.approx(tuned.val_score)
+    m = ft_row["margin_over_frozen"]
+    best = next(r for r in res.rows if r["strategy"] == "frozen" and
+                f"{r['backbone']} {r['layer']} ({r['head']})" == m["best_frozen"])
+    assert m["difference"] == pytest.approx(ft_row[m["metric"]] - best[m["metric"]])
+    assert m["lo"] <= m["difference"] <= m["hi"]
+    assert "Strategies:" in res.verdict and "fine-tune (cache)" in res.table()
+    saved = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert any(r["strategy"] == "fine-tune (cache)" for r in saved["rows"])
+
+
+def test_compare_refuses_a_finetune_of_other_images(tuned, tmp_path, tiny_backbone):
+    from featurecache.report import compare
+
+    other = tmp_path / "o.h5"
+    embed(make_folder(tmp_path / "imgs", 6), other, backbone=tiny_backbone, num_workers=0,
+          progress=False)
+    with pytest.raises(FeaturecacheError, match="classes"):
+        compare(other, tmp_path / "r", heads=["logreg"], finetuned=[tuned.out_dir],
+                progress=False)
+
+
+def test_finetune_from_images_with_augmentation(tmp_path, tiny_backbone):
+    from featurecache.finetune import finetune
+
+    data = make_folder(tmp_path / "imgs", 8)
+    r = finetune(data, tmp_path / "ft", backbone=tiny_backbone, augment=True, epochs=2,
+                 patience=2, num_workers=0, progress=False, test_size=0.25)
+    assert r.source == "images" and len(r.history) == 3
+    assert r.summary["provenance"]["augment"] is True
+    assert r.test["n"] == 6 and r.test["accuracy"] >= 0.5  # colour classes: easy
+
+
+def test_bad_inputs_are_refused_naming_the_fix(clip, tuned, tmp_path, tiny_backbone):
+    from featurecache.finetune import finetune
+
+    with pytest.raises(UnknownLayerError, match="stage3.*re-embed with"):
+        finetune(clip, tmp_path / "a", from_layer="stage3", progress=False)
+    with pytest.raises(OptionError, match="needs images"):
+        finetune(clip, tmp_path / "a", augment=True, progress=False)
+    data = make_folder(tmp_path / "imgs", 4)
+    with pytest.raises(OptionError, match="not below the final pooled layer"):
+        finetune(data, tmp_path / "a", from_layer="avgpool", backbone=tiny_backbone,
+                 progress=False)
+    assert not (tmp_path / "a").exists()
+    # the CLI: one line, the fix named, no traceback
+    p = cli("finetune", clip, "--from", "stage3", "-o", tmp_path / "b")
+    assert p.returncode == 1 and "--keep-map stage3" in p.stderr and "Traceback" not in p.stderr
+    p = cli("finetune", clip, "-o", tuned.out_dir)
+    assert p.returncode == 1 and "--overwrite" in p.stderr
+
+
+def test_a_checkpoint_is_refused_on_maps_made_otherwise(tuned, tmp_path, tiny_backbone):
+    import dataclasses
+
+    from featurecache.backbones import load_backbone
+    from featurecache.checkpoint import load_finetuned
+
+    data = make_folder(tmp_path / "imgs", 4)
+    none = dataclasses.replace(load_backbone("efficientnet_lite0", weights="none"),
+                               preprocess=tiny_backbone.preprocess)
+    embed(data, tmp_path / "w.h5", backbone=none, keep_map=["stage4"], num_workers=0,
+          dtype="float32", progress=False)
+    ft = load_finetuned(tuned.out_dir)
+    ft.classes = ["blue", "green", "red"]  # reach the provenance check
+    with pytest.raises(HeadError, match="weights_sha256"):
+        ft.evaluate(tmp_path / "w.h5")
+    r18 = dataclasses.replace(load_backbone("resnet18", weights="none"),
+                              preprocess=tiny_backbone.preprocess)
+    embed(data, tmp_path / "r.h5", backbone=r18, layers=["layer3"], keep_map=["layer3"],
+          num_workers=0, dtype="float32", progress=False)
+    p = cli("score", tuned.out_dir, tmp_path / "r.h5")
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "classes" in p.stderr  # other images: named before the maps
+    with pytest.raises(HeadError, match="backbone = 'efficientnet_lite0'.*'resnet18'"):
+        ft.evaluate(tmp_path / "r.h5")
+
+
+def test_a_pipeline_fine_tunes_from_the_cache_and_reports_it(tmp_path):
+    from featurecache.errors import PipelineError
+    from featurecache.pipeline import load_pipeline, run_pipeline
+
+    text = f"""
+output = "{tmp_path / 'run'}"
+[data]
+root = "builtin:digits"
+max_per_class = 8
+[embed]
+layers = ["avgpool"]
+[compare]
+heads = ["logreg"]
+cv = 3
+[finetune]
+sources = ["cache"]
+epochs = 2
+"""
+    with pytest.raises(PipelineError, match=r'embed.keep_map = \["stage4"\]'):
+        load_pipeline(text=text)
+    plan = load_pipeline(text=text.replace('layers = ["avgpool"]',
+                                           'layers = ["avgpool"]\nkeep_map = ["stage4"]'))
+    assert "finetune the blocks above stage4 from the cache" in plan.describe()
+    record = run_pipeline(plan, progress=False)
+    assert record["finetune"]["cache"]["folder"].endswith("finetune-cache")
+    assert "finetune_cache_s" in record["timings"]
+    saved = json.loads((tmp_path / "run" / "report" / "results.json").read_text())
+    assert [r["strategy"] for r in saved["rows"]] == ["frozen", "fine-tune (cache)"]

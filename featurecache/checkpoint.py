@@ -143,7 +143,6 @@ def load_finetuned(path) -> Finetuned:
     Raises:
         HeadError: not a featurecache checkpoint, damaged, or its weights changed.
     """
-    from .layers import list_layers
     from .predict import backbone_for
     from .topblocks import TopModel, split_top
 
@@ -169,7 +168,5 @@ def load_finetuned(path) -> Finetuned:
     except RuntimeError as exc:
         raise HeadError(f"{file} does not fit the blocks of {prov['backbone']} above "
                         f"{prov['from_layer']} ({str(exc).splitlines()[0]}).") from None
-    if list_layers(bb).get(prov["from_layer"]) is None:
-        raise HeadError(f"{file}: layer {prov['from_layer']!r} is not a layer of {bb.name}.")
     return Finetuned(model.eval(), bb, list(data["classes"]), prov, data.get("history", []),
                      file)

@@ -118,7 +118,8 @@ def markdown_table(rows, winner) -> str:
             f"{r['depth']:g}", r.get("strategy", "frozen"), r["layer"], r["head"], str(r["dim"]),
             params,
             f"{r['grid_evaluated']}/{r['grid_points']}",
-            f"{r['cv_score']:.3f} ± {r['cv_std']:.3f}", _fmt(r, "accuracy"),
+            f"{r['cv_score']:.3f} ± {r['cv_std']:.3f}" if "n_val" not in r else
+            f"{r['cv_score']:.3f} (val, {r['n_val']} rows)", _fmt(r, "accuracy"),
             _fmt(r, "balanced_accuracy"), _fmt(r, "macro_f1")]
         cells += [f"{r['few_shot'][s]['mean']:.3f} ± {r['few_shot'][s]['std']:.3f}"
                   if "few_shot" in r else "-" for s in shots]

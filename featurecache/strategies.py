@@ -86,7 +86,7 @@ def finetuned_rows(summaries, files, names) -> list:
             "rel_depth": round(min(depth / deepest, 1.0), 4),
             "dim": int(s["provenance"]["final_dim"]),
             "params": {"epoch": s["best_epoch"], "lr": s["settings"]["lr"]},
-            "cv_score": float(p), "cv_std": 0.0,
+            "cv_score": float(p), "cv_std": 0.0, "n_val": int(s["n_val"]),
             "cv_sem": math.sqrt(max(p * (1 - p), 0.0) / n_val),
             "grid_evaluated": len(history) - 1, "grid_points": s["settings"]["epochs"],
             "seconds": s["seconds"], "seconds_per_epoch": s["seconds_per_epoch"],

@@ -37,7 +37,7 @@ def test_compare_writes_every_report_file(feats_path, tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert len(data["rows"]) == 8 and data["winner"]["layer"] == res.winner["layer"]
     csv_lines = (out / "results.csv").read_text().strip().splitlines()
-    assert len(csv_lines) == 9 and csv_lines[0].startswith("backbone,layer,head,depth,rel_depth,dim")
+    assert len(csv_lines) == 9 and csv_lines[0].startswith("backbone,layer,head,strategy,depth,rel_depth,dim")
     md = (out / "report.md").read_text()
     assert f"**{res.winner['layer']}**" in md and "chosen by cross-validation" in md
     assert "paired bootstrap" in md and "intervals" in md

@@ -19,10 +19,13 @@ def _figure(figsize, dpi: int = 110):
 
 
 def _lines(rows):
-    """(backbone, head) -> rows, in first-seen order."""
+    """(backbone, head) -> rows, in first-seen order; each fine-tuned model is a line (a
+    point) of its own, ``lp-ft (cache)``."""
     out = {}
     for r in rows:
-        out.setdefault((r["backbone"], r["head"]), []).append(r)
+        tuned = r.get("strategy", "frozen") != "frozen"
+        head = f"{r['head']} ({r['strategy'].split('(')[-1].rstrip(')')})" if tuned else r["head"]
+        out.setdefault((r["backbone"], head), []).append(r)
     return out
 
 

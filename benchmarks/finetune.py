@@ -99,7 +99,7 @@ def main():
         target = " (target >= 2.5)" if stage == "stage4" else ""
         print(f"\nepoch from images / epoch from the cache, {stage}: {ratio:.2f}x{target}")
     maps = {k: v["bytes"] / 2**20 for k, v in info["maps"].items()}
-    print(f"\nstored maps: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in maps.items())
+    print("\nstored maps: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in maps.items())
           + f"; the cached stage4 fine-tune peaked at {out['ft-cache-stage4'][1]:.0f} MiB RSS, "
           f"stage5 at {out['ft-cache-stage5'][1]:.0f} MiB")
     for r in report["rows"]:

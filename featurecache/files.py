@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_output", "fsync_dir", "same_file", "require_folder"]
+__all__ = ["atomic_output", "fsync_dir", "same_file", "require_folder", "output_folder"]
 
 
 def require_folder(path) -> None:
@@ -31,6 +31,27 @@ def require_folder(path) -> None:
     if not folder.is_dir():
         raise FeaturecacheError(f"output folder {folder} does not exist; create it first "
                                 f"(mkdir -p {shlex.quote(str(folder))}).")
+
+
+def output_folder(out, overwrite: bool, what: str) -> Path:
+    """Refuse an output folder that is a file, holds files while ``overwrite`` is off, or
+    whose parent does not exist (``what``: "report", "fine-tune", for the messages).
+
+    Raises:
+        FeaturecacheError: naming the folder and the way out.
+    """
+    from .errors import FeaturecacheError, option
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FeaturecacheError(f"{out} is a file; give a folder for the {what}.")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FeaturecacheError(f"output folder {out} exists and is not empty; choose another "
+                                f"or pass {option('overwrite')} (which replaces only the files "
+                                f"of a previous {what}).")
+    if not out.parent.is_dir():
+        raise FeaturecacheError(f"folder {out.parent} does not exist; create it first.")
+    return out
 
 
 def fsync_dir(folder) -> None:

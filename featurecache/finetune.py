@@ -104,7 +104,9 @@ def finetune(source, output, *, from_layer: str = "stage4", augment: bool = Fals
                      "weight_decay": weight_decay, "batch_size": batch_size,
                      "val_fraction": val_fraction, "patience": patience})
     check_options(scoring=scoring)
-    out = _check_output(Path(output), overwrite)
+    from .files import output_folder
+
+    out = output_folder(output, overwrite, "fine-tune")
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     torch.manual_seed(seed)
     from .extract import default_device, on_device
@@ -139,18 +141,6 @@ def finetune(source, output, *, from_layer: str = "stage4", augment: bool = Fals
     _write(out, model, classes, prov, history, settings, summary, best["epoch"], scoring)
     return FinetuneResult(out, feed.source, history, best["epoch"], best["score"],
                           summary["test"], seconds, summary)
-
-
-def _check_output(out: Path, overwrite: bool) -> Path:
-    if out.exists() and not out.is_dir():
-        raise FeaturecacheError(f"{out} is a file; give a folder for the fine-tuned model.")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FeaturecacheError(f"output folder {out} exists and is not empty; choose another "
-                                f"or pass {option('overwrite')} (which replaces only the files "
-                                f"of a previous fine-tune).")
-    if not out.parent.is_dir():
-        raise FeaturecacheError(f"folder {out.parent} does not exist; create it first.")
-    return out
 
 
 def _open(source, from_layer, augment, dev, *, backbone, weights, weights_file, test_size,

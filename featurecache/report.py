@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FeaturecacheError, HeadError, HeadOptionError, option
+from .errors import FeaturecacheError, HeadError, HeadOptionError
 from .options import CLUSTER, COMPARE, SELECT, check
 from .search import HEAD_KINDS, check_options
 from .fewshot import check_shots, feasible_shots, refit_few_shot
@@ -191,14 +191,9 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
     from .strategies import FROZEN, finetuned_rows, read_finetuned, strategy_text
 
     summaries = [read_finetuned(f, first) for f in finetuned]
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FeaturecacheError(f"{out_dir} is a file; give a folder for the report.")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FeaturecacheError(f"output folder {out_dir} exists and is not empty; choose "
-                                f"another or pass {option('overwrite')} (which replaces only the files "
-                                f"of a previous report).")
-    if not out_dir.parent.is_dir():
-        raise FeaturecacheError(f"folder {out_dir.parent} does not exist; create it first.")
+    from .files import output_folder
+
+    output_folder(out_dir, overwrite, "report")
 
     if cluster is not None:
         check(CLUSTER, {"cluster": cluster})

@@ -51,8 +51,8 @@ def split_top(model: nn.Module, from_node: str, final_node: str) -> nn.Module:
     graph = gm.graph
     out = next(n for n in graph.nodes if n.op == "output").args[0]
     src, dst = out["from"], out["final"]
-    above = _descendants(src)
-    needed = _ancestors(dst) | {dst}
+    above = _closure(src, lambda n: n.users)
+    needed = _closure(dst, lambda n: n.all_input_nodes) | {dst}
     top = [n for n in graph.nodes if n in above and n in needed]
     kept = set(top)
     for n in top:
@@ -72,23 +72,14 @@ def split_top(model: nn.Module, from_node: str, final_node: str) -> nn.Module:
     return copy.deepcopy(torch.fx.GraphModule(gm, new)).eval()
 
 
-def _descendants(node) -> set:
-    seen, todo = set(), list(node.users)
+def _closure(node, step) -> set:
+    """Every node reachable from ``node`` (itself excluded) by ``step`` (users or inputs)."""
+    seen, todo = set(), list(step(node))
     while todo:
         n = todo.pop()
         if n not in seen:
             seen.add(n)
-            todo.extend(n.users)
-    return seen
-
-
-def _ancestors(node) -> set:
-    seen, todo = set(), list(node.all_input_nodes)
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(n.all_input_nodes)
+            todo.extend(step(n))
     return seen
 
 

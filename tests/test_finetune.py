@@ -190,6 +190,10 @@ def test_bad_inputs_are_refused_naming_the_fix(clip, tuned, tmp_path, tiny_backb
     with pytest.raises(OptionError, match="not below the final pooled layer"):
         finetune(data, tmp_path / "a", from_layer="avgpool", backbone=tiny_backbone,
                  progress=False)
+    embed(data, tmp_path / "top.h5", backbone=tiny_backbone, keep_map=["avgpool"],
+          num_workers=0, progress=False)  # a map kept at the final layer itself
+    with pytest.raises(OptionError, match="'avgpool' is not below the final pooled layer"):
+        finetune(tmp_path / "top.h5", tmp_path / "a", from_layer="avgpool", progress=False)
     assert not (tmp_path / "a").exists()
     # the CLI: one line, the fix named, no traceback
     p = cli("finetune", clip, "--from", "stage3", "-o", tmp_path / "b")
@@ -252,3 +256,15 @@ epochs = 2
     assert "finetune_cache_s" in record["timings"]
     saved = json.loads((tmp_path / "run" / "report" / "results.json").read_text())
     assert [r["strategy"] for r in saved["rows"]] == ["frozen", "fine-tune (cache)"]
+
+
+def test_a_seeded_fine_tune_is_reproducible(clip, tmp_path):
+    from featurecache.finetune import finetune
+
+    runs = [finetune(clip, tmp_path / f"ft{i}", epochs=1, seed=3, progress=False) for i in (0, 1)]
+    assert runs[0].history[1]["train_loss"] == runs[1].history[1]["train_loss"]
+    a, b = (torch.load(r.out_dir / "model.pt", weights_only=True)["state_dict"] for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = finetune(clip, tmp_path / "ft2", epochs=1, seed=4, progress=False)
+    assert other.summary["n_val"] == runs[0].summary["n_val"]
+    assert other.history[1]["train_loss"] != runs[0].history[1]["train_loss"]

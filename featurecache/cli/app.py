@@ -71,7 +71,7 @@ def _table_of(name: str):
 @click.version_option(package_name="featurecache")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an unexpected error.")
 def cli(debug):
-    """Embed images once with a frozen backbone; compare layer depths with shallow heads.
+    """Embed images once with a frozen backbone; compare layer depths, heads and fine-tuning.
 
     \b
     Typical session:
@@ -79,6 +79,10 @@ def cli(debug):
       featurecache embed DATA -o feats.h5 --layer blocks.5 --layer blocks.10 --layer avgpool
       featurecache compare feats.h5 --heads logreg,svm -o reports/run1/
       featurecache predict reports/run1/best.joblib photo.jpg
+    Fine-tune the top blocks from the cache and compare (strategy column):
+      featurecache embed DATA -o feats.h5 --layer avgpool --keep-map stage4
+      featurecache finetune feats.h5 --from stage4 -o ft/
+      featurecache compare feats.h5 --heads logreg,mlp --finetuned ft/ -o reports/run2/
     """
 
 @cli.command(epilog="""\b

@@ -34,9 +34,9 @@ MATCH_KEYS = ("backbone", "weights_sha256", "preprocess", "from_node", "map_shap
 
 
 def is_checkpoint(path) -> bool:
-    """A fine-tune folder (holding ``model.pt``) or a ``.pt`` file."""
+    """A folder (a fine-tune's, holding ``model.pt``; heads are files) or a ``.pt`` file."""
     p = Path(path)
-    return (p.is_dir() and (p / "model.pt").is_file()) or p.suffix == ".pt"
+    return p.is_dir() or p.suffix == ".pt"
 
 
 @dataclass

@@ -25,7 +25,7 @@ class CachedMaps:
     source = "cache"
 
     def __init__(self, ff, spec):
-        self.ff, self.spec = ff, spec
+        self.ff, self.spec, self.classes = ff, spec, list(ff.classes)
         self.labels = ff.y()
         self.splits = np.array(ff.splits(), dtype=object)
         self.paths = ff.paths()
@@ -57,9 +57,10 @@ class ImageMaps:
 
     source = "images"
 
-    def __init__(self, records, bb, spec, dev, *, augment: bool = False,
+    def __init__(self, records, classes, bb, spec, dev, *, augment: bool = False,
                  num_workers: int | None = None, dtype: str = "float32"):
         self.records, self.bb, self.spec, self.dev = records, bb, spec, dev
+        self.classes = list(classes)
         self.labels = np.array([r.label for r in records], dtype=np.int64)
         self.splits = np.array([r.split for r in records], dtype=object)
         self.paths = [r.path for r in records]

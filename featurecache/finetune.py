@@ -50,7 +50,7 @@ import torch
 from .errors import FeaturecacheError, OptionError, option
 from .options import DEFAULT_BACKBONE, FINETUNE, check
 
-__all__ = ["finetune", "FinetuneResult", "holdout"]
+__all__ = ["finetune", "FinetuneResult", "holdout", "check_from"]
 
 OUTPUT_FILES = ("model.pt", "curve.png", "summary.json")
 
@@ -116,6 +116,7 @@ def finetune(source, output, *, from_layer: str = "stage4", augment: bool = Fals
                            weights=weights, weights_file=weights_file, test_size=test_size,
                            seed=seed, max_per_class=max_per_class, num_workers=num_workers)
     train, val = holdout(feed.labels, feed.splits, val_fraction, seed)
+    _warn_small_fold(feed, train, val)
     test = np.flatnonzero(feed.splits == "test")
     classes = prov.pop("classes")
     from .topblocks import TopModel, split_top
@@ -133,6 +134,9 @@ def finetune(source, output, *, from_layer: str = "stage4", augment: bool = Fals
         model.load_state_dict(best["state"])
         test_rows = _test_rows(model, feed, test, batch_size, classes) if len(test) else None
     seconds = time.perf_counter() - t0
+    if getattr(feed, "failed", None):
+        say(f"{len(feed.failed)} image(s) could not be read and were left out (listed in "
+            f"summary.json under \"unreadable\")")
     settings = {"epochs": epochs, "lr": lr, "body_lr": lr / 10, "weight_decay": weight_decay,
                 "batch_size": batch_size, "val_fraction": val_fraction, "patience": patience,
                 "scoring": scoring, "seed": seed, "augment": augment, "device": str(dev)}
@@ -153,18 +157,22 @@ def _open(source, from_layer, augment, dev, *, backbone, weights, weights_file, 
     from .store import FeatureFile, open_features
     from .store.reader import is_hdf5
 
-    cached = isinstance(source, FeatureFile) or str(source).endswith(".h5") or is_hdf5(source)
+    cached = isinstance(source, FeatureFile) or is_hdf5(source) or \
+        (str(source).endswith(".h5") and not Path(source).is_dir())
     if cached:
         if augment:
             raise OptionError(f"{option('augment')} needs images: the cached maps are fixed. "
                               f"Fine-tune from the image folder to augment, or leave it out.")
+        _no_image_options(source, backbone=backbone, weights=weights,
+                          weights_file=weights_file, test_size=test_size,
+                          max_per_class=max_per_class)
         ff = source if isinstance(source, FeatureFile) else open_features(source)
         ff.check_complete()
         bb = backbone_for(ff.provenance)
         listing = list_layers(bb)
-        info = listing.get(from_layer)
+        info, final = check_from(bb, from_layer, listing)  # the name first, then the file
         spec = ff.maps.get(from_layer) or next(
-            (s for s in ff.maps.values() if info is not None and s.node == info.node), None)
+            (s for s in ff.maps.values() if s.node == info.node), None)
         if spec is None:
             ff.check_map(from_layer)  # raises: says to re-embed with --keep-map
         pools = {s.node: s.pool for s in ff.layers.values()}
@@ -176,16 +184,11 @@ def _open(source, from_layer, augment, dev, *, backbone, weights, weights_file, 
         bb = backbone if isinstance(backbone, Backbone) else \
             load_backbone(backbone, weights, weights_file)
         listing = list_layers(bb)
+        _, final = check_from(bb, from_layer, listing)
         spec = resolve_maps(bb, [from_layer], listing=listing)[0]
         pools, classes, data = {}, src.classes, src.root
-        feed = ImageMaps(src.records, bb, spec, dev, augment=augment, num_workers=num_workers)
-    final = listing.get("avgpool")
-    here = listing.get(spec.node) or listing.get(from_layer)
-    if final is None or here is None or here.depth >= final.depth:
-        raise OptionError(
-            f"{option('from_layer', from_layer)}: {from_layer!r} is not below the final pooled "
-            f"layer ({final.name if final else 'none'}) of {bb.name}, so no block above it "
-            f"can be fine-tuned; choose a lower layer, e.g. stage4.")
+        feed = ImageMaps(src.records, src.classes, bb, spec, dev, augment=augment,
+                         num_workers=num_workers)
     pool = pools.get(final.node, "avg")
     prov = {**bb.provenance(), "from_layer": from_layer, "from_node": spec.node,
             "from_kind": spec.kind, "map_shape": list(spec.shape), "map_dtype": feed.dtype, "final_layer": final.name,
@@ -193,6 +196,43 @@ def _open(source, from_layer, augment, dev, *, backbone, weights, weights_file, 
             "final_dim": final.width(pool), "source": feed.source, "data": data,
             "augment": augment, "classes": list(classes)}
     return feed, bb, prov
+
+
+def check_from(bb, from_layer: str, listing=None) -> tuple:
+    """``(LayerInfo of from_layer, LayerInfo of the final pooled layer)``, after checking that
+    ``from_layer`` is a feature map of ``bb`` below its final pooled layer.
+
+    Raises:
+        UnknownLayerError: not a layer of ``bb`` (close matches named).
+        OptionError: not a feature map, or not below the final pooled layer.
+    """
+    from .layers import list_layers, resolve_layers
+
+    listing = listing or list_layers(bb)
+    spec = resolve_layers(bb, [from_layer], listing=listing)[0]  # names close matches
+    info = listing.get(from_layer) or list_layers(bb, all_nodes=True).get(from_layer)
+    final = listing.get("avgpool")
+    if spec.kind not in ("map", "map-nhwc"):
+        raise OptionError(f"{option('from_layer', from_layer)}: {from_layer!r} is a {spec.kind} "
+                          f"layer, not a feature map; fine-tune from the map of a "
+                          f"convolutional stage (stageK, blocks.N).")
+    if final is None or info.depth >= final.depth:
+        raise OptionError(
+            f"{option('from_layer', from_layer)}: {from_layer!r} is not below the final pooled "
+            f"layer ({final.name if final else 'none'}) of {bb.name}, so no block above it "
+            f"can be fine-tuned; choose a lower layer, e.g. stage4.")
+    return info, final
+
+
+def _no_image_options(source, **given) -> None:
+    """Refuse options that only apply to images when the source is a feature file."""
+    defaults = {"backbone": DEFAULT_BACKBONE, "weights": "DEFAULT", "weights_file": None,
+                "test_size": 0.3, "max_per_class": None}
+    set_ = [k for k, v in given.items() if v != defaults[k] and not hasattr(v, "model")]
+    if set_:
+        raise OptionError(f"{', '.join(option(k, given[k]) for k in set_)}: only for images; "
+                          f"{source} is a feature file, which brings its own backbone, weights "
+                          f"and split. Leave them out, or fine-tune from the image folder.")
 
 
 def holdout(labels, splits, fraction: float, seed: int) -> tuple:
@@ -221,6 +261,21 @@ def holdout(labels, splits, fraction: float, seed: int) -> tuple:
     return np.setdiff1d(train, val), val
 
 
+def _warn_small_fold(feed, train, val) -> None:
+    """A validation fold too small to pick an epoch is announced (the run goes on)."""
+    import warnings
+
+    from .errors import DataWarning
+
+    seen, held = set(feed.labels[train].tolist()), set(feed.labels[val].tolist())
+    if len(val) < 10 or len(held) < len(seen):
+        warnings.warn(DataWarning(
+            f"the validation fold holds {len(val)} image(s) of {len(held)} of the {len(seen)} "
+            f"trained classes: the epoch it picks is close to chance. Add training images (a "
+            f"class needs 3 to lend one), give a val split, or raise "
+            f"{option('val_fraction', 0.3)}."))
+
+
 def _run_eval(model, feed, rows, batch_size, dev):
     """``(positions, features, logits)`` of ``rows`` with the model as it is (no grad)."""
     from .extract import to_layout
@@ -242,13 +297,23 @@ def _linear_probe(model, feed, train, batch_size, scoring, seed, say) -> tuple:
     """Fit the logistic head on the final pooled features of the training rows, fold it into
     ``model.fc``; returns its training loss and the seconds taken."""
     from .heads import search
+    from .search import make_folds
     from .topblocks import fold_logistic
 
     t = time.perf_counter()
     dev = model.fc.weight.device
     pos, X, _ = _run_eval(model, feed, train, batch_size, dev)
     y = feed.labels[train[pos]]
-    pipe, params, cv, _ = search(X.numpy(), y, "logreg", scoring=scoring, seed=seed)
+    counts = np.bincount(y, minlength=len(feed.classes))
+    few = [feed.classes[c] for c in np.flatnonzero((counts > 0) & (counts < 2))]
+    if few:
+        raise FeaturecacheError(
+            f"classes {few} have a single training image once the validation fold is held "
+            f"out; the linear probe needs at least 2 per class (3 to hold one out). Add images "
+            f"of them, or leave them out of the data.")
+    folds = make_folds(y, min(5, int(counts[counts > 0].min())), seed)  # as fit-head, 5-fold
+    pipe, params, cv, _ = search(X.numpy(), y, "logreg", scoring=scoring, seed=seed,
+                                 folds=folds)
     w, b = fold_logistic(pipe, model.fc.out_features)
     with torch.no_grad():
         model.fc.weight.copy_(w)
@@ -314,7 +379,8 @@ def _train(model, feed, train, val, *, epochs, lr, weight_decay, batch_size, pat
         else:
             stale += 1
             if stale >= patience:
-                say(f"stopping: {patience} epoch(s) without a better validation score")
+                if epoch < epochs:
+                    say(f"stopping: {patience} epoch(s) without a better validation score")
                 break
     return history, best
 
@@ -344,7 +410,9 @@ def _summary(feed, prov, classes, settings, history, best, train, val, test, sec
             "probe_val_score": history[0]["val_score"],
             "seconds": round(seconds, 2),
             "seconds_per_epoch": round(float(np.mean(epochs)), 3) if epochs else None,
-            "unreadable": sorted(getattr(feed, "failed", {}).items()), "test": test}
+            "unreadable": [{"path": feed.paths[i], "reason": why}
+                           for i, why in sorted(getattr(feed, "failed", {}).items())],
+            "test": test}
 
 
 def _write(out, model, classes, prov, history, settings, summary, best_epoch, scoring) -> None:

@@ -12,6 +12,7 @@ This module imports nothing heavy: ``featurecache --help`` reads it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import OptionError
@@ -101,6 +102,8 @@ class Option:
         if not isinstance(value, self.type) or (self.type is not bool and isinstance(value, bool)):
             raise OptionError(f"{named} must be {self.type.__name__}, got "
                               f"{type(value).__name__} {value!r}.")
+        if self.type is float and not math.isfinite(value):
+            raise OptionError(f"{named} = {value!r} is not a finite number.")
         where = f"{named} = {value!r}"
         if value in self.excluded:
             raise OptionError(f"{where} is not allowed; {self.help}.")

@@ -169,6 +169,10 @@ def load_pipeline(path=None, overrides=(), text: str | None = None) -> Plan:
 def _check_finetune(config: dict) -> None:
     """Fine-tuning from the cache needs the embed to keep the map of ``finetune.from``."""
     f, e = config["finetune"], config["embed"]
+    twice = sorted({x for x in f["sources"] if f["sources"].count(x) > 1})
+    if twice:
+        raise PipelineError(f"finetune.sources names {', '.join(map(json.dumps, twice))} twice; "
+                            f"each source is fine-tuned once (into OUTPUT/finetune-SOURCE).")
     if "cache" in f["sources"] and f["from"] not in e["keep_map"]:
         raise PipelineError(f"finetune.sources includes \"cache\", which trains on the map of "
                             f"finetune.from = {f['from']!r}; keep it in the embed: embed.keep_map "
@@ -226,9 +230,9 @@ def check_pipeline(plan: Plan) -> dict:
     bb = load_backbone(kw["backbone"], kw["weights"], kw["weights_file"])
     specs = resolve_layers(bb, kw["layers"], pool=kw["pool"], token_pool=kw["token_pool"])
     if plan.config["finetune"]["sources"]:
-        from .layers import resolve_maps
+        from .finetune import check_from
 
-        resolve_maps(bb, [plan.config["finetune"]["from"]])
+        check_from(bb, plan.config["finetune"]["from"])
     k = plan.config["compare"]
     from .fewshot import check_shots
 

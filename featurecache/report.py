@@ -191,6 +191,10 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
     from .strategies import FROZEN, finetuned_rows, read_finetuned, strategy_text
 
     summaries = [read_finetuned(f, first) for f in finetuned]
+    folders = [Path(s["_folder"]).resolve() for s in summaries]
+    if len(set(folders)) < len(folders):
+        raise FeaturecacheError(f"a fine-tune folder is given twice ({', '.join(map(str, finetuned))}"
+                                f"); give each once.")
     from .files import output_folder
 
     output_folder(out_dir, overwrite, "report")

@@ -86,7 +86,7 @@ def verdict_text(rows, w, runner, scoring, select, several) -> str:
                     "this test set cannot tell the two apart."))
     same = [r for r in rows if r["backbone"] == w["backbone"]
             and r.get("strategy", "frozen") == "frozen"]
-    shallow = min(same, key=lambda r: (r["depth"], -r["cv_score"]))
+    shallow = min(same, key=lambda r: (r["depth"], -r["cv_score"])) if same else w
     if shallow["layer"] != w["layer"]:
         text += (f" The shallowest layer compared, {shallow['layer']}, reaches "
                  f"{shallow[metric]:.3f}.")

@@ -32,6 +32,8 @@ def read_finetuned(folder, first) -> dict:
         FeaturecacheError: not a fine-tune folder, other classes, or other test images.
     """
     folder = Path(folder)
+    if folder.suffix == ".pt" and folder.is_file():  # ft/model.pt: its folder
+        folder = folder.parent
     path = folder / "summary.json" if folder.is_dir() else folder
     try:
         s = json.loads(path.read_text())
@@ -40,6 +42,9 @@ def read_finetuned(folder, first) -> dict:
                                 f"make one with `featurecache finetune`.") from None
     if not isinstance(s, dict) or s.get("format") != "featurecache-finetune-summary":
         raise FeaturecacheError(f"{path} is not the summary of a `featurecache finetune` run.")
+    if not (path.parent / "model.pt").is_file():
+        raise FeaturecacheError(f"{path.parent} has a summary.json but no model.pt: the "
+                                f"fine-tuned model is missing; run `featurecache finetune` again.")
     if s["classes"] != first.classes:
         raise FeaturecacheError(f"{folder} was fine-tuned on classes {s['classes']}, but "
                                 f"{first.path} has {first.classes}.")

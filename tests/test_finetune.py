@@ -268,3 +268,87 @@ def test_a_seeded_fine_tune_is_reproducible(clip, tmp_path):
     other = finetune(clip, tmp_path / "ft2", epochs=1, seed=4, progress=False)
     assert other.summary["n_val"] == runs[0].summary["n_val"]
     assert other.history[1]["train_loss"] != runs[0].history[1]["train_loss"]
+
+
+def test_the_from_layer_is_checked_before_the_stored_maps(clip, tmp_path):
+    from featurecache.finetune import finetune
+
+    with pytest.raises(UnknownLayerError, match="'stage44' is not a storable layer.*stage4"):
+        finetune(clip, tmp_path / "a", from_layer="stage44", progress=False)
+    with pytest.raises(OptionError, match="'classifier' is a vector layer, not a feature map"):
+        finetune(clip, tmp_path / "a", from_layer="classifier", progress=False)
+    with pytest.raises(OptionError, match="not below the final pooled layer"):
+        finetune(clip, tmp_path / "a", from_layer="avgpool", progress=False)
+    with pytest.raises(OptionError, match="--backbone|backbone='resnet18'.*only for images"):
+        finetune(clip, tmp_path / "a", backbone="resnet18", progress=False)
+    for bad in ({"lr": float("nan")}, {"weight_decay": float("inf")},
+                {"val_fraction": float("nan")}):
+        with pytest.raises(OptionError, match="not a finite number"):
+            finetune(clip, tmp_path / "a", progress=False, **bad)
+    p = cli("finetune", clip, "--lr", "nan", "-o", tmp_path / "b")
+    assert p.returncode == 1 and "not a finite number" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_tiny_training_sets_are_named(tmp_path, tiny_backbone):
+    from featurecache.errors import DataWarning
+    from featurecache.finetune import finetune
+
+    data = make_folder(tmp_path / "imgs", 4)  # 3 train per class after the 0.25 test split
+    with pytest.warns(DataWarning, match="validation fold holds 3 image"):
+        finetune(data, tmp_path / "a", backbone=tiny_backbone, epochs=1, num_workers=0,
+                 test_size=0.25, progress=False)
+    (tmp_path / "imgs" / "red").rename(tmp_path / "red")
+    (tmp_path / "imgs" / "red").mkdir()
+    (tmp_path / "red" / "red_0.png").rename(tmp_path / "imgs" / "red" / "red_0.png")
+    (tmp_path / "red" / "red_1.png").rename(tmp_path / "imgs" / "red" / "red_1.png")
+    with pytest.raises(FeaturecacheError, match=r"classes \['red'\] have a single training"):
+        finetune(data, tmp_path / "b", backbone=tiny_backbone, epochs=1, num_workers=0,
+                 test_size=0.25, progress=False)
+
+
+def test_compare_checks_the_finetune_folders(tuned, clip, tmp_path):
+    import shutil
+
+    from featurecache.report import compare
+    from featurecache.report_files import verdict_text
+
+    with pytest.raises(FeaturecacheError, match="given twice"):
+        compare(clip, tmp_path / "r", heads=["logreg"], progress=False,
+                finetuned=[tuned.out_dir, tuned.out_dir / "model.pt"])
+    copy = tmp_path / "copy"
+    shutil.copytree(tuned.out_dir, copy)
+    (copy / "model.pt").unlink()
+    with pytest.raises(FeaturecacheError, match="no model.pt"):
+        compare(clip, tmp_path / "r", heads=["logreg"], progress=False, finetuned=[copy])
+    # a fine-tune of another backbone can win a file's compare: no frozen row of its own
+    metrics = {m: 0.7 for m in ("accuracy", "balanced_accuracy", "macro_f1")}
+    metrics.update({f"{m}_{e}": 0.7 for m in list(metrics) for e in ("lo", "hi")})
+    frozen = {"backbone": "resnet18", "layer": "avgpool", "head": "logreg", "strategy": "frozen",
+              "depth": 3, "rel_depth": 1.0, "dim": 512, "cv_score": 0.6, "cv_std": 0.1,
+              **metrics}
+    ft = {**frozen, "backbone": "efficientnet_lite0", "layer": "stage4..avgpool",
+          "head": "lp-ft", "strategy": "fine-tune (cache)", "folder": "ft", "cv_score": 0.9}
+    text = verdict_text([frozen, ft], ft, None, "balanced_accuracy", "cv", True)
+    assert text.startswith("**fine-tune (cache) of the blocks above stage4**")
+
+
+def test_pipeline_finetune_keys_are_checked_before_running(tmp_path):
+    from featurecache.errors import PipelineError
+    from featurecache.pipeline import check_pipeline, load_pipeline
+
+    base = """
+output = "out"
+[data]
+root = "builtin:digits"
+[embed]
+keep_map = ["stage4", "avgpool"]
+[finetune]
+"""
+    with pytest.raises(PipelineError, match='names "cache" twice'):
+        load_pipeline(text=base + 'sources = ["cache", "cache"]\n')
+    with pytest.raises(OptionError, match="not a finite number"):
+        load_pipeline(text=base + 'sources = ["cache"]\nlr = nan\n')
+    plan = load_pipeline(text=base + 'sources = ["cache"]\nfrom = "avgpool"\n')
+    with pytest.raises(OptionError, match="not below the final pooled layer"):
+        check_pipeline(plan)  # the dry run refuses what the run would

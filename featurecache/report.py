@@ -20,7 +20,8 @@ It writes into one folder:
 
 With ``finetuned`` folders (``featurecache finetune``), each fine-tuned model is a row too
 (``strategy`` column: ``frozen`` or ``fine-tune (cache|images)``), selected by its validation
-score (a fold of the train split) beside the frozen heads' CV scores; the verdict gives its
+score (a fold of the train split) beside the frozen heads' CV scores (one that kept epoch 0,
+its own linear probe, is not a candidate); the verdict gives its
 margin over the best frozen head (paired bootstrap on the same test rows) and the time each
 took.
 
@@ -213,7 +214,9 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
     rows = [_row(name, layer, kind, head, jobs) for ((name, layer), kind), head in fitted.items()]
     rows += finetuned_rows(summaries, files, names)
     rows.sort(key=lambda r: (r["backbone"], r["depth"], "+" in r["layer"], r["layer"], r["head"]))
-    winner = select_winner(rows, select)  # selection ends here; the test split is read below
+    # a fine-tune that kept epoch 0 is its own linear probe (fitted on less data): no candidate
+    candidates = [r for r in rows if r["strategy"] == "frozen" or r["params"]["epoch"] > 0]
+    winner = select_winner(candidates, select)  # selection ends; the test split is read below
     frozen = [r for r in rows if r["strategy"] == FROZEN]
     best_frozen = select_winner(frozen, select)
 
@@ -240,7 +243,7 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
     w = rows.index(winner)
     runner = None
     if len(rows) > 1:
-        others = [r for r in rows if r is not winner]
+        others = [r for r in candidates if r is not winner] or [r for r in rows if r is not winner]
         runner = select_winner(others, "cv")
         diff = paired_difference(samples[metric][:, w], samples[metric][:, rows.index(runner)])
         winner["lead_over_runner_up"] = {"runner_up": row_name(runner), "metric": metric,

@@ -118,4 +118,7 @@ def strategy_text(rows, best_frozen, metric: str, frozen_seconds: float) -> str:
                  f"{r['cv_score']:.3f}) scores {r[metric]:.3f}: {m['difference']:+.3f} (95% CI "
                  f"{m['lo']:+.3f} to {m['hi']:+.3f}, paired bootstrap), so it {verdict}; it took "
                  f"{r['seconds']:.0f} s ({r['seconds_per_epoch']} s per epoch).")
+        if r["params"]["epoch"] == 0:
+            text += (" It kept epoch 0: no epoch of fine-tuning beat its own linear probe on the "
+                     "validation fold, so it was not a candidate for the choice.")
     return text

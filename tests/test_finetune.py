@@ -352,3 +352,20 @@ keep_map = ["stage4", "avgpool"]
     plan = load_pipeline(text=base + 'sources = ["cache"]\nfrom = "avgpool"\n')
     with pytest.raises(OptionError, match="not below the final pooled layer"):
         check_pipeline(plan)  # the dry run refuses what the run would
+
+
+def test_a_finetune_that_kept_its_probe_is_no_candidate(tuned, clip, tmp_path):
+    import shutil
+
+    from featurecache.report import compare
+
+    for epoch in (0, 2):
+        folder = tmp_path / f"e{epoch}"
+        shutil.copytree(tuned.out_dir, folder)
+        s = json.loads((folder / "summary.json").read_text())
+        s.update(best_epoch=epoch, val_score=1.0)  # the best selection score of all rows
+        (folder / "summary.json").write_text(json.dumps(s))
+        res = compare(clip, tmp_path / f"r{epoch}", heads=["logreg"], finetuned=[folder],
+                      progress=False, n_boot=100)
+        assert (res.winner["strategy"] == "frozen") == (epoch == 0)
+        assert ("It kept epoch 0" in res.verdict) == (epoch == 0)

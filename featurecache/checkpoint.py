@@ -143,7 +143,7 @@ def load_finetuned(path) -> Finetuned:
     Raises:
         HeadError: not a featurecache checkpoint, damaged, or its weights changed.
     """
-    from .predict import backbone_for
+    from .backbones import backbone_for
     from .topblocks import TopModel, split_top
 
     p = Path(path)

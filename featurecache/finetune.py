@@ -47,10 +47,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import FeaturecacheError, OptionError, option
+from .errors import FeaturecacheError
+from .feeds import holdout, open_feed, warn_small_fold
 from .options import DEFAULT_BACKBONE, FINETUNE, check
 
-__all__ = ["finetune", "FinetuneResult", "holdout", "check_from"]
+__all__ = ["finetune", "FinetuneResult"]
 
 OUTPUT_FILES = ("model.pt", "curve.png", "summary.json")
 
@@ -112,11 +113,11 @@ def finetune(source, output, *, from_layer: str = "stage4", augment: bool = Fals
     from .extract import default_device, on_device
 
     dev = default_device(device)
-    feed, bb, prov = _open(source, from_layer, augment, dev, backbone=backbone,
+    feed, bb, prov = open_feed(source, from_layer, augment, dev, backbone=backbone,
                            weights=weights, weights_file=weights_file, test_size=test_size,
                            seed=seed, max_per_class=max_per_class, num_workers=num_workers)
     train, val = holdout(feed.labels, feed.splits, val_fraction, seed)
-    _warn_small_fold(feed, train, val)
+    warn_small_fold(feed, train, val)
     test = np.flatnonzero(feed.splits == "test")
     classes = prov.pop("classes")
     from .topblocks import TopModel, split_top
@@ -145,135 +146,6 @@ def finetune(source, output, *, from_layer: str = "stage4", augment: bool = Fals
     _write(out, model, classes, prov, history, settings, summary, best["epoch"], scoring)
     return FinetuneResult(out, feed.source, history, best["epoch"], best["score"],
                           summary["test"], seconds, summary)
-
-
-def _open(source, from_layer, augment, dev, *, backbone, weights, weights_file, test_size,
-          seed, max_per_class, num_workers):
-    """The feed of maps, the backbone, and the provenance of the model to train."""
-    from .backbones import Backbone, load_backbone
-    from .feeds import CachedMaps, ImageMaps
-    from .layers import list_layers, resolve_maps
-    from .predict import backbone_for
-    from .store import FeatureFile, open_features
-    from .store.reader import is_hdf5
-
-    cached = isinstance(source, FeatureFile) or is_hdf5(source) or \
-        (str(source).endswith(".h5") and not Path(source).is_dir())
-    if cached:
-        if augment:
-            raise OptionError(f"{option('augment')} needs images: the cached maps are fixed. "
-                              f"Fine-tune from the image folder to augment, or leave it out.")
-        _no_image_options(source, backbone=backbone, weights=weights,
-                          weights_file=weights_file, test_size=test_size,
-                          max_per_class=max_per_class)
-        ff = source if isinstance(source, FeatureFile) else open_features(source)
-        ff.check_complete()
-        bb = backbone_for(ff.provenance)
-        listing = list_layers(bb)
-        info, final = check_from(bb, from_layer, listing)  # the name first, then the file
-        spec = ff.maps.get(from_layer) or next(
-            (s for s in ff.maps.values() if s.node == info.node), None)
-        if spec is None:
-            ff.check_map(from_layer)  # raises: says to re-embed with --keep-map
-        pools = {s.node: s.pool for s in ff.layers.values()}
-        feed, classes, data = CachedMaps(ff, spec), ff.classes, str(ff.path)
-    else:
-        from .data import open_source
-
-        src = open_source(source, test_size=test_size, seed=seed, max_per_class=max_per_class)
-        bb = backbone if isinstance(backbone, Backbone) else \
-            load_backbone(backbone, weights, weights_file)
-        listing = list_layers(bb)
-        _, final = check_from(bb, from_layer, listing)
-        spec = resolve_maps(bb, [from_layer], listing=listing)[0]
-        pools, classes, data = {}, src.classes, src.root
-        feed = ImageMaps(src.records, src.classes, bb, spec, dev, augment=augment,
-                         num_workers=num_workers)
-    pool = pools.get(final.node, "avg")
-    prov = {**bb.provenance(), "from_layer": from_layer, "from_node": spec.node,
-            "from_kind": spec.kind, "map_shape": list(spec.shape), "map_dtype": feed.dtype, "final_layer": final.name,
-            "final_node": final.node, "final_kind": final.kind, "final_pool": pool,
-            "final_dim": final.width(pool), "source": feed.source, "data": data,
-            "augment": augment, "classes": list(classes)}
-    return feed, bb, prov
-
-
-def check_from(bb, from_layer: str, listing=None) -> tuple:
-    """``(LayerInfo of from_layer, LayerInfo of the final pooled layer)``, after checking that
-    ``from_layer`` is a feature map of ``bb`` below its final pooled layer.
-
-    Raises:
-        UnknownLayerError: not a layer of ``bb`` (close matches named).
-        OptionError: not a feature map, or not below the final pooled layer.
-    """
-    from .layers import list_layers, resolve_layers
-
-    listing = listing or list_layers(bb)
-    spec = resolve_layers(bb, [from_layer], listing=listing)[0]  # names close matches
-    info = listing.get(from_layer) or list_layers(bb, all_nodes=True).get(from_layer)
-    final = listing.get("avgpool")
-    if spec.kind not in ("map", "map-nhwc"):
-        raise OptionError(f"{option('from_layer', from_layer)}: {from_layer!r} is a {spec.kind} "
-                          f"layer, not a feature map; fine-tune from the map of a "
-                          f"convolutional stage (stageK, blocks.N).")
-    if final is None or info.depth >= final.depth:
-        raise OptionError(
-            f"{option('from_layer', from_layer)}: {from_layer!r} is not below the final pooled "
-            f"layer ({final.name if final else 'none'}) of {bb.name}, so no block above it "
-            f"can be fine-tuned; choose a lower layer, e.g. stage4.")
-    return info, final
-
-
-def _no_image_options(source, **given) -> None:
-    """Refuse options that only apply to images when the source is a feature file."""
-    defaults = {"backbone": DEFAULT_BACKBONE, "weights": "DEFAULT", "weights_file": None,
-                "test_size": 0.3, "max_per_class": None}
-    set_ = [k for k, v in given.items() if v != defaults[k] and not hasattr(v, "model")]
-    if set_:
-        raise OptionError(f"{', '.join(option(k, given[k]) for k in set_)}: only for images; "
-                          f"{source} is a feature file, which brings its own backbone, weights "
-                          f"and split. Leave them out, or fine-tune from the image folder.")
-
-
-def holdout(labels, splits, fraction: float, seed: int) -> tuple:
-    """``(train rows, validation rows)``: the ``val`` split when there is one, else a seeded
-    share ``fraction`` of each class's train rows (at least one, never all).
-
-    Raises:
-        FeaturecacheError: no training rows, or too few to hold any out.
-    """
-    labels, splits = np.asarray(labels), np.asarray(splits, dtype=object)
-    train = np.flatnonzero(splits == "train")
-    if "val" in set(splits.tolist()):
-        return train, np.flatnonzero(splits == "val")
-    rng = np.random.default_rng([seed, 7])
-    held = []
-    for c in np.unique(labels[train]):
-        rows = train[labels[train] == c]
-        if len(rows) >= 3:  # two stay to train (and to cross-validate the probe)
-            k = min(len(rows) - 2, max(1, round(fraction * len(rows))))
-            held.append(rng.choice(rows, k, replace=False))
-    if not held:
-        raise FeaturecacheError(f"the train split ({len(train)} rows) is too small to hold out "
-                                f"a validation fold; fine-tuning needs at least 3 images of a "
-                                f"class.")
-    val = np.sort(np.concatenate(held))
-    return np.setdiff1d(train, val), val
-
-
-def _warn_small_fold(feed, train, val) -> None:
-    """A validation fold too small to pick an epoch is announced (the run goes on)."""
-    import warnings
-
-    from .errors import DataWarning
-
-    seen, held = set(feed.labels[train].tolist()), set(feed.labels[val].tolist())
-    if len(val) < 10 or len(held) < len(seen):
-        warnings.warn(DataWarning(
-            f"the validation fold holds {len(val)} image(s) of {len(held)} of the {len(seen)} "
-            f"trained classes: the epoch it picks is close to chance. Add training images (a "
-            f"class needs 3 to lend one), give a val split, or raise "
-            f"{option('val_fraction', 0.3)}."))
 
 
 def _run_eval(model, feed, rows, batch_size, dev):

@@ -230,7 +230,7 @@ def check_pipeline(plan: Plan) -> dict:
     bb = load_backbone(kw["backbone"], kw["weights"], kw["weights_file"])
     specs = resolve_layers(bb, kw["layers"], pool=kw["pool"], token_pool=kw["token_pool"])
     if plan.config["finetune"]["sources"]:
-        from .finetune import check_from
+        from .feeds import check_from
 
         check_from(bb, plan.config["finetune"]["from"])
     k = plan.config["compare"]

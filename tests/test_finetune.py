@@ -44,7 +44,7 @@ def tuned(clip, tmp_path_factory):
 
 
 def test_the_top_blocks_reproduce_the_stored_final_layer(clip):
-    from featurecache.predict import backbone_for
+    from featurecache.backbones import backbone_for
     from featurecache.topblocks import split_top
 
     ff = open_features(clip)
@@ -104,7 +104,7 @@ def test_step_zero_is_the_probe_and_training_lowers_the_loss(tuned, clip):
     assert s["best_epoch"] == max(range(5), key=lambda e: (h[e]["val_score"], -e))
     # the epoch-0 validation score is the probe's: refit the probe independently and score it
     from featurecache.checkpoint import load_finetuned
-    from featurecache.finetune import holdout
+    from featurecache.feeds import holdout
     from featurecache.heads import search
     from featurecache.solvers import score_predictions
 

@@ -20,7 +20,6 @@ import torch
 
 from .errors import FeaturecacheError, OptionError, option
 from .extract import raw_extractor, stored_map, to_layout
-from .options import DEFAULT_BACKBONE
 
 __all__ = ["CachedMaps", "ImageMaps", "augmenting", "open_feed", "check_from", "holdout",
            "warn_small_fold"]
@@ -131,6 +130,13 @@ def open_feed(source, from_layer, augment, dev, *, backbone, weights, weights_fi
             (s for s in ff.maps.values() if s.node == info.node), None)
         if spec is None:
             ff.check_map(from_layer)  # raises: says to re-embed with --keep-map
+        full = resolve_maps(bb, [info.name], listing=listing)[0].shape
+        if tuple(spec.shape) != tuple(full):
+            raise OptionError(
+                f"the map of {from_layer!r} in {ff.path} is stored at {spec.shape[1]}x"
+                f"{spec.shape[2]} (embed --map-size), but the blocks above it take its full "
+                f"{full[1]}x{full[2]}: fine-tuning on a pooled map trains them on inputs they "
+                f"never see. Re-embed with {option('keep_map', [from_layer])} and no map_size.")
         pools = {s.node: s.pool for s in ff.layers.values()}
         feed, classes, data = CachedMaps(ff, spec), ff.classes, str(ff.path)
     else:
@@ -166,9 +172,14 @@ def check_from(bb, from_layer: str, listing=None) -> tuple:
 
     listing = listing or list_layers(bb)
     spec = resolve_layers(bb, [from_layer], listing=listing)[0]  # names close matches
-    info = listing.get(from_layer) or list_layers(bb, all_nodes=True).get(from_layer)
-    final = listing.get("avgpool")
-    if spec.kind not in ("map", "map-nhwc"):
+    if listing.get(from_layer) is None:  # a finer graph node: depths from the full listing
+        listing = list_layers(bb, all_nodes=True)
+    info, final = listing.get(from_layer), listing.get("avgpool")
+    if spec.kind == "map-nhwc":
+        raise OptionError(f"{option('from_layer', from_layer)}: {from_layer!r} is a channels-last "
+                          f"(NHWC) map, as in Swin; fine-tuning from such maps is not supported "
+                          f"yet. Use a convolutional backbone, or frozen heads.")
+    if spec.kind != "map":
         raise OptionError(f"{option('from_layer', from_layer)}: {from_layer!r} is a {spec.kind} "
                           f"layer, not a feature map; fine-tune from the map of a "
                           f"convolutional stage (stageK, blocks.N).")
@@ -182,8 +193,9 @@ def check_from(bb, from_layer: str, listing=None) -> tuple:
 
 def _no_image_options(source, **given) -> None:
     """Refuse options that only apply to images when the source is a feature file."""
-    defaults = {"backbone": DEFAULT_BACKBONE, "weights": "DEFAULT", "weights_file": None,
-                "test_size": 0.3, "max_per_class": None}
+    from .options import DATA, EMBED
+
+    defaults = {o.name: o.default for o in (*EMBED, *DATA) if o.name in given}
     set_ = [k for k, v in given.items() if v != defaults[k] and not hasattr(v, "model")]
     if set_:
         raise OptionError(f"{', '.join(option(k, given[k]) for k in set_)}: only for images; "

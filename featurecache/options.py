@@ -221,7 +221,6 @@ FINETUNE = (
     Option("patience", int, 2, "stop after this many epochs without a better validation "
            "score", low=1),
 )
-SOURCES = ("cache", "images")
 
 # fit-head's own options (with kernel, cv, scoring, class_weight and n_jobs of COMPARE);
 # not a pipeline table: pipelines fit heads through compare

@@ -60,8 +60,8 @@ def verdict_text(rows, w, runner, scoring, select, several) -> str:
     if w.get("strategy", "frozen") != "frozen":
         text = (f"**{w['strategy']} of the blocks above {w['layer'].split('..')[0]}** "
                 f"({w['folder']}) is chosen by its {scoring} on a validation fold of the "
-                f"train split, {w['cv_score']:.3f}, above every frozen head's CV score. On the "
-                f"test split")
+                f"train split, {w['cv_score']:.3f} (the best of its epochs on {w['n_val']} "
+                f"rows: optimistic), above every frozen head's CV score. On the test split")
     else:
         text = (f"**{what}{w['layer']}** with a {w['head']} head is chosen by cross-validation "
                 f"on the train split: CV {scoring} {w['cv_score']:.3f} (± {w['cv_std']:.3f} over "
@@ -166,7 +166,8 @@ def write_report(out_dir: Path, files, names, rows, winner, verdict, cm, setting
              f"the hyperparameters chosen on the full train split." if settings["shots"] else "")
           + (" Fine-tuned rows (strategy `fine-tune`): the grid column counts the epochs run of "
              "those asked, and the CV score is the score on the validation fold of the train "
-             "split that picked the epoch; the model is in its own folder (`featurecache predict "
+             "split that picked the epoch (the best of its epochs on that fold, so optimistic "
+             "beside the frozen heads' CV means); the model is in its own folder (`featurecache predict "
              "FOLDER IMAGES`), and `best.joblib` is the best frozen head."
              if any(r.get("strategy", "frozen") != "frozen" for r in rows) else "")
           + f"\n\n{plots}![confusion matrix of the winner](confusion.png)\n")

@@ -60,7 +60,8 @@ def read_finetuned(folder, first) -> dict:
         raise FeaturecacheError(
             f"{folder} was tested on other images than the test split of {first.path}: "
             f"{len(missing)} of its {len(theirs)} test images missing, {extra} others"
-            f"{example}. Fine-tune from the same data (or the same feature file).")
+            f"{example}. Fine-tune from the same data (or the same feature file), with the "
+            f"split the embed used (its --seed and --test-size).")
     y = first.y("test")
     wrong = next((p for p, c in zip(theirs, y) if mine[p][0] != first.classes[c]), None)
     if wrong is not None:

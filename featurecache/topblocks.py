@@ -24,12 +24,7 @@ from torch import nn
 from .errors import OptionError
 from .extract import pool_output
 
-__all__ = ["split_top", "TopModel", "fold_logistic", "final_layer"]
-
-
-def final_layer(listing):
-    """The final pooled layer of a backbone: ``avgpool`` (or what it aliases)."""
-    return listing.get("avgpool")
+__all__ = ["split_top", "TopModel", "fold_logistic"]
 
 
 def split_top(model: nn.Module, from_node: str, final_node: str) -> nn.Module:
@@ -69,7 +64,8 @@ def split_top(model: nn.Module, from_node: str, final_node: str) -> nn.Module:
         if n in kept or (n.op == "get_attr" and any(u in kept for u in n.users)):
             env[n] = new.node_copy(n, lambda m: env[m])
     new.output(env[dst])
-    return copy.deepcopy(torch.fx.GraphModule(gm, new)).eval()
+    # a copy, trainable: the backbone's own weights stay frozen (load_backbone froze them)
+    return copy.deepcopy(torch.fx.GraphModule(gm, new)).eval().requires_grad_(True)
 
 
 def _closure(node, step) -> set:

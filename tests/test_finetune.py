@@ -103,15 +103,16 @@ def test_step_zero_is_the_probe_and_training_lowers_the_loss(tuned, clip):
     assert s["n_train"] + s["n_val"] == 100 and s["n_val"] == 20
     assert s["best_epoch"] == max(range(5), key=lambda e: (h[e]["val_score"], -e))
     # the epoch-0 validation score is the probe's: refit the probe independently and score it
-    from featurecache.checkpoint import load_finetuned
     from featurecache.feeds import holdout
     from featurecache.heads import search
     from featurecache.solvers import score_predictions
 
     ff = open_features(clip)
     train, val = holdout(ff.y(), ff.splits(), 0.2, 0)
-    ft = load_finetuned(tuned.out_dir)
-    top = ft.model.top
+    from featurecache.backbones import backbone_for
+    from featurecache.topblocks import split_top
+
+    top = split_top(backbone_for(ff.provenance).model, "blocks.10", "avgpool")  # untrained
     maps = lambda rows: torch.from_numpy(ff.map_rows("stage4", rows)).float()
     with torch.inference_mode():
         Xt, Xv = (top(maps(r)).flatten(1).numpy() for r in (train, val))
@@ -328,7 +329,8 @@ def test_compare_checks_the_finetune_folders(tuned, clip, tmp_path):
               "depth": 3, "rel_depth": 1.0, "dim": 512, "cv_score": 0.6, "cv_std": 0.1,
               **metrics}
     ft = {**frozen, "backbone": "efficientnet_lite0", "layer": "stage4..avgpool",
-          "head": "lp-ft", "strategy": "fine-tune (cache)", "folder": "ft", "cv_score": 0.9}
+          "head": "lp-ft", "strategy": "fine-tune (cache)", "folder": "ft", "cv_score": 0.9,
+          "n_val": 20}
     text = verdict_text([frozen, ft], ft, None, "balanced_accuracy", "cv", True)
     assert text.startswith("**fine-tune (cache) of the blocks above stage4**")
 
@@ -369,3 +371,38 @@ def test_a_finetune_that_kept_its_probe_is_no_candidate(tuned, clip, tmp_path):
                       progress=False, n_boot=100)
         assert (res.winner["strategy"] == "frozen") == (epoch == 0)
         assert ("It kept epoch 0" in res.verdict) == (epoch == 0)
+
+
+def test_the_top_blocks_learn_and_the_backbone_and_batchnorm_stay_frozen(clip):
+    from featurecache.backbones import backbone_for
+    from featurecache.feeds import CachedMaps, holdout
+    from featurecache.finetune import _train
+    from featurecache.topblocks import TopModel, split_top
+
+    ff = open_features(clip)
+    bb = backbone_for(ff.provenance)
+    model = TopModel(split_top(bb.model, "blocks.10", "avgpool"), "map", "avg", 1280, 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train, val = holdout(ff.y(), ff.splits(), 0.2, 0)
+    _train(model, CachedMaps(ff, ff.maps["stage4"]), train, val, epochs=1, lr=1e-3,
+           weight_decay=0.0, batch_size=16, patience=1, scoring="accuracy", seed=0,
+           dev=torch.device("cpu"), probe=(0.0, 0.0), say=lambda m: None)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "fc.weight" in changed
+    assert any(k.startswith("top.blocks") and k.endswith("weight") for k in changed), changed
+    assert not any("running_" in k for k in changed)  # BatchNorm statistics frozen
+    assert not any(p.requires_grad for p in bb.model.parameters())  # the backbone untouched
+    ref = next(iter(bb.model.blocks[11].parameters()))
+    assert torch.equal(ref, split_top(bb.model, "blocks.10", "avgpool").state_dict()[
+        next(k for k in before if k.startswith("top.blocks.11"))[4:]])
+
+
+def test_a_pooled_map_is_refused_for_fine_tuning(tmp_path, tiny_backbone):
+    from featurecache.finetune import finetune
+
+    data = make_folder(tmp_path / "imgs", 4)
+    embed(data, tmp_path / "p.h5", backbone=tiny_backbone, keep_map=["stage4"], map_size=2,
+          num_workers=0, progress=False)
+    with pytest.raises(OptionError, match="stored at 2x2.*full 4x4"):
+        finetune(tmp_path / "p.h5", tmp_path / "a", progress=False)

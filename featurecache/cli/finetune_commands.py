@@ -24,7 +24,8 @@ Examples:
 @click.option("--scoring", default="balanced_accuracy", show_default=True,
               type=click.Choice(options.SCORINGS), help="Validation score that picks the epoch.")
 @click.option("--seed", default=0, show_default=True, type=int,
-              help="Seeds the validation fold, the shuffles and the initial weights.")
+              help="Seeds the validation fold and the shuffles (and, from images, the "
+                   "train/test split when the data have none: use embed's seed to compare).")
 @options.click_options(options.EMBED, only=_FROM_EMBED)
 @options.click_options(options.DATA, skip=("root",))
 @click.option("--overwrite", is_flag=True, help="Replace the files of an earlier fine-tune.")

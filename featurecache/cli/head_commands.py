@@ -133,7 +133,8 @@ def compare(features, output, heads, layers, extra, shots, seed, overwrite, quie
                       overwrite=overwrite, progress=not quiet, **kwargs)
     click.echo(res.table())
     click.echo(res.verdict.replace("**", ""))
-    click.echo(f"\nreport: {res.out_dir / 'report.md'}; best head: {res.out_dir / 'best.joblib'}")
+    click.echo(f"\nreport: {res.out_dir / 'report.md'}; best frozen head: "
+               f"{res.out_dir / 'best.joblib'}")
 
 
 @cli.command(epilog="""\b

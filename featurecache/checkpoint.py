@@ -58,8 +58,6 @@ class Finetuned:
         """
         for key in keys:
             mine, theirs = self.provenance.get(key), provenance.get(key)
-            if key == "map_shape" and theirs is not None:
-                theirs = list(theirs)
             if mine != theirs:
                 raise HeadError(f"{self.path} was fine-tuned on maps with {key} = {mine!r}, "
                                 f"but {what} has {key} = {theirs!r}; use maps made the same way.")
@@ -84,7 +82,7 @@ class Finetuned:
     def evaluate(self, features, split: str = "test") -> dict:
         """Score on ``split`` of a feature file that stores the ``--from`` map (as
         :meth:`featurecache.heads.Head.evaluate` does for heads)."""
-        from .stats import metric_values
+        from .stats import point_metrics
         from .store import FeatureFile, open_features
 
         ff = features if isinstance(features, FeatureFile) else open_features(features)
@@ -95,24 +93,22 @@ class Finetuned:
         ff.y(split)  # names the splits present when there is no such split
         rows, pred = self.predict_file(ff, split)
         y = ff.y()[rows]
-        m = metric_values(np.ones((1, len(y))), y, pred, len(self.classes))
         return {"feature_file": str(ff.path), "split": split, "n": int(len(y)),
-                **{k: float(v[0]) for k, v in m.items()}}
+                **point_metrics(y, pred, len(self.classes))}
 
     def image_scorer(self):
         """``images (b, 3, H, W) -> (probabilities, True)`` through the frozen bottom and the
         fine-tuned top, with the map pooled and rounded as the training maps were."""
-        from .extract import raw_extractor, stored_map, to_layout
+        from .extract import raw_extractor, to_layout
+        from .feeds import bottom_maps
 
         p = self.provenance
         bottom, _ = raw_extractor(self.backbone.model, [p["from_node"]])
-        size, dtype = tuple(p["map_shape"][1:]), getattr(torch, p["map_dtype"])
 
         def score(images):
-            with torch.inference_mode():
-                raw = bottom(images)[p["from_node"]]
-                maps = stored_map(raw, p["from_kind"], size).to(dtype).float()
-                return self.scores(to_layout(maps.contiguous())), True
+            maps = bottom_maps(bottom, images, p["from_node"], p["from_kind"],
+                               p["map_shape"][1:], p["map_dtype"])
+            return self.scores(to_layout(maps)), True
         return score
 
     def maps_of(self, ff):

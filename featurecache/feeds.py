@@ -21,7 +21,7 @@ import torch
 from .errors import FeaturecacheError, OptionError, option
 from .extract import raw_extractor, stored_map, to_layout
 
-__all__ = ["CachedMaps", "ImageMaps", "augmenting", "open_feed", "check_from", "holdout",
+__all__ = ["CachedMaps", "ImageMaps", "bottom_maps", "augmenting", "open_feed", "check_from", "holdout",
            "warn_small_fold"]
 
 
@@ -43,6 +43,14 @@ class CachedMaps:
             part = np.arange(s, min(s + batch_size, len(rows)))
             maps = self.ff.map_rows(self.spec.name, rows[part])
             yield part, torch.from_numpy(maps).float()
+
+
+def bottom_maps(bottom, images, node: str, kind: str, size, dtype: str) -> torch.Tensor:
+    """The map of ``node`` that the frozen ``bottom`` computes for a batch of images, as the
+    cache stores it: NCHW, average-pooled to ``size``, rounded through ``dtype``."""
+    with torch.inference_mode():
+        raw = bottom(images)[node]
+        return stored_map(raw, kind, tuple(size)).to(getattr(torch, dtype)).float().contiguous()
 
 
 def augmenting(preprocess):
@@ -89,11 +97,9 @@ class ImageMaps:
                 self.failed[int(rows[i])] = reason
             if batch.images is None:
                 continue
-            with torch.inference_mode():
-                raw = self.bottom(to_layout(batch.images.to(self.dev)))[self.spec.node]
-                maps = stored_map(raw, self.spec.kind, self.spec.shape[1:])
-                maps = maps.to(getattr(torch, self.dtype)).float().contiguous()
-            yield np.asarray(batch.index), maps.clone()
+            maps = bottom_maps(self.bottom, to_layout(batch.images.to(self.dev)),
+                               self.spec.node, self.spec.kind, self.spec.shape[1:], self.dtype)
+            yield np.asarray(batch.index), maps.clone()  # out of inference mode: trainable
 
 
 def open_feed(source, from_layer, augment, dev, *, backbone, weights, weights_file, test_size,
@@ -106,9 +112,8 @@ def open_feed(source, from_layer, augment, dev, *, backbone, weights, weights_fi
         FeaturecacheError: see :func:`check_from`; a map not kept; options for images given
             with a feature file; ``augment`` with a feature file.
     """
-    from .backbones import Backbone, load_backbone
-    from .layers import list_layers, resolve_maps
-    from .backbones import backbone_for
+    from .backbones import Backbone, backbone_for, load_backbone
+    from .layers import list_layers
     from .store import FeatureFile, open_features
     from .store.reader import is_hdf5
 
@@ -125,12 +130,12 @@ def open_feed(source, from_layer, augment, dev, *, backbone, weights, weights_fi
         ff.check_complete()
         bb = backbone_for(ff.provenance)
         listing = list_layers(bb)
-        info, final = check_from(bb, from_layer, listing)  # the name first, then the file
+        wanted, final = check_from(bb, from_layer, listing)  # the name first, then the file
         spec = ff.maps.get(from_layer) or next(
-            (s for s in ff.maps.values() if s.node == info.node), None)
+            (s for s in ff.maps.values() if s.node == wanted.node), None)
         if spec is None:
             ff.check_map(from_layer)  # raises: says to re-embed with --keep-map
-        full = resolve_maps(bb, [info.name], listing=listing)[0].shape
+        full = wanted.shape
         if tuple(spec.shape) != tuple(full):
             raise OptionError(
                 f"the map of {from_layer!r} in {ff.path} is stored at {spec.shape[1]}x"
@@ -145,33 +150,31 @@ def open_feed(source, from_layer, augment, dev, *, backbone, weights, weights_fi
         src = open_source(source, test_size=test_size, seed=seed, max_per_class=max_per_class)
         bb = backbone if isinstance(backbone, Backbone) else \
             load_backbone(backbone, weights, weights_file)
-        listing = list_layers(bb)
-        _, final = check_from(bb, from_layer, listing)
-        spec = resolve_maps(bb, [from_layer], listing=listing)[0]
+        spec, final = check_from(bb, from_layer, list_layers(bb))
         pools, classes, data = {}, src.classes, src.root
         feed = ImageMaps(src.records, src.classes, bb, spec, dev, augment=augment,
                          num_workers=num_workers)
     pool = pools.get(final.node, "avg")
     prov = {**bb.provenance(), "from_layer": from_layer, "from_node": spec.node,
-            "from_kind": spec.kind, "map_shape": list(spec.shape), "map_dtype": feed.dtype, "final_layer": final.name,
-            "final_node": final.node, "final_kind": final.kind, "final_pool": pool,
+            "from_kind": spec.kind, "map_shape": list(spec.shape), "map_dtype": feed.dtype,
+            "final_layer": final.name, "final_node": final.node, "final_kind": final.kind, "final_pool": pool,
             "final_dim": final.width(pool), "source": feed.source, "data": data,
             "augment": augment, "classes": list(classes)}
     return feed, bb, prov
 
 
 def check_from(bb, from_layer: str, listing=None) -> tuple:
-    """``(LayerInfo of from_layer, LayerInfo of the final pooled layer)``, after checking that
-    ``from_layer`` is a feature map of ``bb`` below its final pooled layer.
+    """``(LayerSpec of the full map of from_layer, LayerInfo of the final pooled layer)``,
+    after checking that ``from_layer`` is a feature map of ``bb`` below its final pooled layer.
 
     Raises:
         UnknownLayerError: not a layer of ``bb`` (close matches named).
         OptionError: not a feature map, or not below the final pooled layer.
     """
-    from .layers import list_layers, resolve_layers
+    from .layers import list_layers, resolve_maps
 
     listing = listing or list_layers(bb)
-    spec = resolve_layers(bb, [from_layer], listing=listing)[0]  # names close matches
+    spec = resolve_maps(bb, [from_layer], listing=listing)[0]  # a feature map; close matches
     if listing.get(from_layer) is None:  # a finer graph node: depths from the full listing
         listing = list_layers(bb, all_nodes=True)
     info, final = listing.get(from_layer), listing.get("avgpool")
@@ -179,16 +182,12 @@ def check_from(bb, from_layer: str, listing=None) -> tuple:
         raise OptionError(f"{option('from_layer', from_layer)}: {from_layer!r} is a channels-last "
                           f"(NHWC) map, as in Swin; fine-tuning from such maps is not supported "
                           f"yet. Use a convolutional backbone, or frozen heads.")
-    if spec.kind != "map":
-        raise OptionError(f"{option('from_layer', from_layer)}: {from_layer!r} is a {spec.kind} "
-                          f"layer, not a feature map; fine-tune from the map of a "
-                          f"convolutional stage (stageK, blocks.N).")
     if final is None or info.depth >= final.depth:
         raise OptionError(
             f"{option('from_layer', from_layer)}: {from_layer!r} is not below the final pooled "
             f"layer ({final.name if final else 'none'}) of {bb.name}, so no block above it "
             f"can be fine-tuned; choose a lower layer, e.g. stage4.")
-    return info, final
+    return spec, final
 
 
 def _no_image_options(source, **given) -> None:

@@ -74,10 +74,10 @@ def refit_few_shot(rows, fitted, jobs, y_test, X_test, shots, repeats, kernel, c
         idx = few_shot_indices(y_train, k, seed, rep)
         pipe = refit(X_train[key][idx], y_train[idx], r["head"], r["params"], kernel=kernel,
                      class_weight=class_weight, seed=seed, solver_rows=len(y_train))
-        from .stats import metric_values
+        from .stats import point_metrics
 
         p = pipe.predict(np.asarray(X_test[key], dtype=np.float32))
-        return metric_values(np.ones((1, len(y_test))), y_test, p, n_classes)[metric][0]
+        return point_metrics(y_test, p, n_classes)[metric]
 
     scores = joblib.Parallel(n_jobs=n_jobs, prefer="threads")(
         joblib.delayed(one)(*t) for t in tasks)

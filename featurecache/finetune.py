@@ -259,14 +259,13 @@ def _train(model, feed, train, val, *, epochs, lr, weight_decay, batch_size, pat
 
 def _test_rows(model, feed, test, batch_size, classes) -> dict:
     """Predictions of the kept model on the test rows (read here, once)."""
-    from .stats import metric_values
+    from .stats import point_metrics
 
     dev = model.fc.weight.device
     pos, _, logits = _run_eval(model, feed, test, batch_size, dev)
     rows = test[pos]
     y, pred = feed.labels[rows], logits.argmax(1).numpy()
-    m = metric_values(np.ones((1, len(y))), y, pred, len(classes))
-    return {"n": int(len(y)), **{k: float(v[0]) for k, v in m.items()},
+    return {"n": int(len(y)), **point_metrics(y, pred, len(classes)),
             "paths": [feed.paths[i] for i in rows], "labels": [classes[i] for i in y],
             "predicted": [classes[i] for i in pred]}
 

@@ -178,7 +178,7 @@ class Head:
                 holds classes this head does not know.
             StoreError: the file is unfinished or has no such split.
         """
-        from .stats import metric_values
+        from .stats import point_metrics
         from .store import FeatureFile, open_features
 
         ff = features if isinstance(features, FeatureFile) else open_features(features)
@@ -193,9 +193,8 @@ class Head:
         index = {c: i for i, c in enumerate(self.classes)}
         y = np.array([index[ff.classes[i]] for i in y], dtype=np.int64)
         pred = self.predict(ff.X(self.layer, split))
-        m = metric_values(np.ones((1, len(y))), y, pred, len(self.classes))
         return {"feature_file": str(ff.path), "split": split, "n": int(len(y)),
-                **{k: float(v[0]) for k, v in m.items()}}
+                **point_metrics(y, pred, len(self.classes))}
 
     def save(self, path) -> Path:
         """Save as joblib (any suffix) or skops (``.skops``: safe to load from others)."""

@@ -304,7 +304,7 @@ def _row(name, layer, kind, head, jobs) -> dict:
 
 
 def _point_metrics(y, preds, n_classes) -> dict:
-    from .stats import metric_values
+    from .stats import point_metrics
 
-    vals = [metric_values(np.ones((1, len(y))), y, p, n_classes) for p in preds]
-    return {m: np.array([v[m][0] for v in vals]) for m in METRICS}
+    vals = [point_metrics(y, p, n_classes) for p in preds]
+    return {m: np.array([v[m] for v in vals]) for m in METRICS}

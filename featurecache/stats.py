@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["METRICS", "metric_values", "bootstrap", "interval", "paired_difference",
+__all__ = ["METRICS", "metric_values", "point_metrics", "bootstrap", "interval", "paired_difference",
            "few_shot_indices", "SCORING_METRIC"]
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
@@ -40,6 +40,12 @@ def metric_values(W, y, pred, n_classes: int) -> dict:
         return {"accuracy": (W @ correct) / W.sum(1),
                 "balanced_accuracy": np.nanmean(recall, axis=1),
                 "macro_f1": np.nanmean(f1, axis=1)}
+
+
+def point_metrics(y, pred, n_classes: int) -> dict:
+    """``{metric: float}`` of one model's predictions on all the rows (each row once)."""
+    return {k: float(v[0]) for k, v in metric_values(np.ones((1, len(y))), y, pred,
+                                                      n_classes).items()}
 
 
 def bootstrap(y, preds, n_classes: int, n_boot: int = 1000, seed: int = 0,

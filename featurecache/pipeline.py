@@ -183,18 +183,19 @@ def _check_finetune(config: dict) -> None:
 
 
 def _finetune_kwargs(c: dict, source: str) -> dict:
-    f = _kwargs("finetune", c)
+    """``[finetune]`` as finetune()'s keywords; from images, the embed's backbone and the
+    data's split too (so the fine-tune sees the images the feature file holds)."""
+    f, e = _kwargs("finetune", c), _kwargs("embed", c)
     f.pop("sources")
     if source == "cache":
         f.pop("augment")
     else:
-        e, d = _kwargs("embed", c), _kwargs("data", c)
+        d = _kwargs("data", c)
         f.update(backbone=e["backbone"], weights=e["weights"], weights_file=e["weights_file"],
                  num_workers=e["num_workers"], test_size=d["test_size"],
                  max_per_class=d["max_per_class"])
-    k = _kwargs("compare", c)
-    return {**f, "scoring": k["scoring"], "seed": c[""]["seed"],
-            "device": _kwargs("embed", c)["device"]}
+    return {**f, "scoring": _kwargs("compare", c)["scoring"], "seed": c[""]["seed"],
+            "device": e["device"]}
 
 
 def _kwargs(table: str, c: dict) -> dict:

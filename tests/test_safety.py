@@ -234,13 +234,16 @@ def _writes(cmd, cwd):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
-@pytest.mark.parametrize("command", ["fit-head", "join", "compare", "predict"])
+@pytest.mark.parametrize("command", ["fit-head", "join", "compare", "predict", "finetune"])
 def test_a_kill_at_any_write_leaves_the_old_output_or_none(command, image_folder, tiny_backbone,
                                                           tmp_path, feats_path):
     if command == "join":
         for i in range(2):
             embed(image_folder, tmp_path / f"p{i}.h5", backbone=tiny_backbone,
                   layers=["avgpool"], shard=(i, 2), num_workers=0, progress=False)
+    if command == "finetune":
+        embed(image_folder, tmp_path / "m.h5", backbone=tiny_backbone, layers=["avgpool"],
+              keep_map=["stage4"], num_workers=0, progress=False)
     fit_head(feats_path, "avgpool", "logreg").save(tmp_path / "given.joblib")
     cmd, final = {  # one process (--n-jobs 1): a kill lands in the command, not in a worker
         "fit-head": (["fit-head", "logreg", "f.h5", "--layer", "avgpool", "-o", "h.joblib",
@@ -249,6 +252,8 @@ def test_a_kill_at_any_write_leaves_the_old_output_or_none(command, image_folder
         "compare": (["compare", "f.h5", "-o", "rep", "--heads", "logreg", "--layers", "avgpool",
                      "--overwrite", "-q", "--n-jobs", "1"], "rep/best.joblib"),
         "predict": (["predict", "given.joblib", str(image_folder), "-o", "p.csv"], "p.csv"),
+        "finetune": (["finetune", "m.h5", "-o", "ft", "--epochs", "1", "--overwrite", "-q"],
+                     "ft/model.pt"),
     }[command]
     assert subprocess.run([sys.executable, "-m", "featurecache.cli", *cmd], cwd=tmp_path).returncode == 0
     previous = (tmp_path / final).read_bytes()
@@ -269,6 +274,12 @@ def _complete(path) -> bool:
     if path.suffix == ".joblib":
         load_head(path)
         return True
+    if path.suffix == ".pt":  # the fine-tune folder's files are renamed in together
+        from featurecache.checkpoint import load_finetuned
+
+        ft = load_finetuned(path.parent)
+        summary = json.loads((path.parent / "summary.json").read_text())
+        return ft.history == summary["history"]
     if path.suffix == ".h5":
         return open_features(path).n_rows == 18
     lines = path.read_text().splitlines()

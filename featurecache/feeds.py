@@ -24,6 +24,9 @@ from .extract import raw_extractor, stored_map, to_layout
 __all__ = ["CachedMaps", "ImageMaps", "bottom_maps", "augmenting", "open_feed", "check_from", "holdout",
            "warn_small_fold"]
 
+# what decides which rows are in the test split (recorded, so compare can name a difference)
+SPLIT_KEYS = ("split_origin", "seed", "test_size", "max_per_class")
+
 
 class CachedMaps:
     """The stored map ``spec`` of the rows of a feature file."""
@@ -144,6 +147,7 @@ def open_feed(source, from_layer, augment, dev, *, backbone, weights, weights_fi
                 f"never see. Re-embed with {option('keep_map', [from_layer])} and no map_size.")
         pools = {s.node: s.pool for s in ff.layers.values()}
         feed, classes, data = CachedMaps(ff, spec), ff.classes, str(ff.path)
+        split = {k: ff.provenance.get(k) for k in SPLIT_KEYS if k in ff.provenance}
     else:
         from .data import open_source
 
@@ -152,6 +156,8 @@ def open_feed(source, from_layer, augment, dev, *, backbone, weights, weights_fi
             load_backbone(backbone, weights, weights_file)
         spec, final = check_from(bb, from_layer, list_layers(bb))
         pools, classes, data = {}, src.classes, src.root
+        split = {"split_origin": src.split_origin, "seed": seed, "test_size": test_size,
+                 "max_per_class": -1 if max_per_class is None else max_per_class}
         feed = ImageMaps(src.records, src.classes, bb, spec, dev, augment=augment,
                          num_workers=num_workers)
     pool = pools.get(final.node, "avg")
@@ -159,7 +165,7 @@ def open_feed(source, from_layer, augment, dev, *, backbone, weights, weights_fi
             "from_kind": spec.kind, "map_shape": list(spec.shape), "map_dtype": feed.dtype,
             "final_layer": final.name, "final_node": final.node, "final_kind": final.kind, "final_pool": pool,
             "final_dim": final.width(pool), "source": feed.source, "data": data,
-            "augment": augment, "classes": list(classes)}
+            "augment": augment, "split": split, "classes": list(classes)}
     return feed, bb, prov
 
 

@@ -7,23 +7,34 @@ train on the map the embed kept (``--keep-map stage4``), read from HDF5 one batc
 computed from (augmented) images by the frozen bottom: the baseline a hand-written script
 would be.
 
-The recipe (Kumar et al. 2022, "linear probe, then fine-tune"):
+The recipe (Kumar et al. 2022, "linear probe, then fine-tune"), built so that it never
+does much worse than its own probe:
 
 1. hold out a stratified validation fold of the train split (``val_fraction``; a ``val``
    split when the data have one); the test split is not read until the end;
 2. fit the logistic-regression head (C chosen by CV, as ``fit-head``) on the final pooled
    features the top blocks compute from the training maps, and fold its scaler into one
    linear layer: the model at step 0 predicts exactly what that linear probe predicts;
-3. train the top blocks and the classifier with AdamW (the blocks at a tenth of the
-   classifier's learning rate), a cosine schedule over all steps, BatchNorm statistics and
+3. train the top blocks and the classifier with Adam (the blocks at a tenth of the
+   classifier's learning rate): a linear warm-up over the first epoch (the first steps of
+   Adam are full-size whatever the gradient, and undid the probe), then a cosine decay over
+   all epochs; weight decay pulls every weight towards its starting value (the pretrained
+   blocks, the probe's classifier: L2-SP), not towards zero; BatchNorm statistics and
    dropout frozen, seeded shuffles;
-4. score the validation fold after every epoch (epoch 0 = the probe) and keep the best epoch
-   (ties: the earlier), stopping after ``patience`` epochs without a better score;
-5. predict the test split once with the kept model.
+4. score the validation fold after every epoch (epoch 0 = the probe) and keep the best
+   epoch only if it beats the probe by more than the fold's noise (two standard errors of
+   the paired difference, bootstrapped over the fold's rows); otherwise the probe is kept
+   (epoch 0). Early stopping after ``patience`` epochs without a better score;
+5. ``refit="all"`` (default): retrain from the start on every training row, the validation
+   fold included: the probe refit on all of them, then the chosen number of epochs on the
+   same schedule (none when epoch 0 was kept: the model is then the logistic head that
+   ``fit-head`` would fit on those features);
+6. predict the test split once with the final model.
 
 It writes ``model.pt`` (:mod:`featurecache.checkpoint`), ``curve.png`` (loss and validation
-score per epoch) and ``summary.json`` (history, timings, test predictions for ``compare
---finetuned``).
+score per epoch) and ``summary.json`` (history with the training and validation loss and
+score per epoch, the kept epoch and its margin over the probe, the validation fold and the
+kept model's predictions on it, timings, and test predictions for ``compare --finetuned``).
 
 Example::
 
@@ -51,15 +62,16 @@ from .errors import FeaturecacheError
 from .feeds import holdout, open_feed, warn_small_fold
 from .options import DEFAULT_BACKBONE, FINETUNE, check
 
-__all__ = ["finetune", "FinetuneResult"]
+__all__ = ["finetune", "FinetuneResult", "MARGIN_SE"]
 
 OUTPUT_FILES = ("model.pt", "curve.png", "summary.json")
+MARGIN_SE = 2.0  # an epoch replaces the probe only when it beats it by this many standard errors
 
 
 @dataclass
 class FinetuneResult:
     """What :func:`finetune` did: the history (epoch 0 = the linear probe), the kept epoch,
-    its validation score, the test scores of the kept model, and the time taken."""
+    its validation score, the test scores of the final model, and the time taken."""
 
     out_dir: Path
     source: str                 # cache | images
@@ -73,7 +85,8 @@ class FinetuneResult:
 
 def finetune(source, output, *, from_layer: str = "stage4", augment: bool = False,
              epochs: int = 5, lr: float = 1e-3, weight_decay: float = 0.01, batch_size: int = 32,
-             val_fraction: float = 0.2, patience: int = 2, scoring: str = "balanced_accuracy",
+             val_fraction: float = 0.2, patience: int = 2, refit: str = "all",
+             scoring: str = "balanced_accuracy",
              seed: int = 0, device: str | None = None, num_workers: int | None = None,
              backbone=DEFAULT_BACKBONE, weights: str = "DEFAULT", weights_file=None,
              test_size: float = 0.3, max_per_class: int | None = None,
@@ -88,22 +101,26 @@ def finetune(source, output, *, from_layer: str = "stage4", augment: bool = Fals
         output: the folder for model.pt, curve.png and summary.json.
         from_layer: the layer whose map feeds the unfrozen blocks above it.
         augment: from images only: random resized crops and horizontal flips.
-        epochs, lr, weight_decay, batch_size: AdamW on the classifier at ``lr`` and on the
-            blocks at ``lr / 10``, cosine schedule over ``epochs``.
+        epochs, lr, weight_decay, batch_size: Adam on the classifier at ``lr`` and on the
+            blocks at ``lr / 10``, warm-up over the first epoch then cosine over ``epochs``;
+            decoupled weight decay towards the starting weights.
         val_fraction, patience, scoring: the validation fold, early stopping, and the score
             that picks the epoch.
+        refit: ``all``: retrain on every training row (validation fold included) for the
+            chosen number of epochs; ``none``: keep the chosen epoch's model as trained.
         overwrite: replace the files of an earlier fine-tune in ``output``.
 
     Raises:
         FeaturecacheError: bad options, a map that was not kept, a layer at or above the
-            final pooled layer, a layer the network cannot be cut at; nothing is written.
+            final pooled layer, a layer the network cannot be cut at, a class with no
+            training rows; nothing is written.
     """
     from .search import check_options
 
     t0 = time.perf_counter()
     check(FINETUNE, {"from_layer": from_layer, "augment": augment, "epochs": epochs, "lr": lr,
                      "weight_decay": weight_decay, "batch_size": batch_size,
-                     "val_fraction": val_fraction, "patience": patience})
+                     "val_fraction": val_fraction, "patience": patience, "refit": refit})
     check_options(scoring=scoring)
     from .files import output_folder
 
@@ -116,6 +133,7 @@ def finetune(source, output, *, from_layer: str = "stage4", augment: bool = Fals
     feed, bb, prov = open_feed(source, from_layer, augment, dev, backbone=backbone,
                            weights=weights, weights_file=weights_file, test_size=test_size,
                            seed=seed, max_per_class=max_per_class, num_workers=num_workers)
+    _check_trained_classes(feed, source)
     train, val = holdout(feed.labels, feed.splits, val_fraction, seed)
     warn_small_fold(feed, train, val)
     test = np.flatnonzero(feed.splits == "test")
@@ -124,28 +142,60 @@ def finetune(source, output, *, from_layer: str = "stage4", augment: bool = Fals
 
     model = TopModel(split_top(bb.model, prov["from_node"], prov["final_node"]),
                      prov["final_kind"], prov["final_pool"], prov["final_dim"], len(classes))
+    pretrained = copy.deepcopy(model.state_dict())
     say(f"fine-tuning the blocks of {bb.name} above {from_layer} ({prov['from_node']}) from "
         f"the {feed.source}: {len(train)} training rows, {len(val)} validation rows")
+    kw = dict(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+              seed=seed, dev=dev)
     with on_device(bb.model, dev), on_device(model, dev):
         probe_loss, probe_s = _linear_probe(model, feed, train, batch_size, scoring, seed, say)
-        history, best = _train(model, feed, train, val, epochs=epochs, lr=lr,
-                               weight_decay=weight_decay, batch_size=batch_size,
-                               patience=patience, scoring=scoring, seed=seed, dev=dev,
-                               probe=(probe_loss, probe_s), say=say)
-        model.load_state_dict(best["state"])
+        history, best = _train(model, feed, train, val, patience=patience, scoring=scoring,
+                               probe=(probe_loss, probe_s), say=say, **kw)
+        validation = {"paths": [feed.paths[i] for i in val[best["pos"]]],
+                      "labels": [classes[i] for i in feed.labels[val[best["pos"]]]],
+                      "predicted": [classes[i] for i in best["pred"]]}
+        final = {"rows": "train"}
+        if refit == "all":
+            every = np.sort(np.concatenate([train, val]))
+            t = time.perf_counter()
+            say(f"refit on all {len(every)} training rows: the probe, then {best['epoch']} "
+                f"epoch(s)")
+            model.load_state_dict(pretrained)
+            loss, _ = _linear_probe(model, feed, every, batch_size, scoring, seed, say)
+            losses = _fit_epochs(model, feed, every, stop_after=best["epoch"], **kw) \
+                if best["epoch"] else []
+            final = {"rows": "all", "n": int(len(every)), "epochs": best["epoch"],
+                     "train_loss": [loss, *losses], "seconds": round(time.perf_counter() - t, 2)}
+        else:
+            model.load_state_dict(best["state"])
         test_rows = _test_rows(model, feed, test, batch_size, classes) if len(test) else None
     seconds = time.perf_counter() - t0
     if getattr(feed, "failed", None):
         say(f"{len(feed.failed)} image(s) could not be read and were left out (listed in "
             f"summary.json under \"unreadable\")")
     settings = {"epochs": epochs, "lr": lr, "body_lr": lr / 10, "weight_decay": weight_decay,
+                "weight_decay_to": "start (L2-SP)", "warmup_epochs": 1, "optimizer": "adam",
                 "batch_size": batch_size, "val_fraction": val_fraction, "patience": patience,
+                "refit": refit, "margin_se": MARGIN_SE,
                 "scoring": scoring, "seed": seed, "augment": augment, "device": str(dev)}
     summary = _summary(feed, prov, classes, settings, history, best, train, val, test_rows,
                        seconds)
+    summary.update(validation=validation, final_fit=final)
     _write(out, model, classes, prov, history, settings, summary, best["epoch"], scoring)
     return FinetuneResult(out, feed.source, history, best["epoch"], best["score"],
                           summary["test"], seconds, summary)
+
+
+def _check_trained_classes(feed, source) -> None:
+    """Refuse a class with no training rows, as fit-head and compare do: a fine-tune cannot
+    learn it (and would score it as if it had)."""
+    trained = set(feed.labels[feed.splits == "train"].tolist())
+    absent = [c for i, c in enumerate(feed.classes) if i not in trained]
+    if absent:
+        raise FeaturecacheError(
+            f"classes {absent} of {source} have no training rows (they occur only in other "
+            f"splits); a fine-tune cannot learn them. Add training images of them, or leave "
+            f"them out of the data.")
 
 
 def _run_eval(model, feed, rows, batch_size, dev):
@@ -191,74 +241,152 @@ def _linear_probe(model, feed, train, batch_size, scoring, seed, say) -> tuple:
         model.fc.weight.copy_(w)
         model.fc.bias.copy_(b)
         loss = torch.nn.functional.cross_entropy(model.fc(X.to(dev)), torch.from_numpy(y).to(dev))
-    say(f"linear probe: C={params['C']:.3g}, CV {scoring} {cv:.3f}")
+    say(f"linear probe on {len(y)} rows: C={params['C']:.3g}, CV {scoring} {cv:.3f}")
     return float(loss), time.perf_counter() - t
 
 
 def _validate(model, feed, val, batch_size, scoring, dev) -> tuple:
+    """``(score, loss, positions, predictions)`` of the model on the validation rows."""
     from .solvers import score_predictions
 
     pos, _, logits = _run_eval(model, feed, val, batch_size, dev)
     y = torch.from_numpy(feed.labels[val[pos]])
     loss = float(torch.nn.functional.cross_entropy(logits, y))
-    return score_predictions(scoring, y.numpy(), logits.argmax(1).numpy()), loss
+    pred = logits.argmax(1).numpy()
+    return score_predictions(scoring, y.numpy(), pred), loss, pos, pred
+
+
+def margin_over_probe(y, probe_pred, pred, n_classes, scoring, seed) -> tuple:
+    """``(difference, standard error)`` of the score of ``pred`` minus that of ``probe_pred``
+    on the same rows: the point difference and the standard deviation of the paired
+    bootstrap (1000 resamples of the rows, seeded)."""
+    from .stats import SCORING_METRIC, bootstrap, point_metrics
+
+    metric = SCORING_METRIC[scoring]
+    a, b = point_metrics(y, pred, n_classes)[metric], point_metrics(y, probe_pred, n_classes)[metric]
+    samples = bootstrap(y, np.stack([pred, probe_pred]), n_classes, 1000, seed)[metric]
+    return float(a - b), float(np.nanstd(samples[:, 0] - samples[:, 1]))
+
+
+def _optimizer(model, *, lr, weight_decay, steps, warmup):
+    """Adam (no decay of its own), warm-up then cosine; and the L2-SP step: after each
+    optimizer step every weight moves ``lr * weight_decay`` of the way back to where it
+    started (the pretrained blocks, the probe's classifier)."""
+    groups = [{"params": model.body_parameters(), "lr": lr / 10},
+              {"params": list(model.fc.parameters()), "lr": lr}]
+    opt = torch.optim.Adam(groups)
+    anchors = [[p.detach().clone() for p in g["params"]] for g in opt.param_groups]
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    def pull_back():
+        if weight_decay:
+            with torch.no_grad():
+                for g, start in zip(opt.param_groups, anchors):
+                    for p, p0 in zip(g["params"], start):
+                        p.sub_(p - p0, alpha=g["lr"] * weight_decay)
+    return opt, sched, pull_back
+
+
+def _epochs(model, feed, rows, *, epochs, lr, weight_decay, batch_size, seed, dev):
+    """The training epochs over ``rows``, one at a time: yields ``(epoch, mean loss, share
+    of the epoch's rows predicted right while training, seconds)``. The schedule is always
+    that of ``epochs`` epochs of ``rows``: stopping after k of them gives the model a run of
+    k epochs in a longer one would have."""
+    from .extract import to_layout
+
+    per_epoch = math.ceil(len(rows) / batch_size)
+    opt, sched, pull_back = _optimizer(model, lr=lr, weight_decay=weight_decay,
+                                       steps=epochs * per_epoch, warmup=per_epoch)
+    rng = np.random.default_rng([seed, 11])
+    for epoch in range(1, epochs + 1):
+        t = time.perf_counter()
+        model.train()
+        order = rows[rng.permutation(len(rows))]
+        total, right, n = 0.0, 0, 0
+        for pos, maps in feed.batches(order, batch_size, train=True):
+            y = torch.from_numpy(feed.labels[order[pos]]).to(dev)
+            logits = model(to_layout(maps.to(dev)))
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            pull_back()
+            sched.step()
+            total, n = total + loss.item() * len(pos), n + len(pos)
+            right += int((logits.detach().argmax(1) == y).sum())
+        yield epoch, total / max(n, 1), right / max(n, 1), time.perf_counter() - t
+
+
+def _fit_epochs(model, feed, rows, *, stop_after, epochs, lr, weight_decay, batch_size, seed,
+                dev) -> list:
+    """Train ``stop_after`` epochs of the ``epochs``-epoch schedule on ``rows``; the losses."""
+    losses = []
+    for epoch, loss, _, _ in _epochs(model, feed, rows, epochs=epochs, lr=lr,
+                                     weight_decay=weight_decay, batch_size=batch_size,
+                                     seed=seed, dev=dev):
+        losses.append(loss)
+        if epoch >= stop_after:
+            break
+    return losses
 
 
 def _train(model, feed, train, val, *, epochs, lr, weight_decay, batch_size, patience, scoring,
            seed, dev, probe, say) -> tuple:
-    """The epochs; returns the history and the best epoch (its state, score and number)."""
-    from .extract import to_layout
-
+    """The epochs, scored on the validation fold; returns the history and the kept epoch (its
+    state, score, number, validation predictions): the best epoch if it beats the probe by
+    more than :data:`MARGIN_SE` standard errors of the paired difference, else the probe."""
     t = time.perf_counter()
-    score, val_loss = _validate(model, feed, val, batch_size, scoring, dev)
-    history = [{"epoch": 0, "train_loss": probe[0], "val_loss": val_loss, "val_score": score,
+    score, val_loss, pos, probe_pred = _validate(model, feed, val, batch_size, scoring, dev)
+    y_val = feed.labels[val[pos]]
+    history = [{"epoch": 0, "train_loss": probe[0], "train_score": None, "val_loss": val_loss,
+                "val_score": score, "margin": 0.0, "margin_se": 0.0,
                 "train_seconds": round(probe[1], 3),
                 "val_seconds": round(time.perf_counter() - t, 3)}]
-    say(f"epoch 0 (linear probe): validation {scoring} {score:.3f}")
-    best = {"epoch": 0, "score": score, "state": copy.deepcopy(model.state_dict())}
-    opt = torch.optim.AdamW([{"params": model.body_parameters(), "lr": lr / 10},
-                             {"params": list(model.fc.parameters()), "lr": lr}],
-                            weight_decay=weight_decay)
-    steps = epochs * math.ceil(len(train) / batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
-    rng = np.random.default_rng([seed, 11])
+    say(f"epoch 0 (linear probe): validation {scoring} {score:.3f} ({len(y_val)} rows)")
+    probe_state, history_pos = copy.deepcopy(model.state_dict()), pos
+    top = {"epoch": 0, "score": score, "state": probe_state, "pos": pos, "pred": probe_pred}
     stale = 0
-    for epoch in range(1, epochs + 1):
+    for epoch, loss, right, train_s in _epochs(model, feed, train, epochs=epochs, lr=lr,
+                                               weight_decay=weight_decay,
+                                               batch_size=batch_size, seed=seed, dev=dev):
         t = time.perf_counter()
-        model.train()
-        order = train[rng.permutation(len(train))]
-        total, n = 0.0, 0
-        for pos, maps in feed.batches(order, batch_size, train=True):
-            y = torch.from_numpy(feed.labels[order[pos]]).to(dev)
-            loss = torch.nn.functional.cross_entropy(model(to_layout(maps.to(dev))), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total, n = total + loss.item() * len(pos), n + len(pos)
-        train_s = time.perf_counter() - t
-        t = time.perf_counter()
-        score, val_loss = _validate(model, feed, val, batch_size, scoring, dev)
-        history.append({"epoch": epoch, "train_loss": total / max(n, 1), "val_loss": val_loss,
-                        "val_score": score, "train_seconds": round(train_s, 3),
+        score, val_loss, pos, pred = _validate(model, feed, val, batch_size, scoring, dev)
+        diff, se = margin_over_probe(y_val, probe_pred, pred, len(feed.classes), scoring,
+                                     seed)
+        history.append({"epoch": epoch, "train_loss": loss, "train_score": right,
+                        "val_loss": val_loss, "val_score": score, "margin": diff,
+                        "margin_se": se, "train_seconds": round(train_s, 3),
                         "val_seconds": round(time.perf_counter() - t, 3)})
-        better = score > best["score"]
-        say(f"epoch {epoch}: training loss {total / max(n, 1):.4f}, validation {scoring} "
-            f"{score:.3f}{' (best so far)' if better else ''}, {train_s:.1f} s")
+        better = score > top["score"]
+        say(f"epoch {epoch}: training loss {loss:.4f}, validation loss {val_loss:.3f}, "
+            f"{scoring} {score:.3f} ({diff:+.3f} ± {se:.3f} over the probe)"
+            f"{' (best so far)' if better else ''}, {train_s:.1f} s")
         if better:
-            best, stale = {"epoch": epoch, "score": score,
-                           "state": copy.deepcopy(model.state_dict())}, 0
+            top, stale = {"epoch": epoch, "score": score, "pos": pos, "pred": pred,
+                          "state": copy.deepcopy(model.state_dict())}, 0
         else:
             stale += 1
             if stale >= patience:
                 if epoch < epochs:
                     say(f"stopping: {patience} epoch(s) without a better validation score")
                 break
-    return history, best
+    h = history[top["epoch"]]
+    if top["epoch"] and not h["margin"] > MARGIN_SE * h["margin_se"]:
+        say(f"keeping the probe: epoch {top['epoch']} beats it by {h['margin']:+.3f}, within "
+            f"{MARGIN_SE:g} standard errors ({h['margin_se']:.3f}) on {len(y_val)} rows")
+        top = {"epoch": 0, "score": history[0]["val_score"], "state": probe_state,
+               "pos": history_pos, "pred": probe_pred}
+    return history, top
 
 
 def _test_rows(model, feed, test, batch_size, classes) -> dict:
-    """Predictions of the kept model on the test rows (read here, once)."""
+    """Predictions of the final model on the test rows (read here, once)."""
     from .stats import point_metrics
 
     dev = model.fc.weight.device
@@ -276,6 +404,7 @@ def _summary(feed, prov, classes, settings, history, best, train, val, test, sec
             "source": feed.source, "from_layer": prov["from_layer"],
             "final_layer": prov["final_layer"], "backbone": prov["backbone"],
             "classes": list(classes), "provenance": prov, "settings": settings,
+            "split": prov.get("split", {}),
             "n_train": int(len(train)), "n_val": int(len(val)), "history": history,
             "best_epoch": best["epoch"], "val_score": best["score"],
             "probe_val_score": history[0]["val_score"],

@@ -211,15 +211,20 @@ FINETUNE = (
            "it (from a feature file: a map kept with keep_map)", key="from"),
     Option("augment", bool, False, "from images: random resized crops and flips"),
     Option("epochs", int, 5, "most epochs (the best on the validation fold is kept)", low=1),
-    Option("lr", float, 1e-3, "the classifier's AdamW learning rate; the blocks get a tenth",
+    Option("lr", float, 1e-3, "the classifier's Adam learning rate (the blocks get a tenth), "
+           "after a warm-up over the first epoch",
            low=0, open=True),
-    Option("weight_decay", float, 0.01, "AdamW weight decay", low=0),
+    Option("weight_decay", float, 0.01, "decoupled weight decay towards the starting weights "
+           "(the pretrained blocks and the probe: L2-SP), per unit of learning rate", low=0),
     Option("batch_size", int, 32, "maps (or images) per step", low=1),
     Option("val_fraction", float, 0.2, "share of each class's training rows held out to pick "
            "the epoch (a val split, when the data have one, is used instead)", low=0, high=1,
            open=True),
     Option("patience", int, 2, "stop after this many epochs without a better validation "
            "score", low=1),
+    Option("refit", str, "all", "all: retrain on every training row (validation fold "
+           "included) for the chosen number of epochs; none: keep the chosen epoch's model",
+           choices=("all", "none")),
 )
 
 # fit-head's own options (with kernel, cv, scoring, class_weight and n_jobs of COMPARE);

@@ -72,18 +72,22 @@ def select_winner(rows, select: str = "cv") -> dict:
 
     ``cv``: the highest mean CV score (ties: the narrower, then shallower, then cheaper head).
     ``cv-1se``: among the rows whose CV score is within one standard error of the best, the
-    narrowest, then shallowest, then cheapest.
+    narrowest, then shallowest, then cheapest. When every row has a ``select_score`` (all
+    candidates scored on the same validation fold, as ``compare --finetuned`` does), that
+    score and its ``select_sem`` are used instead of the CV score.
     """
     def simplicity(r):
         return (r["dim"], r["rel_depth"], _HEAD_COST.get(r["head"], 9))
 
-    best = min(rows, key=lambda r: (-r["cv_score"], simplicity(r)))
+    key, sem = ("select_score", "select_sem") if rows and all("select_score" in r for r in rows) \
+        else ("cv_score", "cv_sem")
+    best = min(rows, key=lambda r: (-r[key], simplicity(r)))
     if select == "cv":
         return best
     if select != "cv-1se":
         raise HeadOptionError(f"select {select!r} is not one of {', '.join(SELECT)}.")
-    floor = best["cv_score"] - best["cv_sem"]
-    return min((r for r in rows if r["cv_score"] >= floor), key=simplicity)
+    floor = best[key] - best[sem]
+    return min((r for r in rows if r[key] >= floor), key=simplicity)
 
 
 def _open_all(features) -> list:
@@ -95,19 +99,28 @@ def _open_all(features) -> list:
         raise FeaturecacheError("no feature file given.")
     files = [f if isinstance(f, FeatureFile) else open_features(f) for f in items]
     first = files[0]
+    from .strategies import same_paths, split_settings_differ
+
     for ff in files[1:]:
         where = f"{ff.path} and {first.path} are not of the same images"
+        differ = split_settings_differ(ff.provenance, first.provenance)
+        fix = (f" They were embedded with {differ} for the second: embed both with the same "
+               f"split settings." if differ else "")
         if ff.classes != first.classes:
             raise FeaturecacheError(f"{where}: classes {ff.classes} vs {first.classes}.")
         if ff.n_rows != first.n_rows:
-            raise FeaturecacheError(f"{where}: {ff.n_rows} vs {first.n_rows} rows. Embed the "
-                                    f"same data with each backbone to compare them.")
+            raise FeaturecacheError(f"{where}: {ff.n_rows} vs {first.n_rows} rows." +
+                                    (fix or " Embed the same data with each backbone to "
+                                     "compare them."))
         for name, a, b in (("path", ff.paths(), first.paths()), ("split", ff.splits(), first.splits()),
                            ("label", ff.y().tolist(), first.y().tolist())):
             bad = next((i for i, (u, v) in enumerate(zip(a, b)) if u != v), None)
+            if bad is not None and name == "path":  # the same images through a symlink?
+                ra, rb = same_paths(a), same_paths(b)
+                bad = next((i for i, (u, v) in enumerate(zip(ra, rb)) if u != v), None)
             if bad is not None:
                 raise FeaturecacheError(f"{where}: row {bad} has {name} {a[bad]!r} in the first "
-                                        f"and {b[bad]!r} in the second.")
+                                        f"and {b[bad]!r} in the second.{fix}")
     return files
 
 
@@ -214,6 +227,11 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
     rows = [_row(name, layer, kind, head, jobs) for ((name, layer), kind), head in fitted.items()]
     rows += finetuned_rows(summaries, files, names)
     rows.sort(key=lambda r: (r["backbone"], r["depth"], "+" in r["layer"], r["layer"], r["head"]))
+    if summaries:  # every candidate on the same rows: the fine-tunes' validation fold
+        from .strategies import score_on_fold, validation_fold
+
+        score_on_fold(rows, jobs, validation_fold(summaries, first), first, scoring=scoring,
+                      kernel=kernel, class_weight=class_weight, seed=seed, n_jobs=n_jobs)
     # a fine-tune that kept epoch 0 is its own linear probe (fitted on less data): no candidate
     candidates = [r for r in rows if r["strategy"] == "frozen" or r["params"]["epoch"] > 0]
     winner = select_winner(candidates, select)  # selection ends; the test split is read below

@@ -57,7 +57,21 @@ def verdict_text(rows, w, runner, scoring, select, several) -> str:
 
     metric = SCORING_METRIC[scoring]
     what = f"{w['backbone']} " if several else ""
-    if w.get("strategy", "frozen") != "frozen":
+    on_fold = "selected_on" in w  # compare --finetuned: every candidate on the same rows
+    if on_fold:
+        frozen = [r for r in rows if r.get("strategy", "frozen") == "frozen"]
+        tuned = [r for r in rows if r.get("strategy", "frozen") != "frozen"]
+        best_f = max((r["select_score"] for r in frozen), default=float("nan"))
+        best_t = max((r["select_score"] for r in tuned), default=float("nan"))
+        name = (f"**{w['strategy']} of the blocks above {w['layer'].split('..')[0]}** "
+                f"({w['folder']})" if w.get("strategy", "frozen") != "frozen" else
+                f"**{what}{w['layer']}** with a {w['head']} head")
+        text = (f"{name} is chosen by its {scoring} on the same rows as every other candidate: "
+                f"the {w['selected_on']} that the fine-tune(s) picked their epoch on, "
+                f"{w['select_score']:.3f} (best frozen head {best_f:.3f}, refit on the other "
+                f"training rows with the parameters its CV chose; best fine-tune {best_t:.3f}, "
+                f"its kept epoch). On the test split")
+    elif w.get("strategy", "frozen") != "frozen":
         text = (f"**{w['strategy']} of the blocks above {w['layer'].split('..')[0]}** "
                 f"({w['folder']}) is chosen by its {scoring} on a validation fold of the "
                 f"train split, {w['cv_score']:.3f} (the best of its epochs on {w['n_val']} "
@@ -72,14 +86,17 @@ def verdict_text(rows, w, runner, scoring, select, several) -> str:
     if select == "cv-1se":
         best = select_winner(rows, "cv")
         if best is not w:
-            text += (f" (--select cv-1se: the best CV score was {best['cv_score']:.3f} by "
+            text += (f" (--select cv-1se: the best selection score was "
+                     f"{best.get('select_score', best['cv_score']):.3f} by "
                      f"{row_name(best)}; {w['layer']} is the narrowest and shallowest candidate "
                      f"within one standard error of it.)")
     if runner is not None:
         lead = w["lead_over_runner_up"]
         clear = lead["lo"] > 0 or lead["hi"] < 0
-        text += (f" The runner-up by CV, {row_name(runner) if several else runner['layer'] + ' (' + runner['head'] + ')'}"
-                 f" (CV {runner['cv_score']:.3f}), scores {runner[metric]:.3f} on test; the "
+        text += (f" The runner-up{'' if on_fold else ' by CV'}, {row_name(runner) if several else runner['layer'] + ' (' + runner['head'] + ')'}"
+                 + (f" ({runner['select_score']:.3f} on the validation fold)" if on_fold else
+                    f" (CV {runner['cv_score']:.3f})") +
+                 f", scores {runner[metric]:.3f} on test; the "
                  f"paired bootstrap of the difference on the same test rows gives "
                  f"{lead['difference']:+.3f} (95% CI {lead['lo']:+.3f} to {lead['hi']:+.3f}), so "
                  + ("the difference is clear on this test set." if clear else
@@ -108,6 +125,9 @@ def markdown_table(rows, winner) -> str:
     cols = (["backbone"] if several else []) + [
         "depth", "strategy", "layer", "head", "dim", "best params", "grid", "CV score", "test accuracy",
         "balanced accuracy", "macro-F1"]
+    on_fold = any("selected_on" in r for r in rows)
+    if on_fold:  # compare --finetuned: the score every candidate was chosen by, same rows
+        cols.insert(cols.index("test accuracy"), "selection score")
     shots = list(next((r["few_shot"] for r in rows if r.get("few_shot")), {}))
     cols += [f"{s}-shot" for s in shots]
     lines = ["| " + " | ".join(cols) + " |",
@@ -119,8 +139,9 @@ def markdown_table(rows, winner) -> str:
             params,
             f"{r['grid_evaluated']}/{r['grid_points']}",
             f"{r['cv_score']:.3f} ± {r['cv_std']:.3f}" if "n_val" not in r else
-            f"{r['cv_score']:.3f} (val, {r['n_val']} rows)", _fmt(r, "accuracy"),
-            _fmt(r, "balanced_accuracy"), _fmt(r, "macro_f1")]
+            f"{r['cv_score']:.3f} (val, {r['n_val']} rows)"] + (
+            [f"{r['select_score']:.3f} ± {r['select_sem']:.3f}"] if on_fold else []) + [
+            _fmt(r, "accuracy"), _fmt(r, "balanced_accuracy"), _fmt(r, "macro_f1")]
         cells += [f"{r['few_shot'][s]['mean']:.3f} ± {r['few_shot'][s]['std']:.3f}"
                   if "few_shot" in r else "-" for s in shots]
         if r is winner:
@@ -166,8 +187,11 @@ def write_report(out_dir: Path, files, names, rows, winner, verdict, cm, setting
              f"the hyperparameters chosen on the full train split." if settings["shots"] else "")
           + (" Fine-tuned rows (strategy `fine-tune`): the grid column counts the epochs run of "
              "those asked, and the CV score is the score on the validation fold of the train "
-             "split that picked the epoch (the best of its epochs on that fold, so optimistic "
-             "beside the frozen heads' CV means); the model is in its own folder (`featurecache predict "
+             "split that picked the epoch (the best of its epochs on that fold, so optimistic). "
+             "The winner is chosen by the selection score, on the same rows for every "
+             "candidate: that validation fold, the frozen heads refit on the other training "
+             "rows with the parameters their CV chose (± is the binomial standard error on the "
+             "fold); the model is in its own folder (`featurecache predict "
              "FOLDER IMAGES`), and `best.joblib` is the best frozen head."
              if any(r.get("strategy", "frozen") != "frozen" for r in rows) else "")
           + f"\n\n{plots}![confusion matrix of the winner](confusion.png)\n")

@@ -19,9 +19,37 @@ import numpy as np
 
 from .errors import FeaturecacheError
 
-__all__ = ["read_finetuned", "finetuned_rows", "strategy_text", "FROZEN"]
+__all__ = ["read_finetuned", "finetuned_rows", "strategy_text", "same_paths",
+           "split_settings_differ", "validation_fold", "score_on_fold", "FROZEN",
+           "SPLIT_SETTINGS"]
 
 FROZEN = "frozen"
+# the settings that decide which images are in which split (the flag that sets each)
+SPLIT_SETTINGS = {"seed": "--seed", "test_size": "--test-size", "max_per_class": "--max-per-class"}
+
+
+def same_paths(paths) -> list:
+    """The paths resolved (symlinks, ``..``): the same images reached through a symlinked
+    folder compare equal."""
+    import os
+
+    return [os.path.realpath(p) for p in paths]
+
+
+def split_settings_differ(a: dict, b: dict) -> str:
+    """``"--seed 1 (the other: 0)"``: the split settings that differ between two provenances
+    (only those both record; none when the split was given by the data), or ``""``."""
+    if "given" in (a.get("split_origin"), b.get("split_origin")):
+        keys = ["max_per_class"]  # the folders fix the split; only the cap can differ
+    else:
+        keys = list(SPLIT_SETTINGS)
+    out = [f"{SPLIT_SETTINGS[k]} {_flag(a[k])} (the other: {_flag(b[k])})" for k in keys
+           if k in a and k in b and a[k] != b[k]]
+    return ", ".join(out)
+
+
+def _flag(v):
+    return "none" if v in (None, -1) else v
 
 
 def read_finetuned(folder, first) -> dict:
@@ -51,17 +79,20 @@ def read_finetuned(folder, first) -> dict:
     test = s.get("test")
     if not test:
         raise FeaturecacheError(f"{folder} has no test predictions (its data had no test split).")
-    mine = dict(zip(test["paths"], zip(test["labels"], test["predicted"])))
-    theirs = first.paths("test")
+    mine = dict(zip(same_paths(test["paths"]), zip(test["labels"], test["predicted"])))
+    theirs = same_paths(first.paths("test"))
     missing = [p for p in theirs if p not in mine]
     extra = len(set(mine) - set(theirs))
     if missing or extra:
         example = f" (e.g. {missing[0]} has no prediction)" if missing else ""
+        differ = split_settings_differ(s.get("split", {}), first.provenance)
+        why = (f"it was split with {differ}: fine-tune with the split the embed used "
+               f"(or from the feature file itself)." if differ else
+               "Fine-tune from the same data (or from the feature file itself).")
         raise FeaturecacheError(
             f"{folder} was tested on other images than the test split of {first.path}: "
             f"{len(missing)} of its {len(theirs)} test images missing, {extra} others"
-            f"{example}. Fine-tune from the same data (or the same feature file), with the "
-            f"split the embed used (its --seed and --test-size).")
+            f"{example}; {why}")
     y = first.y("test")
     wrong = next((p for p, c in zip(theirs, y) if mine[p][0] != first.classes[c]), None)
     if wrong is not None:
@@ -100,6 +131,82 @@ def finetuned_rows(summaries, files, names) -> list:
     return rows
 
 
+def validation_fold(summaries, first) -> tuple:
+    """``(fit rows, validation rows)``, row numbers of the compared file ``first``: the
+    validation fold the fine-tunes picked their epoch on (all must share it), and the other
+    training rows. Every candidate of the comparison is scored on that fold.
+
+    Raises:
+        FeaturecacheError: a summary without its validation fold (an older fine-tune), two
+            fine-tunes validated on different folds, or a fold row that is not a training row
+            of ``first``.
+    """
+    folds = []
+    for s in summaries:
+        v = s.get("validation")
+        if not v or not v.get("paths"):
+            raise FeaturecacheError(
+                f"{s['_folder']} does not record its validation fold (made by an older "
+                f"featurecache), so it cannot be scored on the same rows as the frozen heads; "
+                f"run `featurecache finetune` again.")
+        folds.append(set(same_paths(v["paths"])))
+    if any(f != folds[0] for f in folds[1:]):
+        a, b = (s["_folder"] for s in summaries[:2])
+        raise FeaturecacheError(
+            f"{a} and {b} picked their epochs on different validation folds, so their scores "
+            f"cannot be compared; fine-tune both with the same --seed and --val-fraction.")
+    splits = np.array(first.splits(), dtype=object)
+    train = np.flatnonzero(np.isin(splits, ["train", "val"]))
+    where = dict(zip(same_paths(first.paths()), range(len(splits))))
+    val = np.array(sorted(where.get(p, -1) for p in folds[0]), dtype=np.int64)
+    if len(val) == 0 or val[0] < 0 or not np.isin(val, train).all():
+        raise FeaturecacheError(
+            f"{summaries[0]['_folder']} validated on images that are not training rows of "
+            f"{first.path}; fine-tune from the same data (or from the feature file itself).")
+    return np.setdiff1d(train, val), val
+
+
+def score_on_fold(rows, jobs, fold, first, *, scoring, kernel, class_weight, seed,
+                  n_jobs) -> None:
+    """Set ``select_score`` / ``select_sem`` of every row on the validation ``fold``: a
+    frozen head is refit on the fold's other training rows with the parameters its CV chose
+    and scored on the fold; a fine-tune brings its kept epoch's score on the same rows."""
+    import joblib
+
+    from .heads import refit
+    from .solvers import score_predictions
+
+    fit, val = fold
+    y = first.y()
+    frozen = [r for r in rows if r["strategy"] == FROZEN]
+    arrays = {}
+    for r in frozen:  # read once per layer, before the threads share them
+        key = (r["backbone"], r["layer"])
+        if key not in arrays:
+            ff, layer = jobs[key]
+            X = np.asarray(ff.X(layer), dtype=np.float32)
+            arrays[key] = (X[fit], X[val])
+
+    def one(r):
+        Xf, Xv = arrays[(r["backbone"], r["layer"])]
+        pipe = refit(Xf, y[fit], r["head"], r["params"], kernel=kernel,
+                     class_weight=class_weight, seed=seed)
+        return score_predictions(scoring, y[val], pipe.predict(Xv))
+
+    scores = joblib.Parallel(n_jobs=n_jobs, prefer="threads")(
+        joblib.delayed(one)(r) for r in frozen)
+    for r, sc in zip(frozen, scores):
+        r["select_score"] = float(sc)
+    for r in rows:
+        if r["strategy"] != FROZEN:
+            r["select_score"] = float(r["cv_score"])  # the kept epoch, on the same rows
+    n = len(val)
+    for r in rows:
+        p = r["select_score"]
+        r["select_sem"] = math.sqrt(max(p * (1 - p), 0.0) / n)
+        r["selected_on"] = f"validation fold ({n} rows)"
+
+
 def strategy_text(rows, best_frozen, metric: str, frozen_seconds: float) -> str:
     """The verdict's sentences on fine-tuning: each fine-tuned row against the best frozen
     head (difference and paired-bootstrap interval on the same test rows), and the times."""
@@ -116,10 +223,11 @@ def strategy_text(rows, best_frozen, metric: str, frozen_seconds: float) -> str:
             "cannot be told apart from it on this test set"
         text += (f" {r['strategy'].capitalize()} of the blocks above {r['layer'].split('..')[0]} "
                  f"(kept epoch {r['params']['epoch']} of {r['grid_evaluated']}, validation "
-                 f"{r['cv_score']:.3f}) scores {r[metric]:.3f}: {m['difference']:+.3f} (95% CI "
+                 f"{r['cv_score']:.3f} on {r['n_val']} rows) scores {r[metric]:.3f}: {m['difference']:+.3f} (95% CI "
                  f"{m['lo']:+.3f} to {m['hi']:+.3f}, paired bootstrap), so it {verdict}; it took "
                  f"{r['seconds']:.0f} s ({r['seconds_per_epoch']} s per epoch).")
         if r["params"]["epoch"] == 0:
             text += (" It kept epoch 0: no epoch of fine-tuning beat its own linear probe on the "
-                     "validation fold, so it was not a candidate for the choice.")
+                     "validation fold by more than the fold's noise, so it is that probe (a "
+                     "logistic head) and was not a candidate for the choice.")
     return text

@@ -131,3 +131,19 @@ def test_few_shot_when_the_test_split_lacks_a_class(tmp_path, tiny_backbone):
 def test_the_same_file_twice_is_refused(feats_path, tmp_path):
     with pytest.raises(FeaturecacheError, match="given twice"):
         compare([feats_path, feats_path], tmp_path / "r", progress=False)
+
+
+def test_files_of_the_same_images_compare_by_resolved_path_and_name_the_seed(
+        image_folder, tiny_backbone, tmp_path):
+    """The same images through a symlinked folder are the same images; two files split with
+    different seeds are refused naming --seed (issue 22, item 14)."""
+    (tmp_path / "link").symlink_to(image_folder, target_is_directory=True)
+    kw = dict(backbone=tiny_backbone, layers=["avgpool"], num_workers=0, progress=False)
+    embed(image_folder, tmp_path / "a.h5", **kw)
+    embed(tmp_path / "link", tmp_path / "b.h5", **kw)
+    res = compare([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "r", heads=["logreg"],
+                  progress=False, n_boot=50, n_jobs=1)
+    assert len(res.rows) == 2
+    embed(image_folder, tmp_path / "c.h5", seed=1, **kw)
+    with pytest.raises(FeaturecacheError, match=r"not of the same images.*--seed 1 \(the other: 0\)"):
+        compare([tmp_path / "a.h5", tmp_path / "c.h5"], tmp_path / "r2", progress=False)

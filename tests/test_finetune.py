@@ -101,7 +101,7 @@ def test_step_zero_is_the_probe_and_training_lowers_the_loss(tuned, clip):
     assert h[-1]["train_loss"] < 0.7 * h[0]["train_loss"] and h[-1]["train_loss"] < h[1]["train_loss"], h
     s = tuned.summary
     assert s["n_train"] + s["n_val"] == 100 and s["n_val"] == 20
-    assert s["best_epoch"] == max(range(5), key=lambda e: (h[e]["val_score"], -e))
+    # the kept epoch: see test_an_epoch_replaces_the_probe_only_beyond_the_fold_noise
     # the epoch-0 validation score is the probe's: refit the probe independently and score it
     from featurecache.feeds import holdout
     from featurecache.heads import search
@@ -364,9 +364,11 @@ def test_a_finetune_that_kept_its_probe_is_no_candidate(tuned, clip, tmp_path):
     for epoch in (0, 2):
         folder = tmp_path / f"e{epoch}"
         shutil.copytree(tuned.out_dir, folder)
-        s = json.loads((folder / "summary.json").read_text())
-        s.update(best_epoch=epoch, val_score=1.0)  # the best selection score of all rows
-        (folder / "summary.json").write_text(json.dumps(s))
+        for f in folder.rglob("summary.json"):  # the published copy, whatever the layout
+            s = json.loads(f.read_text())
+            s.update(best_epoch=epoch, val_score=1.0)  # the best selection score of all rows
+            f.unlink()
+            f.write_text(json.dumps(s))
         res = compare(clip, tmp_path / f"r{epoch}", heads=["logreg"], finetuned=[folder],
                       progress=False, n_boot=100)
         assert (res.winner["strategy"] == "frozen") == (epoch == 0)
@@ -406,3 +408,120 @@ def test_a_pooled_map_is_refused_for_fine_tuning(tmp_path, tiny_backbone):
           num_workers=0, progress=False)
     with pytest.raises(OptionError, match="stored at 2x2.*full 4x4"):
         finetune(tmp_path / "p.h5", tmp_path / "a", progress=False)
+
+
+def test_a_class_without_training_rows_is_refused(tmp_path, tiny_backbone):
+    """As fit-head and compare: a class that only occurs in the test split cannot be learned
+    (issue 22, item 12); the console script says so in one line, writes nothing."""
+    from .conftest import make_image
+
+    root = tmp_path / "data"
+    for split, classes in (("train", ["a", "b"]), ("test", ["a", "b", "c"])):
+        for ci, c in enumerate(classes):
+            (root / split / c).mkdir(parents=True)
+            for i in range(4):
+                make_image(root / split / c / f"{i}.png", (80 * ci, 90, 200 - 80 * ci), ci * 10 + i)
+    with pytest.warns(Warning):
+        embed(root, tmp_path / "f.h5", backbone=tiny_backbone, layers=["avgpool"],
+              keep_map=["stage4"], num_workers=0, progress=False)
+    p = cli("finetune", tmp_path / "f.h5", "--from", "stage4", "-o", tmp_path / "ft",
+            "--epochs", "1", "-q")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "classes ['c']" in p.stderr and "no training rows" in p.stderr
+    assert not (tmp_path / "ft").exists()
+
+
+def test_a_probe_no_epoch_beats_is_refit_on_all_training_rows(clip, tmp_path):
+    """Epochs that do not beat the probe beyond the validation fold's noise leave the probe
+    (issue 22, item 10), and the final model is refit on every training row: its test
+    predictions are those of the logistic head fitted, independently here, on the final
+    pooled features of all 100 training rows (not the 80 left after the fold)."""
+    from featurecache.backbones import backbone_for
+    from featurecache.finetune import finetune
+    from featurecache.heads import search
+    from featurecache.topblocks import split_top
+
+    r = finetune(clip, tmp_path / "ft", epochs=1, patience=1, lr=1e-12, progress=False)
+    assert r.best_epoch == 0 and r.summary["final_fit"]["rows"] == "all"
+    assert r.summary["final_fit"]["n"] == 100 and r.summary["final_fit"]["epochs"] == 0
+    ff = open_features(clip)
+    top = split_top(backbone_for(ff.provenance).model, "blocks.10", "avgpool")
+    train, test = (np.flatnonzero(np.array(ff.splits()) == s) for s in ("train", "test"))
+    with torch.inference_mode():
+        Xt, Xs = (top(torch.from_numpy(ff.map_rows("stage4", rows)).float()).flatten(1).numpy()
+                  for rows in (train, test))
+    pipe = search(Xt, ff.y()[train], "logreg", seed=0)[0]
+    expected = [ff.classes[i] for i in pipe.predict(Xs)]
+    assert r.summary["test"]["predicted"] == expected
+
+
+def test_an_epoch_replaces_the_probe_only_beyond_the_fold_noise(tuned):
+    """The kept epoch is the best validation score only when it beats the probe by more than
+    two standard errors of the paired difference; the recorded margin is the difference of
+    the recorded scores, and the kept model's validation predictions give its score."""
+    from featurecache.solvers import score_predictions
+
+    h = tuned.history
+    top = max(range(len(h)), key=lambda e: (h[e]["val_score"], -e))
+    for e in h[1:]:
+        assert e["margin"] == pytest.approx(e["val_score"] - h[0]["val_score"])
+        assert e["margin_se"] >= 0 and 0 <= e["train_score"] <= 1 and e["val_loss"] > 0
+    clears = top > 0 and h[top]["margin"] > 2 * h[top]["margin_se"]
+    assert tuned.best_epoch == (top if clears else 0)
+    v = tuned.summary["validation"]
+    assert len(v["paths"]) == tuned.summary["n_val"] == 20
+    classes = tuned.summary["classes"]
+    score = score_predictions("balanced_accuracy", [classes.index(c) for c in v["labels"]],
+                              [classes.index(c) for c in v["predicted"]])
+    assert score == pytest.approx(tuned.val_score)
+
+
+def test_compare_scores_every_candidate_on_the_same_rows(tuned, clip, tmp_path):
+    """compare --finetuned chooses on the fine-tune's validation fold for every candidate
+    (issue 22, item 11): each frozen head refit on the other training rows with its CV
+    parameters and scored on those rows; the report says which rows the choice used."""
+    from featurecache.heads import refit
+    from featurecache.report import compare
+    from featurecache.solvers import score_predictions
+
+    res = compare(clip, tmp_path / "r", heads=["logreg", "knn"], finetuned=[tuned.out_dir],
+                  progress=False, n_boot=100)
+    ff = open_features(clip)
+    paths = ff.paths()
+    val = np.array(sorted(paths.index(p) for p in tuned.summary["validation"]["paths"]))
+    fit = np.setdiff1d(np.flatnonzero(np.array(ff.splits()) == "train"), val)
+    y = ff.y()
+    for r in res.rows:
+        assert r["selected_on"] == "validation fold (20 rows)"
+        if r["strategy"] == "frozen":
+            X = ff.X(r["layer"]).astype(np.float32)
+            pipe = refit(X[fit], y[fit], r["head"], r["params"])
+            assert r["select_score"] == pytest.approx(
+                score_predictions("balanced_accuracy", y[val], pipe.predict(X[val])))
+        else:
+            assert r["select_score"] == pytest.approx(tuned.val_score)
+    candidates = [r for r in res.rows if r["strategy"] == "frozen" or r["params"]["epoch"] > 0]
+    assert res.winner["select_score"] == max(r["select_score"] for r in candidates)
+    assert "validation fold (20 rows)" in res.verdict
+    assert "selection score" in res.table()
+
+
+def test_the_same_images_through_a_symlinked_folder_are_the_same(tmp_path, tiny_backbone):
+    """compare --finetuned matches a fine-tune's test images by resolved path, and names the
+    setting that differs when they are not the same (issue 22, item 14)."""
+    from featurecache.finetune import finetune
+    from featurecache.report import compare
+
+    data = make_folder(tmp_path / "imgs", 8)
+    (tmp_path / "link").symlink_to(data, target_is_directory=True)
+    embed(data, tmp_path / "f.h5", backbone=tiny_backbone, layers=["avgpool"], num_workers=0,
+          progress=False)
+    kw = dict(backbone=tiny_backbone, epochs=1, patience=1, num_workers=0, progress=False)
+    finetune(tmp_path / "link", tmp_path / "ft", **kw)
+    res = compare(tmp_path / "f.h5", tmp_path / "r", heads=["logreg"], n_boot=50,
+                  finetuned=[tmp_path / "ft"], progress=False)
+    assert any(r["strategy"] == "fine-tune (images)" for r in res.rows)
+    finetune(tmp_path / "link", tmp_path / "ft1", seed=1, **kw)
+    with pytest.raises(FeaturecacheError, match=r"--seed 1 \(the other: 0\)"):
+        compare(tmp_path / "f.h5", tmp_path / "r1", heads=["logreg"],
+                finetuned=[tmp_path / "ft1"], progress=False)

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError, option
-from .layout import IDENTITY_KEYS, STR, fingerprint, write_header
+from .layout import IDENTITY_KEYS, JOINED_COLUMNS, STR, fingerprint, new_creation_id, write_header
 from .reader import open_features
 
 __all__ = ["join_shards"]
@@ -22,8 +22,11 @@ def join_shards(shards, output, overwrite: bool = False, copy: bool = False,
     The layers become HDF5 virtual datasets that point into the shard files (kept beside the
     output; nothing is copied; a missing shard reads as NaN and opening the file refuses,
     naming it), or with ``copy=True`` real datasets in one self-contained file. Labels, paths
-    and splits are copied. The output is written under a temporary name and renamed into place
-    when complete. The result opens with :func:`open_features` like any other file.
+    and splits are copied. The output records what it joined (``/joined_shards``: each
+    shard's path, fingerprint, creation id and row count), so that opening a virtual one
+    refuses a shard that was replaced since. The output is written under a temporary name and
+    renamed into place when complete (one rename: the old output or the new one, whole). The
+    result opens with :func:`open_features` like any other file.
 
     Raises:
         StoreError: a shard is missing, incomplete, from another run, the set is not whole, or
@@ -64,7 +67,7 @@ def join_shards(shards, output, overwrite: bool = False, copy: bool = False,
     sizes = [f.n_rows for f in files]
     total = sum(sizes)
     meta = {k: v for k, v in first.items() if k not in ("fingerprint", "created", "format",
-                                                         "schema_version")}
+                                                         "schema_version", "creation_id")}
     meta.update(shard_index=0, shard_count=1, shard_start=0,
                 n_inputs=sum(f.provenance["n_inputs"] for f in files), joined_from=count)
     meta.update(n_done=meta["n_inputs"], n_committed=total, complete=True,
@@ -73,8 +76,23 @@ def join_shards(shards, output, overwrite: bool = False, copy: bool = False,
     meta["joined_as"] = "copy" if copy else "virtual"
     if rebuild:  # the one-process command that makes the same file (a clustered embed's)
         meta["rebuild"] = rebuild
+    record = {"path": [os.path.relpath(f.path, output.parent) for f in files],
+              "fingerprint": [f.provenance["fingerprint"] for f in files],
+              "creation_id": [f.provenance.get("creation_id") or "" for f in files],
+              "n_rows": sizes, "n_skipped": [f.provenance["n_skipped"] for f in files],
+              "created": [f.provenance.get("created") or "" for f in files],
+              "rebuild": [f.provenance.get("rebuild") or "" for f in files]}
+    meta["creation_id"] = new_creation_id(f"{meta['fingerprint']} {record['creation_id']}")
+    _remove_stale_temporaries(output)
     with hdf5_output(output) as out:
         write_header(out, meta, files[0].classes)
+        joined = out.create_group("joined_shards")
+        for name in JOINED_COLUMNS:
+            col = record[name]
+            if name in ("n_rows", "n_skipped"):
+                joined.create_dataset(name, data=np.asarray(col, dtype=np.int64))
+            else:
+                joined.create_dataset(name, data=np.array(col, dtype=object), dtype=STR)
         grp = out.create_group("layers")
         dtype = np.dtype(first["dtype"])
         for spec in [*files[0].layers.values(), *files[0].maps.values()]:
@@ -100,7 +118,7 @@ def join_shards(shards, output, overwrite: bool = False, copy: bool = False,
                     layout[start:start + n] = h5py.VirtualSource(rel, spec.path,
                                                                  shape=(n, *shape[1:]))[:n]
                     start += n
-                d = dest.create_virtual_dataset(spec.name, layout, fillvalue=np.nan)
+                d = _virtual_dataset(dest, spec.name, layout, fillvalue=np.nan)
             for k, v in spec.to_attrs().items():
                 d.attrs[k] = v
         out.create_dataset("labels", data=np.concatenate([f.y() for f in files]).astype(np.int32))
@@ -112,3 +130,36 @@ def join_shards(shards, output, overwrite: bool = False, copy: bool = False,
         for j, name in enumerate(("paths", "reasons")):
             sk.create_dataset(name, data=np.array([s[j] for s in skipped], dtype=object), dtype=STR)
     return output
+
+
+def _remove_stale_temporaries(output: Path) -> None:
+    """Temporary outputs (``.NAME.PID.tmp``) that a killed join of this output left behind,
+    when their process is gone."""
+    for tmp in output.parent.glob(f".{output.name}.*.tmp"):
+        pid = tmp.name[len(output.name) + 2:-4]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def _virtual_dataset(group, name: str, layout, fillvalue):
+    """``group.create_virtual_dataset`` without the creation time in its object header, so
+    that a join makes the same bytes each time (``SOURCE_DATE_EPOCH`` fixes the rest)."""
+    from h5py import h5d, h5s, h5t
+
+    dcpl = layout._get_dcpl(group.file.filename)
+    dcpl.set_fill_value(np.array([fillvalue]))
+    dcpl.set_obj_track_times(False)
+    space = h5s.create_simple(layout.shape)
+    tid = h5t.py_create(np.dtype(layout.dtype), logical=1)
+    return h5py.Dataset(h5d.create(group.id, name=name.encode(), tid=tid, space=space,
+                                   dcpl=dcpl))

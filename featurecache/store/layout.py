@@ -5,8 +5,8 @@ Only the store package touches h5py. A complete file::
     /                       attrs: format="featurecache", schema_version, fingerprint,
                             provenance (backbone, weights, weights_sha256, preprocess, pool,
                             token_pool, dtype, extraction_method, data_root, data_fingerprint,
-                            split_origin, seed, shard_index, shard_count, versions, created),
-                            progress (n_inputs, n_done, n_committed, n_skipped, complete)
+                            split_origin, seed, shard_index, shard_count, versions, created,
+                            creation_id), progress (n_inputs, n_done, n_committed, n_skipped, complete)
     /layers/<name>          (N, dim) float16 (or float32), chunked; attrs = its LayerSpec
     /maps/<name>            (N, C, S, S) unpooled maps (embed keep_map), one row per chunk
     /labels                 (N,) int32 class index
@@ -15,6 +15,8 @@ Only the store package touches h5py. A complete file::
     /splits                 (N,) str: train | test | val
     /skipped/paths          (K,) str   inputs that could not be used
     /skipped/reasons        (K,) str
+    /joined_shards/<column> only in a joined file: what it joined, one row per shard (path,
+                            fingerprint, creation_id, n_rows, n_skipped, created, rebuild)
 
 While a run is going, its rows live in the folder ``NAME.partial/`` as committed segments
 (see :mod:`featurecache.store.writer`).
@@ -26,6 +28,7 @@ import datetime
 import hashlib
 import json
 import os
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,7 +37,7 @@ import numpy as np
 
 __all__ = ["LayerSpec", "SCHEMA_VERSION", "FORMAT", "IDENTITY_KEYS", "partial_path", "fingerprint", "encode",
            "decode", "write_header", "create_row_datasets", "write_rows", "created_now",
-           "check_structure"]
+           "new_creation_id", "check_structure", "JOINED_COLUMNS"]
 
 SCHEMA_VERSION = 1
 FORMAT = "featurecache"
@@ -43,6 +46,9 @@ IDENTITY_KEYS = ("backbone", "weights", "weights_sha256", "preprocess", "pool", 
                  "dtype", "layers", "data_fingerprint", "shard_index", "shard_count")
 STR = h5py.string_dtype()
 ROW_DATASETS = ("labels", "paths", "splits")
+# /joined_shards/<column>: one row per joined shard (a joined file records what it joined)
+JOINED_COLUMNS = ("path", "fingerprint", "creation_id", "n_rows", "n_skipped", "created",
+                  "rebuild")
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,17 @@ def created_now() -> str:
     now = (datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch
            else datetime.datetime.now(datetime.timezone.utc))
     return now.isoformat(timespec="seconds")
+
+
+def new_creation_id(seed: str) -> str:
+    """The id a new file carries from its creation on (``creation_id``): random, so a file
+    made again with the same settings is told apart from the one it replaced (a joined file
+    records its shards' ids and refuses a shard whose id changed). With
+    ``SOURCE_DATE_EPOCH`` set (reproducible builds) it is derived from ``seed`` (the file's
+    fingerprint and creation time), so the same run makes the same bytes."""
+    if os.environ.get("SOURCE_DATE_EPOCH"):
+        return hashlib.sha256(f"featurecache-creation-id {seed}".encode()).hexdigest()[:32]
+    return uuid.uuid4().hex
 
 
 def encode(value):

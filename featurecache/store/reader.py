@@ -11,9 +11,10 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError, UnknownLayerError, close_matches, option
-from .layout import FORMAT, LayerSpec, SCHEMA_VERSION, check_structure, decode, partial_path
+from .layout import (FORMAT, JOINED_COLUMNS, LayerSpec, SCHEMA_VERSION, check_structure, decode,
+                     partial_path)
 
-__all__ = ["FeatureFile", "open_features"]
+__all__ = ["FeatureFile", "open_features", "joined_sources"]
 
 
 class FeatureFile:
@@ -64,12 +65,15 @@ class FeatureFile:
             missing = _missing_sources(self.path, [*f["layers"].values(),
                                                    *f.get("maps", {}).values()])
             self.classes = [decode(c) for c in f["classes"][()]]
+            record = _joined_record(f)
         if missing:
             raise StoreError(
                 f"{self.path} is a joined file whose shard files are missing: "
                 f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Its layers point "
                 f"into them (paths relative to the joined file): put them back beside it, or "
                 f"re-join with `featurecache join --copy` for one self-contained file.")
+        if record is not None and self.provenance.get("joined_as") != "copy":
+            _check_joined(self.path, record)  # a --copy join reads nothing else
         self._parts = [(self.path, 0, n, 0, k)]
 
     def _open_partial(self) -> None:
@@ -215,6 +219,69 @@ class FeatureFile:
                 "fingerprint", "dtype")
         specs = [self.layers[p].to_attrs() for p in self.check_layer(layer)]
         return {**{k: self.provenance.get(k) for k in keys}, "layer": layer, "specs": specs}
+
+
+def _joined_record(f) -> list | None:
+    """``[{column: value}]`` of ``/joined_shards`` (what a joined file joined), or None for
+    a file that is not joined or was joined before files recorded it."""
+    if "joined_shards" not in f:
+        return None
+    g = f["joined_shards"]
+    cols = {name: [decode(v) for v in g[name][()]] for name in JOINED_COLUMNS if name in g}
+    return [dict(zip(cols, row)) for row in zip(*cols.values())]
+
+
+def _check_joined(path: Path, record: list) -> None:
+    """Refuse a joined file one of whose shards is not the file it joined (replaced or
+    re-embedded since): its rows would be served under the joined file's paths and labels."""
+    for i, shard in enumerate(record):
+        src = Path(shard["path"])
+        full = src if src.is_absolute() else path.parent / src
+        try:
+            with h5py.File(full, "r") as f:
+                now = {k: decode(f.attrs[k]) for k in ("fingerprint", "creation_id", "n_committed",
+                                                       "complete", "created") if k in f.attrs}
+        except OSError as exc:
+            why = f"it cannot be read ({exc})"
+        else:
+            why = None
+            if now.get("fingerprint") != shard["fingerprint"]:
+                why = "it was made with other settings or other images"
+            elif (now.get("creation_id") or "") != shard["creation_id"] or \
+                    (now.get("created") or "") != shard["created"]:
+                why = "it was embedded again since (another creation id)"
+            elif not now.get("complete") or int(now.get("n_committed", -1)) != shard["n_rows"]:
+                why = (f"it holds {now.get('n_committed')} rows"
+                       f"{'' if now.get('complete') else ' and is unfinished'}, the join took "
+                       f"{shard['n_rows']}")
+        if why:
+            again = f" (`{shard['rebuild']}`)" if shard.get("rebuild") else ""
+            raise StoreError(
+                f"{path} is a joined file, but its shard {i} ({full}) is not the file it "
+                f"joined: {why}, so its rows would not match the joined paths and labels. Join "
+                f"the shards again with {option('overwrite')} (for a clustered embed: its embed "
+                f"command with {option('overwrite')}), or, if that shard was replaced by "
+                f"mistake, re-run its embed{again} with {option('overwrite')}, then join again.")
+
+
+def joined_sources(path) -> list:
+    """The shard files a joined file points into (its record, or its virtual datasets'
+    sources for a file joined before the record existed), as absolute paths; ``[]`` for a
+    file that is not joined or cannot be read. Reads nothing else (no checks)."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            record = _joined_record(f)
+            if record is not None:
+                names = [r["path"] for r in record]
+            else:
+                names = list(dict.fromkeys(
+                    vs.file_name for d in [*f.get("layers", {}).values(),
+                                           *f.get("maps", {}).values()] if d.is_virtual
+                    for vs in d.virtual_sources() if vs.file_name != "."))
+    except (OSError, KeyError, ValueError):
+        return []
+    return [Path(n) if Path(n).is_absolute() else path.parent / n for n in names]
 
 
 def _missing_sources(path: Path, datasets) -> list:

@@ -24,6 +24,7 @@ right input.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -41,7 +42,7 @@ import numpy as np
 from ..errors import DataWarning, StoreError, StoreMismatchError, option
 from ..files import atomic_output, fsync_dir
 from .layout import (FORMAT, IDENTITY_KEYS, create_row_datasets, created_now, decode,
-                     fingerprint, partial_path, write_rows)
+                     fingerprint, new_creation_id, partial_path, write_rows)
 from .segments import assemble, list_segments, no_space
 
 __all__ = ["Writer", "Batch"]
@@ -177,8 +178,14 @@ class Writer:
                                  f"over.") from None
             self._check_same(saved["meta"], self.partial)
             self.meta["created"] = saved["meta"].get("created")
+            # a header written before files had an id: one derived from it, the same on
+            # every resume
+            self.meta["creation_id"] = saved["meta"].get("creation_id") or hashlib.sha256(
+                header.read_bytes()).hexdigest()[:32]
         else:
             self.meta["created"] = created_now()
+            self.meta["creation_id"] = new_creation_id(
+                f"{self.meta['fingerprint']} {self.meta['created']}")
             with atomic_output(header) as tmp:
                 tmp.write_text(json.dumps({"meta": self.meta, "classes": self.classes,
                                            "specs": [s.to_attrs() for s in self.specs]},

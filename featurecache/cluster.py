@@ -10,7 +10,19 @@ A clustered embed is the single-process embed run K times, each on a contiguous 
   again; a partial one resumes from its committed rows, also when Dask retries a task whose
   worker died;
 * when every shard is complete they are joined into ``OUTPUT`` (virtual datasets, or one
-  self-contained copy): the same rows, in the same order, as one process would write.
+  self-contained copy): the same rows, in the same order, with the same paths, labels and
+  splits as one process would write; the values equal within float16 rounding (each
+  shard's sums depend on its worker's thread count: :func:`same_within_rounding`).
+
+``--overwrite`` of a joined output builds the new shards in the other of two folders
+(``OUTPUT.shards/`` and ``OUTPUT.shards.2/``) while the old ``OUTPUT`` keeps reading its own;
+the new ``OUTPUT`` replaces the old one by one rename, and only then are the old shards
+removed. A re-run after a kill resumes the new shards (with or without ``--overwrite``:
+``--overwrite`` starts them over).
+
+A worker process runs one shard at a time, with all its threads (torch.fx patches
+``torch.nn.Module.__call__`` process-wide while it traces a model, so no forward pass may
+run in another thread meanwhile; and a shard sets torch's threads to the worker's).
 
 Tasks ask for ``resources={"GPU": 1}`` when the workers advertise GPUs. ``compare`` runs its
 fits through joblib's Dask backend with each layer's array scattered once.
@@ -26,28 +38,78 @@ import contextlib
 import dataclasses
 import os
 import re
+import threading
 import time
 import uuid
 from pathlib import Path
 
-from .errors import FeaturecacheError, StoreMismatchError, option
+from .errors import FeaturecacheError, OptionError, StoreMismatchError, option
 
-__all__ = ["ClusterError", "connect", "embed_on_cluster", "joblib_on", "shard_paths"]
+__all__ = ["ClusterError", "connect", "embed_on_cluster", "joblib_on", "shard_paths",
+           "shard_folders", "check_request", "check_address", "same_within_rounding"]
 
 CONNECT_TIMEOUT = "5s"
 RETRIES = 2              # task errors retried (a dead worker's task is rescheduled by Dask)
 REPORT_EVERY = 0.5       # seconds between progress events of a shard
 _PART = re.compile(r"part-(\d{5})-of-(\d{5})\.h5$")
+SUPERSEDED = ".superseded.json"  # in an old output's shard folder, once its successor is built
+# one shard task at a time in a worker process (see the module's docstring)
+_SHARD_LOCK = threading.Lock()
 
 
 class ClusterError(FeaturecacheError):
     """The cluster cannot be reached or started, or a shard failed."""
 
 
-def shard_paths(output, count: int) -> list[Path]:
-    """``OUTPUT.shards/part-IIIII-of-KKKKK.h5`` for every shard."""
-    folder = Path(output).with_name(Path(output).name + ".shards")
+def shard_folders(output) -> tuple[Path, Path]:
+    """The two folders a clustered embed keeps its shards in: ``OUTPUT.shards`` and
+    ``OUTPUT.shards.2`` (an ``--overwrite`` builds in the one the old output does not use)."""
+    output = Path(output)
+    return output.with_name(output.name + ".shards"), output.with_name(output.name + ".shards.2")
+
+
+def shard_paths(output, count: int, folder=None) -> list[Path]:
+    """``FOLDER/part-IIIII-of-KKKKK.h5`` for every shard (default ``OUTPUT.shards``)."""
+    folder = Path(folder) if folder is not None else shard_folders(output)[0]
     return [folder / f"part-{i:05d}-of-{count:05d}.h5" for i in range(count)]
+
+
+def check_request(cluster, *, shards=None, copy=False, shard=(0, 1)) -> None:
+    """Refuse options that would be silently ignored: ``shard`` with a cluster (the cluster
+    cuts the shards itself), ``shards`` or ``copy`` without one.
+
+    Raises:
+        OptionError: naming the option to use instead.
+    """
+    if cluster is not None and tuple(shard) != (0, 1):
+        raise OptionError(
+            f"{option('shard', f'{shard[0]}/{shard[1]}')} does not go with "
+            f"{option('cluster', cluster)}: a clustered embed cuts the data into shards itself; "
+            f"choose how many with {option('shards', shard[1])}, or drop {option('cluster', cluster)} "
+            f"to embed this one shard here.")
+    if cluster is None and shards is not None:
+        raise OptionError(
+            f"{option('shards', shards)} applies to a clustered embed only: add "
+            f"{option('cluster', 'local')} (or a scheduler address) to run {shards} shards, or "
+            f"embed one part here with {option('shard', f'0/{shards}')}.")
+    if cluster is None and copy:
+        raise OptionError(
+            f"{option('copy')} applies to a clustered embed only (it joins the shards into one "
+            f"self-contained file); add {option('cluster', 'local')}, or join shard files with "
+            f"`featurecache join --copy`.")
+
+
+def same_within_rounding(a, b):
+    """Whether two arrays of stored values agree as a clustered embed promises to agree with
+    a one-process one: each value within one float16 step of the other (2**-10 of the larger
+    magnitude), or, for values near zero, within 2**-16 of their row's largest magnitude
+    (float32 sums in another order, then rounded). Returns the boolean mask per value."""
+    import numpy as np
+
+    a = np.asarray(a, dtype=np.float32).reshape(len(a), -1)
+    b = np.asarray(b, dtype=np.float32).reshape(len(b), -1)
+    scale = np.maximum(np.abs(a).max(axis=1, keepdims=True), np.abs(b).max(axis=1, keepdims=True))
+    return np.abs(a - b) <= 2.0 ** -10 * np.maximum(np.abs(a), np.abs(b)) + 2.0 ** -16 * scale
 
 
 @contextlib.contextmanager
@@ -79,6 +141,8 @@ def connect(address: str):
             raise ClusterError(f"{option('cluster', 'local-cuda')} needs dask-cuda: pip install "
                                f"dask-cuda (one worker per visible GPU).") from None
         cluster = LocalCUDACluster(dashboard_address=None)
+    else:
+        check_address(address)
     try:
         try:
             client = Client(cluster if cluster is not None else address,
@@ -94,6 +158,25 @@ def connect(address: str):
     finally:
         if cluster is not None:
             cluster.close()
+
+
+def check_address(address: str) -> None:
+    """Refuse a scheduler address Dask cannot parse before a Client is made (a Client that
+    fails on it prints a traceback from its ``__del__`` at exit, after a 10 s timeout)."""
+    if address in ("local", "local-cuda") or address.startswith("local:"):
+        return
+    try:
+        from distributed.comm.addressing import parse_address, parse_host_port
+    except ImportError:
+        return  # connect() says how to install Dask
+    try:
+        scheme, location = parse_address(address)
+        if scheme in ("tcp", "tls", "ws", "wss", "ucx"):
+            parse_host_port(location)
+    except ValueError as exc:
+        raise ClusterError(f"{option('cluster', address)} is not a cluster address ({exc}); "
+                           f"give local, local:N, local-cuda or a scheduler address such as "
+                           f"tcp://HOST:8786.") from None
 
 
 @contextlib.contextmanager
@@ -114,11 +197,43 @@ def _workers(client) -> dict:
         return client.scheduler_info()["workers"]
 
 
-def _existing_count(output) -> int | None:
-    folder = Path(output).with_name(Path(output).name + ".shards")
-    counts = {int(m.group(2)) for p in (folder.iterdir() if folder.is_dir() else ())
+def _existing_count(folder: Path | None) -> int | None:
+    """The shard count of the part files in ``folder`` (None: none, or several counts)."""
+    counts = {int(m.group(2)) for p in (folder.iterdir() if folder and folder.is_dir() else ())
               if (m := _PART.match(p.name.replace(".partial", "")))}
     return counts.pop() if len(counts) == 1 else None
+
+
+def _used_folder(output: Path) -> Path | None:
+    """Which of the two shard folders the existing ``output`` reads (or was joined from)."""
+    from .store.reader import joined_sources
+
+    sources = joined_sources(output) if output.is_file() else []
+    folders = {p.parent.resolve() for p in sources}
+    for folder in shard_folders(output):
+        if folders == {folder.resolve()}:
+            return folder
+    return None
+
+
+def _started(folder: Path, meta: dict, shards: int | None) -> bool:
+    """Whether ``folder`` holds a shard (complete or partial) of this very run: a run that
+    was stopped, to be resumed."""
+    from .store import open_features
+    from .store.layout import fingerprint
+
+    count = shards or _existing_count(folder)
+    if not count:
+        return False
+    for i, path in enumerate(shard_paths(None, count, folder)):
+        try:
+            ff = open_features(path)
+        except FeaturecacheError:
+            continue
+        if ff.provenance.get("fingerprint") == fingerprint(
+                {**meta, "shard_index": i, "shard_count": count}):
+            return True
+    return False
 
 
 def embed_on_cluster(source, output, *, cluster: str, shards: int | None = None,
@@ -126,7 +241,8 @@ def embed_on_cluster(source, output, *, cluster: str, shards: int | None = None,
     """:func:`featurecache.embed` in shards on a Dask cluster, joined into ``output``.
 
     Takes embed's options (the backbone by name). Returns an
-    :class:`~featurecache.embedding.EmbedResult` for the joined file.
+    :class:`~featurecache.embedding.EmbedResult` for the joined file. An existing ``output``
+    stays readable until the new one replaces it (see the module's docstring).
 
     Raises:
         ClusterError: the cluster cannot be reached, or a shard failed (named, with its
@@ -142,6 +258,7 @@ def embed_on_cluster(source, output, *, cluster: str, shards: int | None = None,
     output = Path(output)
     if not isinstance(kw["backbone"], str):
         raise ClusterError("a clustered embed takes the backbone by name (workers load it).")
+    check_address(cluster)  # before the data are listed and the backbone loaded
     say = _Say(progress is True)
     job = prepare(source, output, say=say, **kw)  # lists the data, loads the backbone
     # the whole data set's fingerprint, computed once: every shard's file records it
@@ -152,30 +269,48 @@ def embed_on_cluster(source, output, *, cluster: str, shards: int | None = None,
     if output.exists() and not (output.is_file() and is_hdf5(output)):
         raise StoreMismatchError(f"{output} exists and is not a feature file; choose another "
                                  f"output (it is never replaced).")
-    if output.exists() and not overwrite:
-        ff = open_features(output)
-        if not (ff.complete and ff.provenance.get("fingerprint") == fingerprint(job.meta)):
-            raise StoreMismatchError(
-                f"{output} exists and was made with other settings or is unfinished; use "
-                f"another output path or {option('overwrite')} to start over.")
-        say(f"{output} is complete; nothing to do.")
-        return EmbedResult(output, ff.n_rows, len(ff.skipped()), n, time.perf_counter() - t0,
-                           True, layers, job.source.ignored, maps)
     if shards is not None and shards > n:  # before any cluster is started
         raise ClusterError(f"{option('shards', shards)} is more shards than the {n:,} images; "
                            f"use at most {n:,}.")
+    used = _used_folder(output)  # the old output's shards: never touched before the swap
+    other = next(f for f in shard_folders(output) if f != used)
+    if output.exists() and not overwrite:
+        try:
+            ff, problem = open_features(output), None
+        except FeaturecacheError as exc:
+            ff, problem = None, exc
+        if ff is not None and ff.complete and \
+                ff.provenance.get("fingerprint") == fingerprint(job.meta):
+            say(f"{output} is complete; nothing to do.")
+            if _superseded(other, output) and _remove_folder(other):  # a kill cut it short
+                say(f"removed the shards of an earlier {output.name} left in {other}")
+            return EmbedResult(output, ff.n_rows, len(ff.skipped()), n,
+                               time.perf_counter() - t0, True, layers, job.source.ignored, maps)
+        if not _started(other, job.meta, shards):  # no stopped --overwrite of this run
+            raise problem or StoreMismatchError(
+                f"{output} exists and was made with other settings or is unfinished; use "
+                f"another output path or {option('overwrite')} to start over.")
+        folder = other  # an --overwrite that was stopped: resume its shards
+        say(f"resuming the new shards in {folder}; {output} stays as it is until they are "
+            f"joined")
+    elif output.exists():
+        folder = other
+    else:
+        folder = next((f for f in shard_folders(output) if _started(f, job.meta, shards)),
+                      other)
     with connect(cluster) as client:
         workers = _workers(client)
         client.run(_tune_worker)  # before any task thread exists on a fresh worker
-        count = shards or _existing_count(output) or min(n, 4 * max(1, len(workers)))
-        parts = shard_paths(output, count)
-        parts[0].parent.mkdir(exist_ok=True)
+        count = shards or _existing_count(folder) or _existing_count(used) or \
+            min(n, 4 * max(1, len(workers)))
+        parts = shard_paths(output, count, folder)
+        folder.mkdir(exist_ok=True)
         if overwrite:
-            _remove_parts(parts[0].parent)
+            _remove_parts(folder)  # not the old output's (that is in `used`)
         todo = [i for i in range(count) if not _complete(
             parts[i], fingerprint({**job.meta, "shard_index": i, "shard_count": count}))]
         say(f"{count} shards on {len(workers)} workers ({cluster}): {count - len(todo)} "
-            f"complete, {len(todo)} to run; shard files in {parts[0].parent}")
+            f"complete, {len(todo)} to run; shard files in {folder}")
         task_kw = {**kw, "backbone": job.backbone.name,
                    "layers": [s.name for s in layers],
                    "weights_file": os.path.abspath(kw["weights_file"]) if kw["weights_file"]
@@ -183,7 +318,12 @@ def embed_on_cluster(source, output, *, cluster: str, shards: int | None = None,
         gpu = any("GPU" in w.get("resources", {}) for w in workers.values())
         _run_shards(client, src, parts, todo, task_kw, gpu, progress, n)
     say(f"joining {count} shards into {output}{' (copy)' if copy else ''}")
+    # one rename replaces the old output; only then are its shards removed
+    if used is not None and used != folder:
+        _mark_superseded(used, parts)
     join_shards(parts, output, overwrite=True, copy=copy, rebuild=job.meta["rebuild"])
+    if used is not None and used != folder:
+        _remove_folder(used)
     ff = open_features(output)
     return EmbedResult(output, ff.n_rows, len(ff.skipped()), 0, time.perf_counter() - t0,
                        False, layers, job.source.ignored, maps)
@@ -200,12 +340,69 @@ def _complete(path: Path, fp: str) -> bool:
     return ff.complete and ff.provenance.get("fingerprint") == fp
 
 
-def _remove_parts(folder: Path) -> None:
+def _remove_parts(folder: Path) -> int:
+    """Remove the shard files in ``folder`` (not a shard a live writer holds); returns how
+    many were removed."""
     import shutil
 
-    for p in folder.iterdir():
-        if _PART.match(p.name.replace(".partial", "").replace(".lock", "")):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    from filelock import FileLock, Timeout
+
+    removed = 0
+    for p in sorted(folder.iterdir() if folder.is_dir() else ()):
+        if not _PART.match(p.name.replace(".partial", "").replace(".lock", "")):
+            continue
+        if p.is_dir():
+            lock = FileLock(str(p / ".lock"))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue  # a task of another run is writing it
+            try:
+                shutil.rmtree(p)
+            finally:
+                lock.release()
+        else:
+            p.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _remove_folder(folder: Path) -> int:
+    """Remove the shards of ``folder``, then its mark and the folder if nothing else is in it."""
+    removed = _remove_parts(folder)
+    for mark in folder.glob(f".{SUPERSEDED}.*"):  # a mark a kill cut while it was written
+        mark.unlink(missing_ok=True)
+    (folder / SUPERSEDED).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+    return removed
+
+
+def _mark_superseded(old: Path, parts) -> None:
+    """Write into the old output's shard folder which shards replace it (their creation ids):
+    once an output that joined exactly those is in place, the folder is known to be unused,
+    also when a kill cut its removal short."""
+    import json
+
+    from .files import atomic_output
+    from .store import open_features
+
+    ids = [open_features(p).provenance.get("creation_id") for p in parts]
+    with atomic_output(old / SUPERSEDED) as tmp:
+        tmp.write_text(json.dumps(ids))
+
+
+def _superseded(folder: Path, output: Path) -> bool:
+    """Whether ``folder`` is marked as replaced by the shards ``output`` joined."""
+    import json
+
+    from .store.reader import joined_ids
+
+    try:
+        ids = json.loads((folder / SUPERSEDED).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(ids) and ids == joined_ids(output)
 
 
 def _run_shards(client, source, parts, todo, task_kw, gpu, progress, n_total) -> None:
@@ -309,10 +506,6 @@ def _embed_shard(part, path: str, kw: dict, topic: str, index: int):
     tune(single_arena=True)  # Dask workers trim memory after every free (malloc.py)
     worker = get_worker()
     threads = max(1, worker.state.nthreads)
-    torch.set_num_threads(threads)  # the worker's share of the machine, not all its cores
-    if kw.get("num_workers") is None:
-        kw = {**kw, "num_workers": decode_workers(threads, kw.get("device"))}
-    worker.log_event(topic, (index, -1))
     last = [0.0]
 
     def report(done, total):
@@ -321,5 +514,13 @@ def _embed_shard(part, path: str, kw: dict, topic: str, index: int):
             last[0] = now
             worker.log_event(topic, (index, done))
 
-    r = embed(part, path, progress=report, **kw)
+    # one shard at a time per worker process, with all of the worker's threads: torch.fx
+    # patches torch.nn.Module.__call__ process-wide while it traces, so another thread's
+    # forward pass meanwhile fails ("module is not installed as a submodule")
+    with _SHARD_LOCK:
+        torch.set_num_threads(threads)  # the worker's share of the machine, not all its cores
+        if kw.get("num_workers") is None:
+            kw = {**kw, "num_workers": decode_workers(threads, kw.get("device"))}
+        worker.log_event(topic, (index, -1))
+        r = embed(part, path, progress=report, **kw)
     return r.n_rows

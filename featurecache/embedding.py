@@ -108,6 +108,9 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
           "on_error": on_error, "overwrite": overwrite, "commit_rows": commit_rows,
           "commit_every": commit_every, "keep_map": list(keep_map), "map_size": map_size}
     check_options(kw, cluster=cluster, shards=shards, copy=copy)
+    from .cluster import check_request
+
+    check_request(cluster, shards=shards, copy=copy, shard=shard)  # nothing silently ignored
     if cluster is not None:
         from .cluster import embed_on_cluster
 

@@ -148,6 +148,10 @@ def info(path, show_skipped, as_json):
     click.echo(f"data: {p['data_root']} ({p['data_kind']}, split {p['split_origin']}), "
                + (f"joined from {p['joined_from']} shards ({p.get('joined_as', 'virtual')})"
                   if p.get("joined_from") else f"shard {p['shard_index']}/{p['shard_count']}"))
+    if p.get("joined_from"):
+        click.echo("joined: the same rows, order, paths, labels and splits as one process would "
+                   "write; values equal to a one-process embed's within float16 rounding (each "
+                   "shard's sums follow its worker's thread count)")
     click.echo(f"made: {p['created']} with featurecache {p['featurecache_version']}, torch "
                f"{p['torch_version']}, torchvision {p['torchvision_version']} on {p['device']}")
     click.echo(f"rebuild: {p['rebuild']}")

@@ -14,7 +14,7 @@ from ..errors import StoreError, UnknownLayerError, close_matches, option
 from .layout import (FORMAT, JOINED_COLUMNS, LayerSpec, SCHEMA_VERSION, check_structure, decode,
                      partial_path)
 
-__all__ = ["FeatureFile", "open_features", "joined_sources"]
+__all__ = ["FeatureFile", "open_features", "joined_sources", "joined_ids"]
 
 
 class FeatureFile:
@@ -282,6 +282,16 @@ def joined_sources(path) -> list:
     except (OSError, KeyError, ValueError):
         return []
     return [Path(n) if Path(n).is_absolute() else path.parent / n for n in names]
+
+
+def joined_ids(path) -> list:
+    """The creation ids of the shards a joined file joined (its record), ``[]`` without one."""
+    try:
+        with h5py.File(path, "r") as f:
+            record = _joined_record(f)
+    except (OSError, KeyError, ValueError):
+        return []
+    return [r["creation_id"] for r in record or ()]
 
 
 def _missing_sources(path: Path, datasets) -> list:

@@ -235,9 +235,11 @@ def sweep_cluster(args):
 
     cmd = [*base, "--layer", "stage3,avgpool", "--overwrite"]
     # the client's own thread (no -f): its renames and unlinks, not the workers'
-    totals = {s: _calls(cmd, env, s, follow=False) for s in ("rename", "unlink")}
-    new = out.read_bytes()
-    restore()
+    totals = {}
+    for syscall in ("rename", "unlink"):
+        totals[syscall] = _calls(cmd, env, syscall, follow=False)
+        new = out.read_bytes()  # built in the second folder, as every run below
+        restore()
     failures, points = [], [(s, w) for s in ("rename", "unlink") for w in range(1, totals[s] + 1)]
     for syscall, when in points:
         res = _kill(cmd, env, syscall, when, follow=False)
@@ -254,6 +256,10 @@ def sweep_cluster(args):
         except Exception as exc:  # noqa: BLE001 - reported
             problems.append(f"the output does not open: {exc}")
         again = _cli([*base, "--layer", "stage3,avgpool"], env)  # without --overwrite
+        started = folders[1].is_dir() and any(folders[1].iterdir())
+        if again.returncode != 0 and not started and "other settings" in again.stderr:
+            # killed before any new shard existed: nothing to resume, the old file stands
+            again = _cli(cmd, env)
         if again.returncode != 0:
             problems.append(f"re-run failed: {again.stderr.strip()[-300:]}")
         else:

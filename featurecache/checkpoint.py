@@ -49,6 +49,7 @@ class Finetuned:
     provenance: dict
     history: list
     path: Path
+    run_id: str | None = None    # the fine-tune run that wrote model.pt and summary.json
 
     def check_compatible(self, provenance: dict, what: str, keys=MATCH_KEYS) -> None:
         """Refuse maps made differently from the training maps, naming the field.
@@ -126,8 +127,9 @@ class Finetuned:
         return CachedMaps(ff, spec)
 
 
-def save_finetuned(path, model, classes, provenance: dict, history: list, settings: dict) -> None:
-    torch.save({"format": FORMAT, "version": VERSION, "classes": list(classes),
+def save_finetuned(path, model, classes, provenance: dict, history: list, settings: dict,
+                   run_id: str | None = None) -> None:
+    torch.save({"format": FORMAT, "version": VERSION, "run_id": run_id, "classes": list(classes),
                 "provenance": provenance, "history": history, "settings": settings,
                 "state_dict": {k: v.detach().cpu().contiguous() for k, v in
                                model.state_dict().items()}}, path)
@@ -142,8 +144,10 @@ def load_finetuned(path) -> Finetuned:
     from .backbones import backbone_for
     from .topblocks import TopModel, split_top
 
+    from .files import published
+
     p = Path(path)
-    file = p / "model.pt" if p.is_dir() else p
+    file = published(p) / "model.pt" if p.is_dir() else p
     if not file.is_file():
         raise HeadError(f"{path} is not a fine-tuned model (no model.pt); make one with "
                         f"`featurecache finetune`.")
@@ -165,4 +169,13 @@ def load_finetuned(path) -> Finetuned:
         raise HeadError(f"{file} does not fit the blocks of {prov['backbone']} above "
                         f"{prov['from_layer']} ({str(exc).splitlines()[0]}).") from None
     return Finetuned(model.eval(), bb, list(data["classes"]), prov, data.get("history", []),
-                     file)
+                     file, data.get("run_id"))
+
+
+def run_id_of(file) -> str | None:
+    """The run id saved in a fine-tuned model file, read without loading its tensors."""
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - the loader reports damaged files; here: no id
+        return None
+    return data.get("run_id") if isinstance(data, dict) else None

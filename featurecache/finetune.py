@@ -48,9 +48,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -416,20 +414,18 @@ def _summary(feed, prov, classes, settings, history, best, train, val, test, sec
 
 
 def _write(out, model, classes, prov, history, settings, summary, best_epoch, scoring) -> None:
-    """Write model.pt, curve.png and summary.json through a staging folder inside ``out``:
-    a kill leaves the previous fine-tune's files whole."""
+    """Write model.pt, curve.png and summary.json as one unit (:func:`files.publish_folder`):
+    a kill at any call leaves the previous fine-tune whole, or the new one. Both model.pt and
+    summary.json carry the run id, so a reader can refuse files of two runs."""
     from .checkpoint import save_finetuned
-    from .files import fsync_dir
+    from .files import publish_folder
     from .plots import plot_curve
 
-    out.mkdir(exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".finetune-", dir=out))
-    try:
-        save_finetuned(staging / "model.pt", model, classes, prov, history, settings)
-        plot_curve(staging / "curve.png", history, best_epoch, scoring)
-        (staging / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        for name in OUTPUT_FILES:  # summary.json, the index, last
-            (staging / name).replace(out / name)
-        fsync_dir(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    def write(folder):
+        run = folder.name
+        save_finetuned(folder / "model.pt", model, classes, prov, history, settings, run_id=run)
+        plot_curve(folder / "curve.png", history, best_epoch, scoring)
+        (folder / "summary.json").write_text(json.dumps({**summary, "run_id": run}, indent=1,
+                                                        default=str))
+
+    publish_folder(out, write, legacy=OUTPUT_FILES)

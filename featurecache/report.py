@@ -34,7 +34,6 @@ Example::
 from __future__ import annotations
 
 import shutil
-import tempfile
 import contextlib
 import time
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from .errors import FeaturecacheError, HeadError, HeadOptionError
 from .options import CLUSTER, COMPARE, SELECT, check
 from .search import HEAD_KINDS, check_options
 from .fewshot import check_shots, feasible_shots, refit_few_shot
-from .report_files import markdown_table, publish, row_name, verdict_text, write_report
+from .report_files import markdown_table, own_files, row_name, verdict_text, write_report
 from .stats import METRICS, SCORING_METRIC, bootstrap, interval, paired_difference
 
 __all__ = ["compare", "CompareResult", "SELECT", "select_winner"]
@@ -289,19 +288,17 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
                 "heads": heads, "kernel": kernel, "class_weight": class_weight, "seed": seed,
                 "n_boot": n_boot, "shots": [str(s) for s in shots], "repeats": repeats,
                 "seconds": round(time.perf_counter() - t0, 1)}
-    out_dir.mkdir(exist_ok=True)
-    # everything is written into a hidden staging folder inside out_dir, then moved into
-    # place file by file (results.json last): a kill leaves the previous report's files whole
-    staging = Path(tempfile.mkdtemp(prefix=".compare-", dir=out_dir))
-    try:
-        (staging / "heads").mkdir()
+    from .files import publish_folder
+
+    def write(folder):  # every file of the report, then published as one unit
+        (folder / "heads").mkdir()
         for r in frozen:
-            fitted[((r["backbone"], r["layer"]), r["head"])].save(staging / r["head_file"])
-        shutil.copyfile(staging / best_frozen["head_file"], staging / "best.joblib")
-        write_report(staging, files, names, rows, winner, verdict, cm, settings)
-        publish(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            fitted[((r["backbone"], r["layer"]), r["head"])].save(folder / r["head_file"])
+        shutil.copyfile(folder / best_frozen["head_file"], folder / "best.joblib")
+        write_report(folder, files, names, rows, winner, verdict, cm,
+                     {**settings, "run_id": folder.name})
+
+    publish_folder(out_dir, write, legacy=own_files(out_dir))
     return CompareResult(rows, winner, verdict, out_dir)
 
 

@@ -1,17 +1,15 @@
 """The files of a comparison report: results.csv/json, report.md (table and verdict), the
-plots, and their publication into the report folder (replacing only a previous report's
-files)."""
+plots (published into the report folder as one unit by :func:`files.publish_folder`)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 from .stats import SCORING_METRIC
 
-__all__ = ["write_report", "publish", "own_files", "verdict_text", "markdown_table", "row_name",
+__all__ = ["write_report", "own_files", "verdict_text", "markdown_table", "row_name",
            "REPORT_FILES"]
 
 REPORT_FILES = ("results.csv", "report.md", "layer_depth.png", "few_shot.png", "confusion.png",
@@ -19,31 +17,14 @@ REPORT_FILES = ("results.csv", "report.md", "layer_depth.png", "few_shot.png", "
 
 
 def own_files(folder: Path) -> set:
-    """The files a previous report in ``folder`` wrote (named by its results.json)."""
+    """The files a report written before versions existed left in ``folder`` (named by its
+    results.json), adopted whole by :func:`files.publish_folder` before it is replaced."""
     try:
         old = json.loads((folder / "results.json").read_text())
         heads = {r["head_file"] for r in old.get("rows", []) if r.get("head_file")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()
     return {f for f in REPORT_FILES if (folder / f).is_file()} | heads
-
-
-def publish(staging: Path, out_dir: Path) -> None:
-    """Move the new report's files over the old ones, then remove the old report's files
-    that the new one does not have. Nothing else in ``out_dir`` is touched."""
-    from .files import fsync_dir
-
-    stale = own_files(out_dir)
-    new = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
-    new.sort(key=lambda f: f == "results.json")  # the index of the report goes last
-    for rel in new:
-        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging / rel, out_dir / rel)
-    fsync_dir(out_dir)
-    for rel in stale - set(new):
-        target = (out_dir / rel).resolve()
-        if out_dir.resolve() in target.parents:  # never outside the report folder
-            target.unlink(missing_ok=True)
 
 
 def row_name(r) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FeaturecacheError
+from .errors import FeaturecacheError, option
 
 __all__ = ["read_finetuned", "finetuned_rows", "strategy_text", "same_paths",
            "split_settings_differ", "validation_fold", "score_on_fold", "FROZEN",
@@ -62,7 +62,9 @@ def read_finetuned(folder, first) -> dict:
     folder = Path(folder)
     if folder.suffix == ".pt" and folder.is_file():  # ft/model.pt: its folder
         folder = folder.parent
-    path = folder / "summary.json" if folder.is_dir() else folder
+    from .files import published
+
+    path = published(folder) / "summary.json" if folder.is_dir() else folder
     try:
         s = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -73,6 +75,13 @@ def read_finetuned(folder, first) -> dict:
     if not (path.parent / "model.pt").is_file():
         raise FeaturecacheError(f"{path.parent} has a summary.json but no model.pt: the "
                                 f"fine-tuned model is missing; run `featurecache finetune` again.")
+    from .checkpoint import run_id_of
+
+    if s.get("run_id") != run_id_of(path.parent / "model.pt"):
+        raise FeaturecacheError(f"{path.parent}: model.pt and summary.json come from two "
+                                f"different fine-tune runs (one was interrupted while it "
+                                f"replaced the other's files); run `featurecache finetune` "
+                                f"again with {option('overwrite')}.")
     if s["classes"] != first.classes:
         raise FeaturecacheError(f"{folder} was fine-tuned on classes {s['classes']}, but "
                                 f"{first.path} has {first.classes}.")

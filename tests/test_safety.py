@@ -269,6 +269,67 @@ def test_a_kill_at_any_write_leaves_the_old_output_or_none(command, image_folder
         assert data == previous or _complete(tmp_path / final), (command, when)
 
 
+def _calls(cmd, cwd, syscalls) -> dict:
+    """How often an uninterrupted run makes each of ``syscalls``."""
+    out = subprocess.run(["strace", "-f", "-c", "-e", "trace=" + ",".join(syscalls), "-o",
+                          "/dev/stdout", sys.executable, "-m", "featurecache.cli", *cmd],
+                         capture_output=True, text=True, cwd=cwd)
+    found = {line.split()[-1]: int(line.split()[3]) for line in out.stdout.splitlines()
+             if line.split() and line.split()[-1] in syscalls and line.split()[3].isdigit()}
+    return {s: found.get(s, 0) for s in syscalls}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+@pytest.mark.parametrize("command", ["fit-head", "compare", "finetune"])
+def test_a_kill_at_any_rename_or_unlink_leaves_the_old_output_or_the_new_one_whole(
+        command, image_folder, tiny_backbone, tmp_path, feats_path):
+    """Issue 22, item 4: finetune/compare --overwrite killed between two renames mixed the
+    files of two runs (a new model.pt beside the old summary.json)."""
+    from featurecache.files import published
+
+    if command == "finetune":
+        embed(image_folder, tmp_path / "m.h5", backbone=tiny_backbone, layers=["avgpool"],
+              keep_map=["stage4"], num_workers=0, progress=False)
+    cmd, final = {
+        "fit-head": (["fit-head", "logreg", "f.h5", "--layer", "avgpool", "-o", "h.joblib",
+                      "--n-jobs", "1"], "h.joblib"),
+        "compare": (["compare", "f.h5", "-o", "rep", "--heads", "logreg", "--layers", "avgpool",
+                     "--overwrite", "-q", "--n-jobs", "1"], "rep"),
+        "finetune": (["finetune", "m.h5", "-o", "ft", "--epochs", "1", "--overwrite", "-q"],
+                     "ft"),
+    }[command]
+    assert subprocess.run([sys.executable, "-m", "featurecache.cli", *cmd],
+                          cwd=tmp_path).returncode == 0
+    final = tmp_path / final
+    previous = published(final).name if final.is_dir() else final.read_bytes()
+    calls = _calls(cmd, tmp_path, ("rename", "unlink", "unlinkat", "symlink"))
+    assert calls["rename"] >= 1
+    for syscall, n in calls.items():
+        # the output is published last: the last calls of each kind (all renames and links)
+        for when in range(max(1, n - (1 if syscall.startswith("unlink") else 3)), n + 1):
+            subprocess.run(["strace", "-f", "-o", "/dev/null", "-e", f"trace={syscall}", "-e",
+                            f"inject={syscall}:signal=KILL:when={when}", sys.executable, "-m",
+                            "featurecache.cli", *cmd], cwd=tmp_path, capture_output=True)
+            if not final.is_dir():
+                assert final.read_bytes() == previous or _complete(final), (syscall, when)
+                continue
+            version = published(final)
+            files = sorted(p.name for p in final.iterdir() if not p.name.startswith("."))
+            # every published name leads into the one version, which has all of them
+            assert files == sorted(p.name for p in version.iterdir()), (syscall, when)
+            assert all((final / f).resolve().parent in (version, version / "heads")
+                       for f in files), (syscall, when)
+            if version.name != previous:  # the new one: whole, one run's files
+                if command == "finetune":
+                    assert _complete(final / "model.pt"), (syscall, when)
+                else:
+                    res = json.loads((final / "results.json").read_text())
+                    assert res["settings"]["run_id"] == version.name
+                    assert load_head(final / "best.joblib").kind == "logreg"
+                previous = version.name
+
+
 def _complete(path) -> bool:
     """A whole output of the same kind: loads and has content."""
     if path.suffix == ".joblib":
@@ -279,7 +340,7 @@ def _complete(path) -> bool:
 
         ft = load_finetuned(path.parent)
         summary = json.loads((path.parent / "summary.json").read_text())
-        return ft.history == summary["history"]
+        return ft.history == summary["history"] and ft.run_id == summary["run_id"]
     if path.suffix == ".h5":
         return open_features(path).n_rows == 18
     lines = path.read_text().splitlines()

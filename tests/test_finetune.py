@@ -318,8 +318,10 @@ def test_compare_checks_the_finetune_folders(tuned, clip, tmp_path):
         compare(clip, tmp_path / "r", heads=["logreg"], progress=False,
                 finetuned=[tuned.out_dir, tuned.out_dir / "model.pt"])
     copy = tmp_path / "copy"
-    shutil.copytree(tuned.out_dir, copy)
-    (copy / "model.pt").unlink()
+    shutil.copytree(tuned.out_dir, copy, symlinks=True)
+    from featurecache.files import published
+
+    (published(copy) / "model.pt").unlink()  # the published model itself is gone
     with pytest.raises(FeaturecacheError, match="no model.pt"):
         compare(clip, tmp_path / "r", heads=["logreg"], progress=False, finetuned=[copy])
     # a fine-tune of another backbone can win a file's compare: no frozen row of its own

@@ -24,15 +24,18 @@ import dataclasses, sys
 from featurecache import embed
 from featurecache.backbones import Preprocess, load_backbone
 bb = dataclasses.replace(load_backbone("efficientnet_lite0"), preprocess=Preprocess(resize=64, crop=64))
-delay = float(sys.argv[3]) if len(sys.argv) > 3 else 0
-if delay:
-    import time
+gate = sys.argv[3] if len(sys.argv) > 3 else None
+if gate:  # after two batches, wait until the test creates the gate file
+    import os, time
     from featurecache.extract import FeatureExtractor
     forward = FeatureExtractor.forward
-    def slow(self, x):
-        time.sleep(delay)
+    calls = []
+    def gated(self, x):
+        calls.append(1)
+        while len(calls) > 2 and not os.path.exists(gate):
+            time.sleep(0.05)
         return forward(self, x)
-    FeatureExtractor.forward = slow
+    FeatureExtractor.forward = gated
 embed(sys.argv[1], sys.argv[2], backbone=bb, layers=["blocks.5", "avgpool"], batch_size=4,
       commit_rows=4, num_workers=0, progress=False)
 """
@@ -53,7 +56,7 @@ def crash_setup(tmp_path):
 
 
 def _run(script, root, out, env, strace=(), delay=None):
-    cmd = [*strace, sys.executable, str(script), str(root), str(out)] + ([str(delay)] if delay else [])
+    cmd = [*strace, sys.executable, str(script), str(root), str(out)] + ([str(delay)] if delay else [])  # delay: a gate file
     return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=out.parent)
 
 
@@ -159,10 +162,11 @@ def test_the_final_file_does_not_depend_on_where_a_run_stopped(crash_setup, tmp_
 def test_readers_and_a_second_writer_during_an_embed(crash_setup, tmp_path):
     root, script, env = crash_setup
     out = tmp_path / "f.h5"
-    first = subprocess.Popen([sys.executable, str(script), str(root), str(out), "1.5"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    gate = tmp_path / "go"  # the first writer holds its third batch until this file exists
+    first = subprocess.Popen([sys.executable, str(script), str(root), str(out), str(gate)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 300  # polls for the first commit (a load-proof bound)
         while not list(partial_path(out).glob("seg-*.h5")) and time.time() < deadline:
             time.sleep(0.2)
         assert list(partial_path(out).glob("seg-*.h5")), "the embed never committed"
@@ -174,10 +178,10 @@ def test_readers_and_a_second_writer_during_an_embed(crash_setup, tmp_path):
                                   capture_output=True, text=True)
             assert info.returncode == 0 and "Traceback" not in info.stderr, info.stderr
             seen.append(info.stdout)
-            time.sleep(0.3)
-        assert any("INCOMPLETE" in s for s in seen)
+        assert all("INCOMPLETE" in s for s in seen)  # the writer is held: never complete yet
     finally:
-        _, err = first.communicate(timeout=120)
+        gate.touch()
+        _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     ff = open_features(out)
     assert ff.complete and ff.n_rows == 24

@@ -130,3 +130,16 @@ def test_a_name_with_brackets_is_a_file_not_a_pattern(world):
     out = res.stdout.decode()
     assert res.returncode == 0, res.stderr.decode()
     assert "photo [1].png" in out and '"predicted": "red"' in out and "photo 1.png" not in out
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(feats_path):
+    """Issue 22, item 15: `featurecache info F | head` ended with "Error: Broken pipe." and
+    exit 1. The read end of the pipe is closed before the command starts: every write fails."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = subprocess.run([sys.executable, "-m", "featurecache.cli", "info", str(feats_path)],
+                           stdout=write, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write)
+    assert r.returncode == 141 and r.stderr == "", r.stderr

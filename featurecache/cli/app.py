@@ -33,6 +33,14 @@ def _friendly(fn=None, *, style: str = "cli"):
             return fn(*args, **kwargs)
         except FeaturecacheError as exc:
             raise click.ClickException(exc.message(style, _table_of)) from None
+        except BrokenPipeError:
+            # the reader of our output went away (`featurecache info f.h5 | head`): stop
+            # quietly, as git does; stdout is pointed at /dev/null so the final flush is silent
+            import os
+            import sys
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(141) from None  # 128 + SIGPIPE, what a shell shows for git log
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise click.ClickException(f"no space left on device while writing "

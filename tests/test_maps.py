@@ -113,3 +113,14 @@ def test_bad_map_requests_are_named(image_folder, tiny_backbone, tmp_path):
     ff = open_features(run(image_folder, tmp_path / "plain.h5", tiny_backbone, keep_map=[]).path)
     with pytest.raises(UnknownLayerError, match=r"re-embed with keep_map=\['stage4'\]"):
         ff.map_rows("stage4", [0])
+
+
+def test_adding_a_map_to_an_existing_file_names_the_maps(image_folder, tiny_backbone, tmp_path):
+    """Issue 22, item 13: the message listed no setting ("made with different settings ()")."""
+    from featurecache.errors import StoreMismatchError
+
+    out = tmp_path / "f.h5"
+    kw = dict(backbone=tiny_backbone, layers=["avgpool"], num_workers=0, progress=False)
+    embed(image_folder, out, **kw)
+    with pytest.raises(StoreMismatchError, match=r"\(maps: file has None, this run has \['stage4'\]\)"):
+        embed(image_folder, out, keep_map=["stage4"], **kw)

@@ -220,8 +220,9 @@ class Writer:
             raise StoreMismatchError(f"{path} exists and is not a featurecache file; choose "
                                      f"another output or pass {option('overwrite')}.")
         if old.get("fingerprint") != self.meta["fingerprint"]:
-            diff = [k for k in IDENTITY_KEYS if json.dumps(old.get(k), sort_keys=True, default=str)
-                    != json.dumps(self.meta.get(k), sort_keys=True, default=str)]
+            diff = [k for k in (*IDENTITY_KEYS, "maps", "map_size")  # (the maps count too)
+                    if json.dumps(old.get(k) or None, sort_keys=True, default=str)
+                    != json.dumps(self.meta.get(k) or None, sort_keys=True, default=str)]
             detail = "; ".join(
                 "the images differ (files added, removed, relabelled or rewritten since)"
                 if k == "data_fingerprint" else

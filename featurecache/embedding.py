@@ -238,13 +238,13 @@ def _run(records, offset, bb, extractor, dev, writer, batch_size, num_workers, o
     loader = torch.utils.data.DataLoader(
         ImageDataset(records, bb.preprocess.transform(), bb.preprocess.exif), batch_size=batch_size,
         num_workers=num_workers, collate_fn=collate, pin_memory=dev.type == "cuda",
-        persistent_workers=False)
+        persistent_workers=False, timeout=_stall_seconds() if num_workers else 0)
     report, done = (progress if callable(progress) else None), offset
     bar = tqdm(total=len(records) + offset, initial=offset, unit="img", disable=progress is not True,
                desc=f"embed {bb.name}", dynamic_ncols=True)
     amp = torch.autocast("cuda", dtype=torch.float16) if dev.type == "cuda" else nullcontext()
     with bar:
-        for batch in loader:
+        for batch in _delivered(loader, num_workers):
             if batch.failed and on_error == "fail":
                 i, reason = batch.failed[0]
                 raise DataError(f"{records[i].path}: {reason}. Use {option('on_error', 'skip')} "
@@ -276,6 +276,40 @@ def _run(records, offset, bb, extractor, dev, writer, batch_size, num_workers, o
             if skipped:
                 bar.set_postfix(skipped=writer.n_skipped + len(skipped), refresh=False)
     writer.flush()
+
+
+STALL_SECONDS = 300  # no batch from the decode workers for this long: they cannot deliver
+
+
+def _stall_seconds() -> float:
+    return float(os.environ.get("FEATURECACHE_DECODE_TIMEOUT", STALL_SECONDS))
+
+
+def _delivered(loader, num_workers):
+    """The loader's batches; decode workers that died or stopped delivering (a full or small
+    /dev/shm: torch hands batches over in shared memory) end the run with one line instead of
+    a wait without end. What was committed stays, and the same command resumes."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            text = str(exc)
+            if "timed out" not in text and "exited unexpectedly" not in text \
+                    and "is killed by signal" not in text:
+                raise
+            what = ("delivered no batch for "
+                    f"{_stall_seconds():g} s" if "timed out" in text else "died")
+            raise DataError(
+                f"the {num_workers} image decode workers {what} ({text.splitlines()[0]}). They "
+                f"hand batches over in shared memory: a full or small /dev/shm (a container's "
+                f"default is 64 MB) is the usual cause; give it more room (docker run "
+                f"--shm-size=1g) or decode in this process with {option('num_workers', 0)}. "
+                f"The rows committed so far are kept: run the same command again to resume.") \
+                from None
+        yield batch
 
 
 def _unusable_rows(feats: dict, dtype: str) -> dict:

@@ -236,3 +236,30 @@ def feats_path_factory(image_folder, tiny_backbone, tmp_path):
               progress=False)
         return out
     return make
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(STRACE is None, reason="needs strace")
+def test_decode_workers_that_cannot_hand_over_a_batch_end_the_run_then_it_resumes(
+        crash_setup, tmp_path, tiny_backbone):
+    """Issue 22, item 17: with the first write of every thread failing (as with a full
+    /dev/shm), the workers' feeders died and the embed waited forever. Now: one line naming
+    the cause and the fix, a non-zero exit, and the same command resumes to a whole file."""
+    root, _, env = crash_setup
+    out = tmp_path / "f.h5"
+    cmd = [sys.executable, "-m", "featurecache.cli", "embed", str(root), "-o", str(out),
+           "--layer", "stage3,avgpool", "--batch-size", "4", "--workers", "2", "-q"]
+    r = subprocess.run([STRACE, "-f", "-qq", "-o", os.devnull, "-e", "trace=write", "-e",
+                        "inject=write:error=ENOSPC:when=1", *cmd], capture_output=True, text=True,
+                       env={**env, "FEATURECACHE_DECODE_TIMEOUT": "15"}, timeout=600)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert "decode workers" in last and "/dev/shm" in last and "--workers 0" in last, last
+    assert not out.exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr
+    fresh = tmp_path / "fresh.h5"
+    assert subprocess.run([*cmd[:6], str(fresh), *cmd[7:]], env=env).returncode == 0
+    a, b = open_features(out), open_features(fresh)
+    assert a.paths() == b.paths() and a.n_rows == b.n_rows == 24
+    np.testing.assert_array_equal(a.X("avgpool"), b.X("avgpool"))

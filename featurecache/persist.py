@@ -210,6 +210,12 @@ def load_head(path) -> Head:
     Raises:
         HeadError: the file is missing, unreadable, untrusted, or not a featurecache head.
     """
+    from pathlib import Path
+
+    p = Path(path)
+    if p.name in ("summary.json", "curve.png") and (p.parent / "model.pt").exists():
+        raise HeadError(f"{path} is a file of the fine-tune in {p.parent}; give the folder "
+                        f"({p.parent}) or {p.parent / 'model.pt'}.")
     data = load_head_dict(path)
     required = [k for k, f in Head.__dataclass_fields__.items()
                 if f.default is MISSING and f.default_factory is MISSING]

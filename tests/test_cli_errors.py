@@ -143,3 +143,15 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(feats_path):
     finally:
         os.close(write)
     assert r.returncode == 141 and r.stderr == "", r.stderr
+
+
+def test_a_file_of_a_finetune_folder_given_as_a_head_points_at_the_folder(feats_path, tmp_path):
+    """Issue 22, item 15: `score ft/summary.json F` said "cannot read ... (KeyError: 123)"."""
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    (ft / "model.pt").write_bytes(b"")
+    (ft / "summary.json").write_text("{}")
+    r = subprocess.run([sys.executable, "-m", "featurecache.cli", "score", str(ft / "summary.json"),
+                        str(feats_path)], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "give the folder" in r.stderr and "model.pt" in r.stderr, r.stderr

@@ -124,7 +124,7 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
     with on_device(bb.model, dev), Writer(output, job.meta, specs, job.source.classes,
                                          overwrite=overwrite, commit_rows=commit_rows,
                                          commit_every=commit_every) as w:
-        resumed = w.n_done
+        resumed, was_complete = w.n_done, w.already_complete  # (a final file already there)
         if resumed and not w.already_complete:
             say(f"resuming after {resumed:,} of {len(records):,} inputs committed earlier")
         if not w.already_complete:
@@ -132,7 +132,7 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
                  num_workers, on_error, progress)
             w.close(complete=True)
         return EmbedResult(Path(output), w.n_committed, w.n_skipped, resumed,
-                           time.perf_counter() - t0, resumed == len(records),
+                           time.perf_counter() - t0, was_complete,
                            [s for s in specs if not s.is_map], job.source.ignored,
                            [s for s in specs if s.is_map])
 

@@ -313,3 +313,28 @@ def test_shards_join_into_one_virtual_file(image_folder, tiny_backbone, tmp_path
     with pytest.raises(StoreError, match=r"different numbers of shards \(.*s0.h5 is 0/3, "
                                          r".*half.h5 is 1/2\)"):
         join_shards([shard_dir / "s0.h5", tmp_path / "half.h5"], tmp_path / "x.h5")
+
+
+def test_a_rerun_that_assembles_the_final_file_says_so(image_folder, tiny_backbone, tmp_path,
+                                                       monkeypatch):
+    """Issue 22, item 15: a run killed after its last commit, before the final file was
+    assembled: the re-run assembles it and said "already complete; nothing to do"."""
+    from featurecache.store.writer import Writer
+
+    out = tmp_path / "f.h5"
+    kw = dict(backbone=tiny_backbone, layers=["avgpool"], num_workers=0, progress=False)
+    close = Writer.close
+
+    def killed_before_assembly(self, complete=False):
+        close(self, complete=False)
+        if complete:
+            raise RuntimeError("killed before the assembly")
+
+    monkeypatch.setattr(Writer, "close", killed_before_assembly)
+    with pytest.raises(RuntimeError, match="before the assembly"):
+        embed(image_folder, out, **kw)
+    monkeypatch.setattr(Writer, "close", close)
+    assert not out.exists()
+    r = embed(image_folder, out, **kw)
+    assert out.is_file() and not r.already_complete and r.resumed_from == r.n_rows + r.n_skipped
+    assert embed(image_folder, out, **kw).already_complete

@@ -155,3 +155,29 @@ def test_a_file_of_a_finetune_folder_given_as_a_head_points_at_the_folder(feats_
                         str(feats_path)], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "give the folder" in r.stderr and "model.pt" in r.stderr, r.stderr
+
+
+def test_info_reads_the_partial_folder_it_names(image_folder, tiny_backbone, tmp_path,
+                                                monkeypatch):
+    """Issue 22, item 15: `info NAME.partial` said "is a directory", although info names an
+    unfinished file that way."""
+    from featurecache import embed
+    from featurecache.store.writer import Writer
+
+    close = Writer.close
+
+    def stopped(self, complete=False):
+        close(self, complete=False)
+        if complete:
+            raise RuntimeError("stopped")
+
+    monkeypatch.setattr(Writer, "close", stopped)
+    with pytest.raises(RuntimeError):
+        embed(image_folder, tmp_path / "f.h5", backbone=tiny_backbone, layers=["avgpool"],
+              num_workers=0, progress=False)
+    r = subprocess.run([sys.executable, "-m", "featurecache.cli", "info",
+                        str(tmp_path / "f.h5.partial")], capture_output=True, text=True)
+    assert r.returncode == 0 and "INCOMPLETE" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "featurecache.cli", "info", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "is a folder, not a feature file" in r.stderr

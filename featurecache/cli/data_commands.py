@@ -112,7 +112,7 @@ def embed(data, output, layer_opts, shard, quiet, **kwargs):
 
 
 @cli.command(epilog="\b\nExample:\n  featurecache info feats.h5 --skipped")
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", type=click.Path())  # NAME.partial (a folder) too
 @click.option("--skipped", "show_skipped", is_flag=True, help="List the skipped inputs and why.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_friendly

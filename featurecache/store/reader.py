@@ -330,4 +330,7 @@ def open_features(path) -> FeatureFile:
         if partial_path(path).exists():
             return FeatureFile(partial_path(path))
         raise StoreError(f"feature file {path} does not exist; make it with `featurecache embed`.")
+    if path.is_dir() and not path.name.endswith(".partial"):
+        raise StoreError(f"{path} is a folder, not a feature file; give the .h5 file (or the "
+                         f"NAME.h5.partial folder of an unfinished embed).")
     return FeatureFile(path)

@@ -19,7 +19,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .solvers import _SVC_MAX_ITER, KNN_TEMPERATURE, LOGREG, gram, mlp_classifier, use_gram
+from .solvers import _SVC_MAX_ITER, KNN_TEMPERATURE, LINEAR_SVC, LOGREG, gram, mlp_classifier, use_gram
 
 __all__ = ["GramLinearSVC", "make_estimator", "temperature_weights"]
 
@@ -133,7 +133,7 @@ def make_estimator(kind: str, params: dict, *, kernel: str = "linear", class_wei
         clf = GramLinearSVC(C=params["C"], class_weight=class_weight, random_state=seed)
     else:
         clf = LinearSVC(C=params["C"], class_weight=class_weight, random_state=seed,
-                        dual=False, max_iter=2000, tol=1e-3)
+                        **LINEAR_SVC)
     if probability and kind == "svm":  # sklearn's replacement for SVC(probability=True)
         clf = CalibratedClassifierCV(clf, ensemble=False, cv=3)
     return Pipeline([("scale", StandardScaler()), ("clf", clf)])

@@ -47,7 +47,8 @@ def refit(X, y, kind: str, params: dict, *, kernel: str = "linear", class_weight
 
     from .estimators import make_estimator
 
-    X = np.asarray(X, dtype=np.float32)
+    # logistic regression in float64, as in the CV: lbfgs on float32 stops short of the optimum
+    X = np.asarray(X, dtype=np.float64 if kind == "logreg" else np.float32)
     from .solvers import sample_weights, use_gram
 
     pipe = make_estimator(kind, params, kernel=kernel, class_weight=class_weight, seed=seed,

@@ -1,7 +1,22 @@
-"""Data sources (folders, manifests, built-ins) -> records; records -> decoded image batches."""
+"""Data sources (folders, manifests, built-ins) -> records; records -> decoded image batches.
 
-from .decode import Batch, ImageDataset, collate, load_image
-from .sources import BUILTINS, Record, Source, open_source, shard_range
+The source classes and their registry (:mod:`.sources`) import no torch or PIL; the decoding
+names (:mod:`.decode`) are imported on first use (PEP 562).
+"""
 
-__all__ = ["Record", "Source", "open_source", "shard_range", "BUILTINS",
-           "load_image", "ImageDataset", "Batch", "collate"]
+from .base import Listing, Record, Source, shard_range
+from .sources import BUILTINS, SOURCES, open_source, read_record, resolve_spec, source_class, spec_help
+
+_LAZY = {"load_image": "decode", "read_file": "decode", "ImageDataset": "decode",
+         "Batch": "decode", "collate": "decode"}
+
+__all__ = ["Record", "Source", "Listing", "SOURCES", "open_source", "source_class", "resolve_spec",
+           "read_record", "spec_help", "shard_range", "BUILTINS", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

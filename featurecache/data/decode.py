@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -17,36 +16,38 @@ from PIL import Image, ImageOps
 
 from ..errors import DataError
 
-__all__ = ["load_image", "ImageDataset", "Batch", "collate", "MAX_PIXELS", "MAX_ASPECT"]
+__all__ = ["load_image", "read_file", "ImageDataset", "Batch", "collate", "MAX_PIXELS", "MAX_ASPECT"]
 
 MAX_PIXELS = 100_000_000  # larger images are skipped: a decompression bomb, or not a photo
 MAX_ASPECT = 4  # the long side is center-cropped to 4x the short one before any resizing
 
 
-@lru_cache(maxsize=2)
-def _builtin_images(name: str) -> np.ndarray:
-    from sklearn.datasets import load_digits
-
-    return load_digits().images  # (1797, 8, 8), values 0..16
-
-
 def load_image(path: str, exif: bool = True) -> Image.Image:
-    """Decode one image to 8-bit RGB.
+    """Decode one image to 8-bit RGB: a file (see :func:`read_file`), or a record id that a
+    registered source opens without a file (``builtin:digits/0007``; see
+    :func:`featurecache.data.sources.read_record`).
+
+    Raises:
+        DataError: the image cannot be read; the message names it.
+    """
+    from .sources import read_record
+
+    return read_record(path, exif)
+
+
+def read_file(path: str, exif: bool = True) -> Image.Image:
+    """Decode one image file to 8-bit RGB.
 
     With ``exif``, the EXIF orientation is applied (a phone photo taken upright comes out
     upright). Grayscale, palette, CMYK and 16-bit images are converted; transparency is
     flattened onto white. An image longer than :data:`MAX_ASPECT` times its short side is
     center-cropped to that ratio (the part a center crop keeps anyway), so the work per image
-    is bounded. ``builtin:digits/NNNN`` reads scikit-learn's bundled digit NNNN.
+    is bounded.
 
     Raises:
         DataError: the file is missing (or a broken link), empty, truncated, not an image, or
             over :data:`MAX_PIXELS` pixels; the message names the file.
     """
-    if path.startswith("builtin:"):
-        name, _, index = path[len("builtin:"):].partition("/")
-        pixels = np.round(_builtin_images(name)[int(index)] * 255 / 16).astype(np.uint8)
-        return Image.fromarray(pixels, mode="L").convert("RGB")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
@@ -100,19 +101,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 class ImageDataset(torch.utils.data.Dataset):
     """``records[i] -> (tensor or None, i, reason or None)``; never raises for a bad image.
-    ``exif``: apply EXIF orientation (part of the backbone's :class:`Preprocess`)."""
+    ``exif``: apply EXIF orientation (part of the backbone's :class:`Preprocess`); ``read``:
+    ``(record id, exif) -> PIL.Image``, the source's reader (default :func:`load_image`)."""
 
-    def __init__(self, records, transform, exif: bool = True):
+    def __init__(self, records, transform, exif: bool = True, read=None):
         self.records = records
         self.transform = transform
         self.exif = exif
+        self.read = read
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int):
+        read = self.read or load_image  # looked up per call (tests patch load_image)
         try:
-            return self.transform(load_image(self.records[i].path, self.exif)), i, None
+            return self.transform(read(self.records[i].path, self.exif)), i, None
         except DataError as exc:  # the reason, without the path it is stored beside
             reason, path = str(exc), self.records[i].path
             return None, i, reason[len(path) + 2:] if reason.startswith(path + ": ") else reason

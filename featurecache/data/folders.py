@@ -12,13 +12,34 @@ import os
 from pathlib import Path
 
 from ..errors import DataError
+from .base import Listing, Source
 
-__all__ = ["IMAGE_EXTENSIONS", "SPLIT_NAMES", "folder_items", "is_hidden", "stamp", "warn"]
+__all__ = ["FolderSource", "IMAGE_EXTENSIONS", "SPLIT_NAMES", "folder_items", "is_hidden", "stamp",
+           "warn"]
 
 NOT_UTF8 = "files whose names are not UTF-8"
 IGNORED_NAMES = ("__MACOSX",)  # folders that archive tools add beside the data
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 SPLIT_NAMES = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
+
+
+class FolderSource(Source):
+    """``DATA/<class>/<image>`` (kind ``folder``: a seeded, stratified split is drawn) or
+    ``DATA/<split>/<class>/<image>`` (kind ``split-folders``); a record's id is the image's
+    absolute path."""
+
+    spec_help = "an image folder"
+    example = "photos/"
+
+    @classmethod
+    def accepts(cls, spec: str) -> bool:
+        return Path(spec).is_dir()
+
+    @classmethod
+    def list_items(cls, spec: str) -> Listing:
+        path, ignored = Path(spec), {}
+        kind, items = folder_items(path, ignored)
+        return Listing(str(path.resolve()), kind, items, ignored)
 
 
 def stamp(path: str, st=None) -> str:

@@ -26,7 +26,7 @@ import torch
 
 from . import versions
 from .backbones import Backbone, load_backbone
-from .data import ImageDataset, Source, collate, open_source, shard_range
+from .data import Source, collate, open_source, shard_range
 from .errors import DataError, OptionError, option
 from .options import CLUSTER, DATA, DEFAULT_BACKBONE, DTYPES, EMBED, ON_ERROR, check
 from .extract import FeatureExtractor, default_device, on_device, to_layout
@@ -128,8 +128,8 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
         if resumed and not w.already_complete:
             say(f"resuming after {resumed:,} of {len(records):,} inputs committed earlier")
         if not w.already_complete:
-            _run(records[w.n_done:], w.n_done, bb, extractor, dev, w, job.batch_size,
-                 num_workers, on_error, progress)
+            _run(job.source, records[w.n_done:], w.n_done, bb, extractor, dev, w,
+                 job.batch_size, num_workers, on_error, progress)
             w.close(complete=True)
         return EmbedResult(Path(output), w.n_committed, w.n_skipped, resumed,
                            time.perf_counter() - t0, was_complete,
@@ -208,9 +208,9 @@ def prepare(source, output, *, backbone, layers, weights, weights_file, pool, to
         "n_inputs": len(records), "torch_version": v["torch"],
         "torchvision_version": v["torchvision"], "featurecache_version": v["featurecache"],
         "python_version": v["python"], "device": str(dev),
-        "rebuild": _rebuild_command(source, output, bb, specs, pool, token_pool, dtype, test_size,
-                                    seed, max_per_class, shard, weights, weights_file, maps,
-                                    map_size),
+        "rebuild": _rebuild_command(src.describe(), output, bb, specs, pool, token_pool, dtype,
+                                    test_size, seed, max_per_class, shard, weights, weights_file,
+                                    maps, map_size),
     }
     if maps:  # part of the identity only when present (older files keep their fingerprint)
         meta.update(maps=[m.name for m in maps], map_size=map_size or 0)
@@ -229,14 +229,14 @@ class _Say:
             print(message, file=sys.stderr, flush=True)
 
 
-def _run(records, offset, bb, extractor, dev, writer, batch_size, num_workers, on_error,
+def _run(source, records, offset, bb, extractor, dev, writer, batch_size, num_workers, on_error,
          progress):
     from tqdm.auto import tqdm
 
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1)
     loader = torch.utils.data.DataLoader(
-        ImageDataset(records, bb.preprocess.transform(), bb.preprocess.exif), batch_size=batch_size,
+        source.dataset(records, bb.preprocess.transform(), bb.preprocess.exif), batch_size=batch_size,
         num_workers=num_workers, collate_fn=collate, pin_memory=dev.type == "cuda",
         persistent_workers=False, timeout=_stall_seconds() if num_workers else 0)
     report, done = (progress if callable(progress) else None), offset
@@ -327,7 +327,7 @@ def _unusable_rows(feats: dict, dtype: str) -> dict:
 
 def _rebuild_command(source, output, bb, specs, pool, token_pool, dtype, test_size, seed,
                      max_per_class, shard, weights, weights_file, maps=(), map_size=None) -> str:
-    source = str(source) if str(source).startswith("builtin:") else os.path.abspath(source)
+    """``source``: the data's spec as the source describes itself (:meth:`Source.describe`)."""
     parts = ["featurecache", "embed", source, "-o", os.path.abspath(output), "--backbone", bb.name]
     parts += (["--weights-file", os.path.abspath(weights_file)] if weights_file
               else ["--weights", str(weights)])

@@ -70,13 +70,16 @@ def augmenting(preprocess):
 
 class ImageMaps:
     """The map of ``spec`` computed from the images of ``records`` by the frozen bottom of
-    ``bb`` (in inference mode); ``augment``: training batches are augmented images."""
+    ``bb`` (in inference mode); ``augment``: training batches are augmented images; ``data``:
+    the :class:`~featurecache.data.Source` the records come from, which reads them (default:
+    records whose ids are files)."""
 
     source = "images"
 
     def __init__(self, records, classes, bb, spec, dev, *, augment: bool = False,
-                 num_workers: int | None = None, dtype: str = "float32"):
+                 num_workers: int | None = None, dtype: str = "float32", data=None):
         self.records, self.bb, self.spec, self.dev = records, bb, spec, dev
+        self.data = data
         self.classes = list(classes)
         self.labels = np.array([r.label for r in records], dtype=np.int64)
         self.splits = np.array([r.split for r in records], dtype=object)
@@ -92,7 +95,8 @@ class ImageMaps:
         rows = np.asarray(rows, dtype=np.int64)
         tf = augmenting(self.bb.preprocess) if train and self.augment else \
             self.bb.preprocess.transform()
-        data = ImageDataset([self.records[i] for i in rows], tf, self.bb.preprocess.exif)
+        make = self.data.dataset if self.data is not None else ImageDataset
+        data = make([self.records[i] for i in rows], tf, self.bb.preprocess.exif)
         loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate,
                                              num_workers=self.num_workers)
         for batch in loader:
@@ -159,7 +163,7 @@ def open_feed(source, from_layer, augment, dev, *, backbone, weights, weights_fi
         split = {"split_origin": src.split_origin, "seed": seed, "test_size": test_size,
                  "max_per_class": -1 if max_per_class is None else max_per_class}
         feed = ImageMaps(src.records, src.classes, bb, spec, dev, augment=augment,
-                         num_workers=num_workers)
+                         num_workers=num_workers, data=src)
     pool = pools.get(final.node, "avg")
     prov = {**bb.provenance(), "from_layer": from_layer, "from_node": spec.node,
             "from_kind": spec.kind, "map_shape": list(spec.shape), "map_dtype": feed.dtype,

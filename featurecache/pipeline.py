@@ -157,11 +157,16 @@ def load_pipeline(path=None, overrides=(), text: str | None = None) -> Plan:
                             "run.json (relative paths are relative to the pipeline file).")
     if path is not None:  # the file's relative paths are relative to the file
         base = Path(path).resolve().parent
+        from .data import resolve_spec
+
         for table, name in PATH_KEYS:
             value = config[table][name]
             given = (f"{table}.{name}" if table else name) in overridden
-            if value and not given and not value.startswith("builtin:") and \
-                    not Path(value).expanduser().is_absolute():
+            if not value or given:
+                continue
+            if (table, name) == ("data", "root"):  # by its source's rule (a scheme stays as it is)
+                config[table][name] = resolve_spec(value, base)
+            elif not Path(value).expanduser().is_absolute():
                 config[table][name] = os.path.normpath(base / Path(value).expanduser())
     return Plan(config, Path(path) if path else None)
 

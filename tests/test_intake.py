@@ -207,6 +207,7 @@ def test_data_that_compare_cannot_use_is_refused_before_any_image_is_decoded(
         raise AssertionError("an image was decoded")
 
     monkeypatch.setattr(decode, "load_image", never)
+    monkeypatch.setattr(decode, "read_file", never)  # what a file source's records are read with
     for split in ("train",):
         for c in ("a", "b"):
             (tmp_path / "given" / split / c).mkdir(parents=True)

@@ -118,6 +118,7 @@ def test_source_contract(cls, make, tmp_path, monkeypatch):
     ids = [r.id for r in src.records]
     assert len(set(ids)) == len(ids) and set(ids) == set(ex.expected)
     assert all(r.id == r.path for r in src.records)
+    assert len(set(sources.same_ids(ids))) == len(ids)
     again = open_source(ex.spec)
     assert again.records == src.records and again.classes == src.classes
     assert src.classes == sorted({c for c, _ in ex.expected.values()})
@@ -183,6 +184,16 @@ def test_a_part_keeps_its_class_and_reads_its_records(tmp_path):
     assert type(part) is FolderSource and part.fingerprint() == src.fingerprint()
     assert part.records == src.records[4:] and part.describe() == src.describe()
     assert np.asarray(part.open_record(part.records[0])).shape == (4, 5, 3)
+
+
+def test_the_same_images_through_a_linked_folder_have_the_same_ids(tmp_path):
+    ex = class_folders(tmp_path)
+    (tmp_path / "link").symlink_to(ex.spec)
+    direct, linked = open_source(ex.spec), open_source(tmp_path / "link")
+    assert [r.id for r in direct.records] != [r.id for r in linked.records]
+    assert sources.same_ids(r.id for r in direct.records) == \
+        sources.same_ids(r.id for r in linked.records)
+    assert sources.same_ids(["builtin:digits/0001"]) == ["builtin:digits/0001"]
 
 
 def test_stored_fingerprints_are_what_they_were(tmp_path):

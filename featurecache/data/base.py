@@ -77,7 +77,7 @@ class Source:
       once, in order);
     * ``prefix`` (a scheme such as ``builtin:``, or "" for a local path), ``spec_help`` (how
       the user names it, for messages and help text), ``example`` and, if the default does
-      not fit, ``resolve(spec, base)`` and ``describe()``.
+      not fit, ``resolve(spec, base)``, ``describe()`` and ``same_id(record_id)``.
     """
 
     root: str
@@ -113,6 +113,12 @@ class Source:
             return spec
         p = Path(spec).expanduser()
         return spec if p.is_absolute() else os.path.normpath(Path(base) / p)
+
+    @classmethod
+    def same_id(cls, record_id: str) -> str:
+        """The form of a record id under which two ids name the same image (to match the rows
+        of two files): a local path resolved (symlinks, ``..``); an id with a scheme as it is."""
+        return record_id if cls.prefix else os.path.realpath(record_id)
 
     @classmethod
     def open(cls, spec, test_size: float = 0.3, seed: int = 0,

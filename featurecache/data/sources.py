@@ -26,7 +26,7 @@ from .folders import IMAGE_EXTENSIONS, FolderSource
 from .manifest import ManifestSource
 
 __all__ = ["SOURCES", "BUILTINS", "IMAGE_EXTENSIONS", "Record", "Source", "open_source",
-           "source_class", "resolve_spec", "read_record", "spec_help", "shard_range"]
+           "source_class", "resolve_spec", "read_record", "same_ids", "spec_help", "shard_range"]
 
 # the one registry of source kinds; prefixed kinds are matched first, then local paths in order
 SOURCES: tuple = (FolderSource, ManifestSource, BuiltinSource)
@@ -66,6 +66,13 @@ def resolve_spec(spec: str, base) -> str:
     """``spec`` as written in a file in folder ``base`` (a pipeline TOML): a relative local
     path is taken relative to ``base``; a spec with a scheme stays as it is."""
     return (_prefixed(spec) or Source).resolve(spec, base)
+
+
+def same_ids(record_ids) -> list:
+    """Each record id in the form under which two ids name the same image (local paths
+    resolved: the same images reached through a symlinked folder compare equal; ids with a
+    scheme as they are)."""
+    return [(_prefixed(i) or Source).same_id(i) for i in record_ids]
 
 
 def read_record(record_id: str, exif: bool = True):

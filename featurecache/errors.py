@@ -1,4 +1,8 @@
-"""The package's exceptions. The CLI turns each into one clean line and exit code 1."""
+"""The package's exceptions. The CLI turns each into one clean line and exit code 1.
+
+A leaf: it imports nothing of the package (the options' declarations, which say how each
+front end names an option, are handed to :func:`render` by the front end).
+"""
 
 from __future__ import annotations
 
@@ -24,32 +28,27 @@ def option(name: str, value=True) -> str:
     return f"{_MARK}{name}{_MARK}{json.dumps(value)}{_MARK}"
 
 
-def render(message: str, style: str = "python", table_of=None) -> str:
+def render(message: str, style: str = "python", table_of=None, declared=None) -> str:
     """Write the options of ``message`` as ``style`` (``python``, ``cli`` or ``pipeline``;
-    ``table_of(name)`` gives a pipeline key's table, e.g. ``embed``)."""
+    ``table_of(name)`` gives a pipeline key's table, e.g. ``embed``; ``declared(name)`` the
+    declaration of a keyword, with its ``flag`` and ``toml_key``: see
+    :func:`featurecache.options.declared`)."""
     def one(m) -> str:
         name, value = m.group(1), json.loads(m.group(2))
-        declared = _declared(name)
+        declared_ = declared(name) if declared is not None and style != "python" else None
         if style == "cli":
-            flag = declared.flag if declared else "--" + name.replace("_", "-")
+            flag = declared_.flag if declared_ else "--" + name.replace("_", "-")
             if isinstance(value, list):
                 value = ",".join(map(str, value))
             return flag if value is True else f"{flag} {value}"
         if style == "pipeline":
-            name = declared.toml_key if declared else name
+            name = declared_.toml_key if declared_ else name
             table = table_of(name) if table_of else None
             toml = json.dumps(value) if not isinstance(value, bool) else str(value).lower()
             return f"{table + '.' if table else ''}{name} = {toml}"
         return f"{name}={value!r}"
 
     return _OPTION.sub(one, message)
-
-
-def _declared(name: str):
-    """The declared option of that keyword (its flag and pipeline key may differ from it)."""
-    from .options import STAGES
-
-    return next((o for opts in STAGES.values() for o in opts if o.name == name), None)
 
 
 class FeaturecacheError(Exception):
@@ -59,8 +58,8 @@ class FeaturecacheError(Exception):
     def __str__(self) -> str:
         return render(super().__str__())
 
-    def message(self, style: str = "python", table_of=None) -> str:
-        return render(super().__str__(), style, table_of)
+    def message(self, style: str = "python", table_of=None, declared=None) -> str:
+        return render(super().__str__(), style, table_of, declared)
 
 
 class UnknownBackboneError(FeaturecacheError, ValueError):
@@ -114,8 +113,8 @@ class FeaturecacheWarning(UserWarning):
     def __str__(self) -> str:
         return render(super().__str__())
 
-    def message(self, style: str = "python", table_of=None) -> str:
-        return render(super().__str__(), style, table_of)
+    def message(self, style: str = "python", table_of=None, declared=None) -> str:
+        return render(super().__str__(), style, table_of, declared)
 
 
 class DataWarning(FeaturecacheWarning):

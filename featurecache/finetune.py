@@ -58,7 +58,7 @@ import torch
 
 from .errors import FeaturecacheError
 from .feeds import holdout, open_feed, warn_small_fold
-from .options import DEFAULT_BACKBONE, FINETUNE, check
+from .options import DEFAULT_BACKBONE, validated
 
 __all__ = ["finetune", "FinetuneResult", "MARGIN_SE"]
 
@@ -81,6 +81,7 @@ class FinetuneResult:
     summary: dict
 
 
+@validated("finetune")
 def finetune(source, output, *, from_layer: str = "stage4", augment: bool = False,
              epochs: int = 5, lr: float = 1e-3, weight_decay: float = 0.01, batch_size: int = 32,
              val_fraction: float = 0.2, patience: int = 2, refit: str = "all",
@@ -113,13 +114,7 @@ def finetune(source, output, *, from_layer: str = "stage4", augment: bool = Fals
             final pooled layer, a layer the network cannot be cut at, a class with no
             training rows; nothing is written.
     """
-    from .search import check_options
-
-    t0 = time.perf_counter()
-    check(FINETUNE, {"from_layer": from_layer, "augment": augment, "epochs": epochs, "lr": lr,
-                     "weight_decay": weight_decay, "batch_size": batch_size,
-                     "val_fraction": val_fraction, "patience": patience, "refit": refit})
-    check_options(scoring=scoring)
+    t0 = time.perf_counter()  # every option is checked already (options.validated)
     from .files import output_folder
 
     out = output_folder(output, overwrite, "fine-tune")

@@ -30,9 +30,10 @@ from torch import nn
 
 from .errors import OptionError, UnknownLayerError, close_matches
 from .extract import POOLS, TOKEN_POOLS, raw_extractor
+from .options import DEFAULT_BACKBONE, declared, validated
 from .store.layout import LayerSpec  # the record the file stores; torch-free
 
-__all__ = ["LayerInfo", "LayerSpec", "Listing", "list_layers", "probe", "resolve_layers",
+__all__ = ["LayerInfo", "LayerSpec", "Listing", "describe_layers", "list_layers", "probe", "resolve_layers",
            "resolve_maps"]
 
 _SKIP = (nn.Dropout, nn.Identity)
@@ -127,6 +128,23 @@ def probe(model: nn.Module, names: list[str], size: int, method: str = "auto"):
         if kind:
             found[name] = (kind, tuple(t.shape[1:]))
     return found, used
+
+
+@validated("layers")
+def describe_layers(backbone: str = DEFAULT_BACKBONE, *, weights: str | None = "none",
+                    all_nodes: bool = False, pool: str = "avg") -> dict:
+    """``featurecache layers``: the storable layers of a backbone, loaded by name.
+
+    Returns ``{"backbone", "method", "note", "layers": [{"name", "kind", "shape", "width",
+    "depth", "aliases"}]}``, widths after ``pool``; the weights (default: none, the fastest)
+    change no shape.
+    """
+    from .backbones import load_backbone
+
+    listing = list_layers(load_backbone(backbone, weights), all_nodes=all_nodes)
+    rows = [{"name": l.name, "kind": l.kind, "shape": list(l.shape), "width": l.width(pool),
+             "depth": l.depth, "aliases": list(l.aliases)} for l in listing.layers]
+    return {"backbone": backbone, "method": listing.method, "note": listing.note, "layers": rows}
 
 
 def list_layers(backbone, all_nodes: bool = False, method: str = "auto") -> Listing:
@@ -264,10 +282,8 @@ def resolve_layers(backbone, names, pool: str = "avg", token_pool: str = "cls",
     Raises:
         UnknownLayerError: a name is not storable; the message gives close matches.
     """
-    if pool not in POOLS:
-        raise OptionError(f"pool {pool!r} is not one of {', '.join(POOLS)}.")
-    if token_pool not in TOKEN_POOLS:
-        raise OptionError(f"token pool {token_pool!r} is not one of {', '.join(TOKEN_POOLS)}.")
+    declared("pool").check(pool)  # OptionError: the declaration's rule (options.py)
+    declared("token_pool").check(token_pool)
     names = list(dict.fromkeys(names))
     if not names:
         raise UnknownLayerError("no layer requested; pass at least one --layer.")

@@ -13,11 +13,13 @@ This module imports nothing heavy: ``featurecache --help`` reads it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .errors import OptionError
+from .errors import HeadOptionError, OptionError
 
 __all__ = ["Option", "DATA", "EMBED", "COMPARE", "CLUSTER", "FINETUNE", "TOP", "STAGES", "check", "click_options",
+           "Stage", "SIGNATURES", "validated", "declared", "PREDICT", "SCORE", "LAYERS", "JOIN",
+           "SEED", "OVERWRITE", "KIND",
            "reference_toml", "class_weight", "FIT_HEAD", "FIT_HEAD_SHARED", "DEFAULT_BACKBONE", "POOLS", "TOKEN_POOLS", "DTYPES", "ON_ERROR",
            "HEAD_KINDS", "KERNELS", "SCORINGS", "SELECT", "CLASS_WEIGHTS"]
 
@@ -59,6 +61,10 @@ class Option:
     auto_means: str = "auto"  # what ``auto`` stands for, in reference.toml
     excluded: tuple = ()      # values inside the range that mean nothing (n_jobs = 0)
     cli: str = ""             # the CLI flag's name, when not the pipeline key
+    nullable: bool = False    # None is taken too (from Python), meaning the default's choice
+    objects: tuple = ()       # class names of objects taken instead (a loaded Backbone)
+    noun: str = ""            # a choice outside its choices reads "NOUN 'x' is not one of ..."
+    error: type = OptionError  # the type raised for a bad value (a subclass of OptionError)
 
     @property
     def toml_key(self) -> str:
@@ -79,7 +85,10 @@ class Option:
     def check(self, value, where: str = ""):
         """Return ``value`` if it is allowed, else raise :class:`OptionError` naming it."""
         named = where or self.name
-        if value is None and self.default is None:
+        error = self.error
+        if value is None and (self.default is None or self.nullable):
+            return value
+        if self.objects and any(c.__name__ in self.objects for c in type(value).__mro__):
             return value
         if self.type is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
@@ -89,32 +98,39 @@ class Option:
             if not isinstance(value, list) or not all(isinstance(v, self.items) and
                                                       not isinstance(v, bool) for v in value):
                 kinds = " or ".join("numbers" if t is int else "strings" for t in self.items)
-                raise OptionError(f"{named} must be a list of {kinds}, got {value!r}.")
+                raise error(f"{named} must be a list of {kinds}, got {value!r}.")
             small = [v for v in value if self.low is not None and v < self.low]
             if small:
-                raise OptionError(f"{named}: {small} below {self.low:g}; each must be "
-                                  f"{self._range()}.")
+                raise error(f"{named}: {small} below {self.low:g}; each must be "
+                            f"{self._range()}.")
             bad = [v for v in value if self.choices and v not in self.choices]
+            if bad and self.noun and not where:
+                raise error(self._not_one_of(bad[0]))
             if bad:
-                raise OptionError(f"{named}: {bad} not known; choose from "
-                                  f"{', '.join(self.choices)}.")
+                raise error(f"{named}: {bad} not known; choose from "
+                            f"{', '.join(self.choices)}.")
             return value
         if not isinstance(value, self.type) or (self.type is not bool and isinstance(value, bool)):
-            raise OptionError(f"{named} must be {self.type.__name__}, got "
-                              f"{type(value).__name__} {value!r}.")
+            raise error(f"{named} must be {self.type.__name__}, got "
+                        f"{type(value).__name__} {value!r}.")
         if self.type is float and not math.isfinite(value):
-            raise OptionError(f"{named} = {value!r} is not a finite number.")
-        where = f"{named} = {value!r}"
+            raise error(f"{named} = {value!r} is not a finite number.")
+        where_ = f"{named} = {value!r}"
         if value in self.excluded:
-            raise OptionError(f"{where} is not allowed; {self.help}.")
+            raise error(f"{where_} is not allowed; {self.help}.")
         if self.choices and value not in self.choices:
-            raise OptionError(f"{where} is not allowed; choose one of "
-                              f"{', '.join(self.choices)}.")
+            if self.noun and not where:
+                raise error(self._not_one_of(value))
+            raise error(f"{where_} is not allowed; choose one of "
+                        f"{', '.join(self.choices)}.")
         below = self.low is not None and (value <= self.low if self.open else value < self.low)
         above = self.high is not None and (value >= self.high if self.open else value > self.high)
         if below or above:
-            raise OptionError(f"{where} is out of range; it must be {self._range()}.")
+            raise error(f"{where_} is out of range; it must be {self._range()}.")
         return value
+
+    def _not_one_of(self, value) -> str:
+        return f"{self.noun} {value!r} is not one of {', '.join(self.choices)}."
 
     def _range(self) -> str:
         if self.low is not None and self.high is not None:
@@ -144,18 +160,21 @@ DATA = (
 )
 # [embed]
 EMBED = (
-    Option("backbone", str, DEFAULT_BACKBONE, "any name from `featurecache backbones`"),
-    Option("weights", str, "DEFAULT", "DEFAULT, a weights-enum name (IMAGENET1K_V2) or none"),
+    Option("backbone", str, DEFAULT_BACKBONE, "any name from `featurecache backbones`",
+           objects=("Backbone",)),
+    Option("weights", str, "DEFAULT", "DEFAULT, a weights-enum name (IMAGENET1K_V2) or none",
+           nullable=True),
     Option("weights_file", str, None, "a local .pth state dict instead of `weights`", auto="",
            auto_means="none"),
     Option("layers", list, ["avgpool"], "names or aliases from `featurecache layers BACKBONE`",
-           example=["stage3", "avgpool"]),
-    Option("pool", str, "avg", "pooling of feature maps", choices=POOLS),
+           example=["stage3", "avgpool"], cli="layer"),
+    Option("pool", str, "avg", "pooling of feature maps", choices=POOLS, noun="pool"),
     Option("keep_map", list, [], "layers whose unpooled feature map is also stored, one image "
            "per chunk (the input of the blocks above it, for fine-tuning)", example=[]),
     Option("map_size", int, None, "average-pool the stored maps down to SxS (auto: as they are)",
            low=1, auto=0),
-    Option("token_pool", str, "cls", "pooling of token sequences (ViT)", choices=TOKEN_POOLS),
+    Option("token_pool", str, "cls", "pooling of token sequences (ViT)", choices=TOKEN_POOLS,
+           noun="token pool"),
     Option("dtype", str, "float16", "storage type", choices=DTYPES),
     Option("batch_size", int, None, "images per forward pass (auto: 16 on CPU, 64 on GPU)",
            low=1, auto=0),
@@ -171,22 +190,25 @@ EMBED = (
 )
 # [compare]
 COMPARE = (
-    Option("heads", list, ["logreg", "svm", "knn"], "head kinds", choices=HEAD_KINDS),
-    Option("layers", list, [], "stored layers to compare (empty: all)"),
+    Option("heads", list, ["logreg", "svm", "knn"], "head kinds", choices=HEAD_KINDS,
+           noun="head", error=HeadOptionError),
+    Option("layers", list, [], "stored layers to compare (empty: all)", nullable=True),
     Option("extra_layers", list, [], "concatenations such as blocks.5+avgpool, each its own row",
-           example=["stage3+avgpool"]),
-    Option("kernel", str, "linear", "svm kernel", choices=KERNELS),
+           example=["stage3+avgpool"], cli="extra"),
+    Option("kernel", str, "linear", "svm kernel", choices=KERNELS, noun="kernel",
+           error=HeadOptionError),
     Option("mlp_widths", list, [256, 1024], "hidden-layer widths the mlp head searches (with "
            "its alpha)", items=(int,), low=1),
     Option("cv", int, 5, "stratified CV folds on the train split", low=2),
     Option("scoring", str, "balanced_accuracy", "CV score that picks heads and the winner",
-           choices=SCORINGS),
+           choices=SCORINGS, noun="scoring", error=HeadOptionError),
     Option("select", str, "cv", "cv: best CV score; cv-1se: simplest within one standard error",
-           choices=SELECT),
+           choices=SELECT, noun="select", error=HeadOptionError),
     Option("shots", list, [], "few-shot curve, e.g. [1, 5, 10, \"all\"] images per class",
            items=(int, str)),
     Option("repeats", int, 3, "seeded draws per few-shot size", low=1),
-    Option("class_weight", str, "none", "class weights of the heads", choices=CLASS_WEIGHTS),
+    Option("class_weight", str, "none", "class weights of the heads", choices=CLASS_WEIGHTS,
+           nullable=True),
     Option("n_jobs", int, -1, "parallel CV tasks (layers x folds): a count, or -1 for all "
            "cores", excluded=(0,)),
     Option("n_boot", int, 1000, "bootstrap resamples for the 95% intervals", low=1),
@@ -238,13 +260,170 @@ STAGES = {"": TOP, "data": DATA, "embed": EMBED, "compare": COMPARE, "finetune":
           "cluster": CLUSTER}
 
 
+def _named(options, *names) -> tuple:
+    """The declarations of ``names``, in that order (one declaration, used by several stages)."""
+    by_name = {o.name: o for o in options}
+    return tuple(by_name[n] for n in names)
+
+
+def _as(o: Option, **changes) -> Option:
+    """The same declaration in another stage's words (its help there; rarely its default)."""
+    return replace(o, **changes)
+
+
+# Options that are not keys of a pipeline table: the CLI's and Python's only.
+SEED = _named(TOP, "seed")[0]
+OVERWRITE = Option("overwrite", bool, False, "replace an existing output")
+KIND = Option("kind", str, "logreg", "the head kind", choices=HEAD_KINDS, noun="head",
+              error=HeadOptionError)
+WEIGHTS = _named(EMBED, "weights")[0]
+# [predict]: classify images with a saved head, a fine-tuned model or the ImageNet head
+PREDICT = (
+    _as(_named(EMBED, "backbone")[0], help="with --imagenet"),
+    _as(WEIGHTS, help="with --imagenet"),
+    _named(EMBED, "weights_file")[0],
+    Option("top_k", int, 3, "classes per image, best first", low=1),
+    Option("batch_size", int, 32, "images per forward pass", low=1),
+    _named(EMBED, "device")[0],
+    Option("num_workers", int, 0, "decode workers (0: in this process)", low=0, key="workers"),
+    Option("fmt", str, "csv", "output format", choices=("csv", "json"), cli="format"),
+)
+SCORE = (Option("split", str, "test", "split of the file to score"),)
+LAYERS = (
+    _as(_named(EMBED, "backbone")[0], help="the backbone whose layers are listed"),
+    _as(WEIGHTS, default="none", nullable=True,
+        help="weights to load (shapes do not depend on them; none is fastest)"),
+    Option("all_nodes", bool, False, "also list every FX graph node, not just modules",
+           cli="all"),
+    _as(_named(EMBED, "pool")[0], help="pooling the widths are computed for"),
+)
+JOIN = (
+    _as(_named(CLUSTER, "copy")[0], help="copy the layers into OUTPUT: one self-contained file"),
+    _as(OVERWRITE, help="replace an existing output file"),
+)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """The options of one stage function: ``function`` (``module:name``) takes one keyword per
+    declaration in ``options``, with the declared default, and ``inputs`` besides (the data,
+    paths and callbacks that are not options). :func:`validated` checks every declared one on
+    every call; a test keeps the signature and the declarations equal."""
+
+    function: str
+    options: tuple
+    inputs: tuple = ()
+    forwards: str = ""  # the stage whose options its ``**kw`` are (checked as that one's)
+
+    def option(self, name: str) -> Option:
+        return next(o for o in self.options if o.name == name)
+
+    def only(self, *names) -> tuple:
+        return _named(self.options, *names)
+
+
+_FROM_IMAGES = _named(EMBED, "backbone", "weights", "weights_file", "device", "num_workers") + \
+    _named(DATA, "test_size", "max_per_class")
+SIGNATURES = {
+    "embed": Stage("featurecache.embedding:embed",
+                   _named(DATA, "test_size", "max_per_class") + EMBED
+                   + (_as(SEED, help="seed of the split"),
+                      Option("commit_rows", int, 512, "rows between commits", low=1)),
+                   inputs=("source", "output", "shard", "progress")),
+    # featurecache.embed: the embed loop here, or in shards on a cluster
+    "embed_anywhere": Stage("featurecache.cluster:embed", CLUSTER, inputs=("source", "output"),
+                            forwards="embed"),
+    "fit_head": Stage("featurecache.heads:fit_head",
+                      (KIND,) + _named(COMPARE, *FIT_HEAD_SHARED) + FIT_HEAD,
+                      inputs=("features", "layer", "progress")),
+    "compare": Stage("featurecache.report:compare",
+                     COMPARE + _named(CLUSTER, "cluster")
+                     + (_as(SEED, help="seeds the CV folds, the bootstrap and the few-shot "
+                                      "draws"),
+                        _as(OVERWRITE, help="replace an existing report folder")),
+                     inputs=("features", "out_dir", "finetuned", "progress")),
+    "finetune": Stage("featurecache.finetune:finetune",
+                      tuple(o for o in FINETUNE if o.name != "sources")
+                      + (_as(_named(COMPARE, "scoring")[0],
+                             help="validation score that picks the epoch"),
+                         _as(SEED, help="seeds the validation fold and the shuffles (and, "
+                                        "from images, the train/test split when the data "
+                                        "have none: use embed's seed to compare)"),
+                         _as(OVERWRITE, help="replace the files of an earlier fine-tune"))
+                      + _FROM_IMAGES,
+                      inputs=("source", "output", "progress")),
+    "predict": Stage("featurecache.predict:predict",
+                     _named(PREDICT, "top_k", "batch_size", "device", "num_workers"),
+                     inputs=("head", "images")),
+    "predict_imagenet": Stage("featurecache.predict:predict_imagenet",
+                              _named(PREDICT, "backbone", "weights", "weights_file", "top_k",
+                                     "batch_size", "device"),
+                              inputs=("images",)),
+    "write_predictions": Stage("featurecache.predict:write_predictions",
+                               _named(PREDICT, "fmt"), inputs=("rows", "dest")),
+    "score": Stage("featurecache.predict:score", SCORE, inputs=("head", "features")),
+    "layers": Stage("featurecache.layers:describe_layers", LAYERS),
+    "join": Stage("featurecache.store:join_shards", JOIN,
+                  inputs=("shards", "output", "rebuild")),
+}
+
+
+def declared(name: str):
+    """The declaration of keyword ``name`` (its CLI flag and pipeline key may differ from it),
+    for naming it in messages; None when nothing declares it."""
+    for options in (*STAGES.values(), *(s.options for s in SIGNATURES.values())):
+        for o in options:
+            if o.name == name:
+                return o
+    return None
+
+
+def validated(stage: str):
+    """Bind a stage function to its declarations (``SIGNATURES[stage]``), as scikit-learn's
+    ``validate_params`` does: every call binds the arguments to the signature, defaults
+    applied, and checks every declared one, whichever front end made the call.
+
+    Raises (from the decorated function):
+        OptionError: naming the option, the value and what is allowed (nothing has run).
+    """
+    import functools
+    import inspect
+
+    spec = SIGNATURES[stage]
+    declarations = spec.options
+    forwarded = {o.name: o for o in SIGNATURES[spec.forwards].options} if spec.forwards else {}
+
+    def decorate(fn):
+        signature = inspect.signature(fn)
+        rest = next((p.name for p in signature.parameters.values()
+                     if p.kind is p.VAR_KEYWORD), None)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)  # TypeError for a wrong call, as Python's
+            bound.apply_defaults()
+            arguments = bound.arguments
+            for o in declarations:
+                if o.name in arguments:
+                    o.check(arguments[o.name])
+            for name, value in (arguments.get(rest, {}) if forwarded else {}).items():
+                if name in forwarded:  # an unknown one is the callee's TypeError
+                    forwarded[name].check(value)
+            return fn(*args, **kwargs)
+
+        wrapper.stage = stage
+        return wrapper
+
+    return decorate
+
+
 def class_weight(value):
     """The class-weight choice as scikit-learn takes it: ``"none"`` -> None."""
     return None if value in (None, "none") else value
 
 
 def check(options, values: dict) -> None:
-    """Validate the given keyword arguments of a stage function against its declarations.
+    """Validate the given keyword arguments against their declarations.
 
     Raises:
         OptionError: naming the option, the value and what is allowed.
@@ -258,28 +437,45 @@ def check(options, values: dict) -> None:
 def click_options(options, skip=(), only=None):
     """A decorator adding one click option per declaration (type, choices, range, default,
     help), in declaration order; ``skip`` names the ones the command declares itself, ``only``
-    the ones it takes (default: all but lists, which each command spells its own way; a list
-    named in ``only`` is one comma-separated value, ``--mlp-widths 256,1024``)."""
+    the ones it takes (default: all). A list is repeatable and comma-separated
+    (``--layer stage3 --layer avgpool``, ``--mlp-widths 256,1024``); its items' types and range
+    are checked here, their choices by the stage function."""
     import click
 
-    def comma_list(o):
+    def list_of(o):
+        unchecked = replace(o, choices=())
+
+        def item(v):
+            for t in o.items:
+                try:
+                    return t(v)
+                except ValueError:
+                    continue
+            raise ValueError(f"{o.flag}: {v!r} is not a {o.items[0].__name__}.")
+
         def parse(ctx, param, value):
+            if not value:
+                return list(o.default)
             try:
-                items = [o.items[0](v.strip()) for v in value.split(",") if v.strip()]
-                return o.check(items, o.flag)
+                items = [item(v.strip()) for given in value for v in given.split(",")
+                         if v.strip()]
+                return unchecked.check(items, o.flag)
             except (ValueError, OptionError) as exc:
                 raise click.BadParameter(str(exc)) from None
         return parse
 
     def decorate(fn):
         for o in reversed(options):
-            if o.name in skip or (only is None and o.type is list) or \
-                    (only is not None and o.name not in only):
+            if o.name in skip or (only is not None and o.name not in only):
                 continue
             kw = {"default": o.default, "help": o.help + ".",
                   "show_default": o.default is not None}
             if o.type is list:
-                kw.update(default=",".join(map(str, o.default)), callback=comma_list(o))
+                kw.update(default=tuple(map(str, o.default)), multiple=True,
+                          callback=list_of(o), help=o.help + (f" ({', '.join(o.choices)})"
+                                                              if o.choices else "")
+                          + " (repeat, or comma-separate).",
+                          show_default=bool(o.default))
             elif o.type is bool:
                 kw.update(is_flag=True, show_default=False)
             elif o.choices:

@@ -30,8 +30,10 @@ from .extract import FeatureExtractor, default_device, on_device, to_layout
 from .files import atomic_output, require_folder
 from .heads import Head, load_head
 from .layers import LayerSpec
+from .options import validated
 
-__all__ = ["predict", "predict_imagenet", "expand_images", "write_predictions", "backbone_for"]
+__all__ = ["predict", "predict_imagenet", "score", "expand_images", "write_predictions",
+           "backbone_for"]
 
 
 def expand_images(items) -> list[str]:
@@ -80,6 +82,7 @@ def _rows(paths, bb, score_fn, classes, top_k, batch_size, num_workers, dev) -> 
     return rows
 
 
+@validated("predict")
 def predict(head, images, top_k: int = 3, batch_size: int = 32, device: str | None = None,
             num_workers: int = 0) -> list[dict]:
     """Predict classes for ``images`` (files, folders, globs) with a saved head, or with a
@@ -119,8 +122,9 @@ def predict(head, images, top_k: int = 3, batch_size: int = 32, device: str | No
         return _rows(paths, bb, score, head.column_classes, top_k, batch_size, num_workers, dev)
 
 
+@validated("predict_imagenet")
 def predict_imagenet(images, backbone: str = DEFAULT_BACKBONE, weights: str = "DEFAULT",
-                     weights_file=None, top_k: int = 5, batch_size: int = 32,
+                     weights_file=None, top_k: int = 3, batch_size: int = 32,
                      device: str | None = None) -> list[dict]:
     """Use the backbone's own 1000-class ImageNet head ("use the pretrained model directly")."""
     bb = load_backbone(backbone, weights, weights_file)
@@ -133,6 +137,7 @@ def predict_imagenet(images, backbone: str = DEFAULT_BACKBONE, weights: str = "D
                      bb.categories, top_k, batch_size, 0, dev)
 
 
+@validated("write_predictions")
 def write_predictions(rows: list, dest, fmt: str = "csv"):
     """Write prediction rows as CSV (top-k joined as ``class:score;...``) or JSON, to a path
     (atomically: whole or not at all) or to an open text stream such as ``sys.stdout``."""
@@ -145,6 +150,25 @@ def write_predictions(rows: list, dest, fmt: str = "csv"):
         with open(tmp, "w", newline="") as f:
             _write_rows(rows, f, fmt)
     return path
+
+
+@validated("score")
+def score(head, features, *, split: str = "test") -> tuple[str, dict]:
+    """Evaluate a saved head, or a fine-tuned model (``ft/`` or ``ft/model.pt``: on the file's
+    stored map), on ``split`` of a feature file.
+
+    Returns ``(what, scores)``: what was scored (``"logreg head on avgpool"``) and its
+    ``evaluate`` result (``n``, ``accuracy``, ``balanced_accuracy``, ``macro_f1``, ...).
+    """
+    from .checkpoint import is_checkpoint, load_finetuned
+
+    if is_checkpoint(head):
+        ft = load_finetuned(head)
+        p = ft.provenance
+        return (f"fine-tuned top of {p['backbone']} above {p['from_layer']}",
+                ft.evaluate(features, split=split))
+    h = load_head(head)
+    return f"{h.kind} head on {h.layer}", h.evaluate(features, split=split)
 
 
 def _write_rows(rows: list, f, fmt: str) -> None:

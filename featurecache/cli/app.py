@@ -32,7 +32,7 @@ def _friendly(fn=None, *, style: str = "cli"):
         try:
             return fn(*args, **kwargs)
         except FeaturecacheError as exc:
-            raise click.ClickException(exc.message(style, _table_of)) from None
+            raise click.ClickException(exc.message(style, _table_of, _declared)) from None
         except BrokenPipeError:
             # the reader of our output went away (`featurecache info f.h5 | head`): stop
             # quietly, as git does; stdout is pointed at /dev/null so the final flush is silent
@@ -67,6 +67,13 @@ def _debug(ctx) -> bool:
     root = ctx.find_root() if ctx is not None else None
     return bool(root is not None and root.params.get("debug")) or \
         os.environ.get("FEATURECACHE_DEBUG", "") not in ("", "0")
+
+
+def _declared(name: str):
+    """The declaration of keyword ``name``: the flag and key messages name it by."""
+    from ..options import declared
+
+    return declared(name)
 
 
 def _table_of(name: str):
@@ -144,7 +151,8 @@ def main():
         if issubclass(category, FeaturecacheWarning):
             ctx = click.get_current_context(silent=True)
             style = ctx.meta.get("featurecache.style", "cli") if ctx is not None else "cli"
-            text = message.message(style, _table_of) if isinstance(message, FeaturecacheWarning) \
+            text = message.message(style, _table_of, _declared) \
+                if isinstance(message, FeaturecacheWarning) \
                 else str(message)
             click.echo(f"warning: {text}", err=True)
         else:

@@ -7,8 +7,6 @@ import click
 from .. import options
 from .app import _friendly, cli
 
-_FROM_EMBED = ("backbone", "weights", "weights_file", "device", "num_workers")
-
 
 @cli.command(epilog="""\b
 Examples:
@@ -20,15 +18,7 @@ Examples:
 @click.argument("source")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               help="Folder for model.pt, curve.png and summary.json.")
-@options.click_options(options.FINETUNE)
-@click.option("--scoring", default="balanced_accuracy", show_default=True,
-              type=click.Choice(options.SCORINGS), help="Validation score that picks the epoch.")
-@click.option("--seed", default=0, show_default=True, type=int,
-              help="Seeds the validation fold and the shuffles (and, from images, the "
-                   "train/test split when the data have none: use embed's seed to compare).")
-@options.click_options(options.EMBED, only=_FROM_EMBED)
-@options.click_options(options.DATA, skip=("root",))
-@click.option("--overwrite", is_flag=True, help="Replace the files of an earlier fine-tune.")
+@options.click_options(options.SIGNATURES["finetune"].options)
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 @_friendly
 def finetune(source, output, quiet, **kwargs):
@@ -44,8 +34,7 @@ def finetune(source, output, quiet, **kwargs):
     """
     from ..finetune import finetune as run_finetune
 
-    r = run_finetune(source, output, overwrite=kwargs.pop("overwrite"), progress=not quiet,
-                     **kwargs)
+    r = run_finetune(source, output, progress=not quiet, **kwargs)
     s, t = r.summary, r.test
     tested = (f"; test accuracy {t['accuracy']:.3f}, balanced accuracy "
               f"{t['balanced_accuracy']:.3f} ({t['n']} rows)") if t else ""

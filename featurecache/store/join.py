@@ -9,12 +9,14 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError, option
+from ..options import validated
 from .layout import IDENTITY_KEYS, JOINED_COLUMNS, STR, fingerprint, new_creation_id, write_header
 from .reader import open_features
 
 __all__ = ["join_shards"]
 
 
+@validated("join")
 def join_shards(shards, output, overwrite: bool = False, copy: bool = False,
                 rebuild: str | None = None) -> Path:
     """Join complete shard files (``embed --shard i/k``) into one file, in shard order.

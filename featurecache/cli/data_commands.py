@@ -28,31 +28,26 @@ def backbones():
 
 @cli.command(epilog="\b\nExamples:\n  featurecache layers efficientnet_lite0\n"
                     "  featurecache layers resnet50 --weights none --all")
-@click.argument("backbone", default=options.DEFAULT_BACKBONE)
-@click.option("--weights", default="none", show_default=True,
-              help="Weights to load (shapes do not depend on them; none is fastest).")
-@click.option("--all", "all_nodes", is_flag=True, help="Also list every FX graph node, not just modules.")
-@click.option("--pool", default="avg", type=click.Choice(options.POOLS), show_default=True,
-              help="Pooling the widths are computed for.")
+@click.argument("backbone", default=options.SIGNATURES["layers"].option("backbone").default)
+@options.click_options(options.SIGNATURES["layers"].options, skip=("backbone",))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_friendly
-def layers(backbone, weights, all_nodes, pool, as_json):
+def layers(backbone, as_json, **kwargs):
     """List the layers of BACKBONE that embed can store: name, kind, width, depth.
 
     Kinds: map (N,C,H,W), map-nhwc (N,H,W,C), tokens (N,L,D), vector (N,D). The width is
     the stored size after pooling. Aliases (avgpool, stageK) are shown beside their layer.
     """
-    from ..backbones import load_backbone
-    from ..layers import list_layers
+    from ..layers import describe_layers
 
-    listing = list_layers(load_backbone(backbone, weights), all_nodes=all_nodes)
-    rows = [{"name": l.name, "kind": l.kind, "shape": list(l.shape), "width": l.width(pool),
-             "depth": l.depth, "aliases": list(l.aliases)} for l in listing.layers]
+    d = describe_layers(backbone, **kwargs)
+    rows = d["layers"]
     if as_json:
-        click.echo(json.dumps({"backbone": backbone, "method": listing.method, "layers": rows}, indent=1))
+        click.echo(json.dumps({"backbone": backbone, "method": d["method"], "layers": rows},
+                              indent=1))
         return
-    click.echo(f"{backbone}: {len(rows)} storable layers (extraction: {listing.method}"
-               f"{'; ' + listing.note if listing.note else ''})")
+    click.echo(f"{backbone}: {len(rows)} storable layers (extraction: {d['method']}"
+               f"{'; ' + d['note'] if d['note'] else ''})")
     w = max(len(r["name"]) for r in rows)
     click.echo(f"{'depth':>5}  {'name':<{w}}  {'kind':<8}  {'width':>6}  {'shape':<16}  aliases")
     for r in rows:
@@ -74,19 +69,15 @@ Run the same command again after an interruption: it resumes after the committed
 @click.argument("data")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="HDF5 file to write (its folder must exist).")
-@click.option("--layer", "layer_opts", multiple=True,
-              help="Layer to store (repeat, or comma-separate); see `featurecache layers NAME`. "
-                   "Default: avgpool.")
-@options.click_options(options.EMBED)
-@options.click_options(options.EMBED, only=("keep_map",))
+@options.click_options(options.EMBED)  # --layer first: repeat it, or comma-separate
 @options.click_options(options.DATA, skip=("root",))
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")
+@options.click_options(options.SIGNATURES["embed"].only("seed"))
 @click.option("--shard", default="0/1", show_default=True,
               help="INDEX/COUNT: embed only this part of the data into a self-contained file.")
 @options.click_options(options.CLUSTER)
 @click.option("-q", "--quiet", is_flag=True, help="No phases, no progress bar.")
 @_friendly
-def embed(data, output, layer_opts, shard, quiet, **kwargs):
+def embed(data, output, shard, quiet, **kwargs):
     """Embed the images in DATA and store pooled features of several layers in one file.
 
     DATA is an image folder (DATA/<class>/*.jpg, or DATA/train/<class>/..., DATA/test/...),
@@ -95,9 +86,7 @@ def embed(data, output, layer_opts, shard, quiet, **kwargs):
     """
     from ..embedding import embed as run_embed
 
-    names = [n.strip() for opt in layer_opts for n in opt.split(",") if n.strip()] \
-        if layer_opts else ["avgpool"]
-    r = run_embed(data, output, layers=names, shard=_shard(shard), progress=not quiet, **kwargs)
+    r = run_embed(data, output, shard=_shard(shard), progress=not quiet, **kwargs)
     if r.already_complete:
         click.echo(f"{r.path} is already complete ({r.n_rows} rows); nothing to do.")
     else:
@@ -166,8 +155,7 @@ Example:
   featurecache join feats.h5 part0.h5 part1.h5 part2.h5 part3.h5""")
 @click.argument("output", type=click.Path(dir_okay=False))
 @click.argument("shards", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--copy", is_flag=True, help="Copy the layers into OUTPUT: one self-contained file.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@options.click_options(options.SIGNATURES["join"].options)
 @_friendly
 def join(output, shards, copy, overwrite):
     """Join the shard files of one embed run into OUTPUT.

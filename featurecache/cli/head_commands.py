@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from .. import options
-from .app import _csv, _friendly, cli
+from .app import _friendly, cli
 
 
 @cli.command("fit-head", epilog="""\b
@@ -24,12 +24,10 @@ joblib files are pickles: load only heads you trust; .skops heads are safe to sh
 @click.option("--layer", required=True, help="Stored layer, or several joined with + (concatenated).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Head file: .joblib (a pickle) or .skops (safe to share and load).")
-@options.click_options(options.COMPARE, only=options.FIT_HEAD_SHARED)
-@options.click_options(options.FIT_HEAD)
+@options.click_options(options.SIGNATURES["fit_head"].options, skip=("kind",))
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_friendly
-def fit_head_cmd(kind, features, layer, output, kernel, cv, scoring, class_weight, probability,
-                 n_jobs, seed, quiet, mlp_widths):
+def fit_head_cmd(kind, features, layer, output, quiet, **kwargs):
     """Search hyperparameters by stratified CV, refit on the train split, save the head.
 
     logreg and svm walk C = 1e-6..1e6 a decade apart (each fold stops two decades past its
@@ -44,10 +42,7 @@ def fit_head_cmd(kind, features, layer, output, kernel, cv, scoring, class_weigh
     if same_file(output, features):
         raise click.ClickException(f"-o {output} is the feature file itself; give the head "
                                    f"another name (.joblib or .skops).")
-    head = fit_head(features, layer, kind, kernel=kernel, cv=cv, scoring=scoring, seed=seed,
-                    mlp_widths=mlp_widths,
-                    n_jobs=n_jobs, class_weight=options.class_weight(class_weight),
-                    probability=probability, progress=not quiet)
+    head = fit_head(features, layer, kind, progress=not quiet, **kwargs)
     path = head.save(output)
     params = ", ".join(f"{k}={v:.3g}" for k, v in head.params_.items())
     done = sum(r["status"] == "evaluated" for r in head.cv_results_)
@@ -61,7 +56,7 @@ Examples:
   featurecache score heads/avgpool-logreg.skops other-photos.h5 --split train --json""")
 @click.argument("head", type=click.Path())
 @click.argument("features", type=click.Path(dir_okay=False))
-@click.option("--split", default="test", show_default=True, help="Split of the file to score.")
+@options.click_options(options.SIGNATURES["score"].options)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_friendly
 def score(head, features, split, as_json):
@@ -71,18 +66,9 @@ def score(head, features, split, as_json):
     preprocessing, layer and pooling); otherwise the differing field is named. HEAD may be a
     fine-tuned model (ft/ or ft/model.pt): it is scored on the file's stored map.
     """
-    from ..checkpoint import is_checkpoint, load_finetuned
-    from ..heads import load_head
+    from ..predict import score as run_score
 
-    if is_checkpoint(head):
-        ft = load_finetuned(head)
-        res = ft.evaluate(features, split=split)
-        p = ft.provenance
-        what = f"fine-tuned top of {p['backbone']} above {p['from_layer']}"
-    else:
-        h = load_head(head)
-        res = h.evaluate(features, split=split)
-        what = f"{h.kind} head on {h.layer}"
+    what, res = run_score(head, features, split=split)
     if as_json:
         click.echo(json.dumps(res, indent=1))
         return
@@ -101,22 +87,13 @@ Examples:
   featurecache compare feats.h5 --heads logreg,mlp --finetuned ft/ --finetuned ft-img/ -o r/""")
 @click.argument("features", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Report folder.")
-@click.option("--heads", default="logreg,svm,knn", show_default=True,
-              help=f"Comma-separated head kinds ({', '.join(options.HEAD_KINDS)}).")
-@click.option("--layers", default=None, help="Comma-separated stored layers (default: all).")
-@click.option("--extra", "extra", multiple=True, help="A concatenation such as blocks.5+avgpool (repeatable).")
 @click.option("--finetuned", "finetuned", multiple=True, type=click.Path(exists=True),
               help="A fine-tune folder (`featurecache finetune`) of the same images, compared "
                    "as its own strategy (repeatable).")
-@options.click_options(options.COMPARE)
-@options.click_options(options.COMPARE, only=("mlp_widths",))
-@options.click_options(options.CLUSTER, only=("cluster",))
-@click.option("--shots", default=None, help="Few-shot curve, e.g. 1,5,10,25,all (images per class).")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--overwrite", is_flag=True, help="Replace an existing report folder.")
+@options.click_options(options.SIGNATURES["compare"].options)  # --heads (of the kinds), ...
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_friendly
-def compare(features, output, heads, layers, extra, shots, seed, overwrite, quiet, **kwargs):
+def compare(features, output, quiet, **kwargs):
     """Compare every stored layer x head (x backbone); pick the winner by CV; report on test.
 
     FEATURES is one feature file, or several files of the same images made with different
@@ -128,9 +105,7 @@ def compare(features, output, heads, layers, extra, shots, seed, overwrite, quie
     from ..report import compare as run_compare
 
     kwargs["class_weight"] = options.class_weight(kwargs["class_weight"])
-    res = run_compare(list(features), output, layers=_csv(layers), heads=_csv(heads) or [],
-                      extra_layers=extra, shots=_csv(shots) or (), seed=seed,
-                      overwrite=overwrite, progress=not quiet, **kwargs)
+    res = run_compare(list(features), output, progress=not quiet, **kwargs)
     click.echo(res.table())
     click.echo(res.verdict.replace("**", ""))
     click.echo(f"\nreport: {res.out_dir / 'report.md'}; best frozen head: "
@@ -146,13 +121,9 @@ Examples:
 @click.argument("args", nargs=-1, required=True)
 @click.option("--imagenet", is_flag=True, help="Use the backbone's own 1000-class ImageNet head; "
               "then every argument is an image.")
-@click.option("--backbone", default=options.DEFAULT_BACKBONE, show_default=True,
-              help="With --imagenet.")
-@click.option("--weights", default="DEFAULT", show_default=True, help="With --imagenet.")
+@options.click_options(options.PREDICT, only=("backbone", "weights"))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here (default: print).")
-@click.option("--format", "fmt", default="csv", type=click.Choice(["csv", "json"]), show_default=True)
-@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@options.click_options(options.PREDICT, only=("fmt", "top_k", "batch_size"))
 @_friendly
 def predict(args, imagenet, backbone, weights, output, fmt, top_k, batch_size):
     """Classify images: HEAD IMAGES... (files, folders or globs), or --imagenet IMAGES...

@@ -1,32 +1,31 @@
-"""The scikit-learn estimators inside saved heads, and how each head kind is built.
+"""The project's own scikit-learn estimators inside saved heads, and the head pipelines.
 
-Every head is ``Pipeline([("scale", StandardScaler()), ("clf", estimator)])``:
+Every head is ``Pipeline([("scale", StandardScaler()), ("clf", estimator)])``; which
+estimator, with which settings, is the head kind's (:mod:`featurecache.kinds`, one module per
+kind). Saved heads name the estimators below by this module's path, so they stay here:
 
-* ``logreg``: ``LogisticRegression`` (lbfgs, multinomial).
-* ``svm`` (linear kernel): :class:`GramLinearSVC` for wide features up to
-  :data:`~featurecache.solvers.GRAM_MAX_ROWS` training rows (libsvm on the precomputed Gram
-  matrix, saved as one weight vector per pair of classes), ``LinearSVC`` (primal) otherwise
-  (see :func:`~featurecache.solvers.use_gram`); ``svm`` (rbf): ``SVC``.
-* ``mlp``: ``MLPClassifier``, one hidden layer (width and ``alpha`` searched), early stopping
-  on a stratified 10% of the training rows; class weights become sample weights.
-* ``knn``: ``KNeighborsClassifier`` with cosine distance and DINOv2's temperature-weighted
-  votes (:func:`temperature_weights`, T = 0.07).
+* :class:`GramLinearSVC`: a linear-kernel SVM solved by libsvm on the precomputed Gram matrix,
+  saved as one weight vector per pair of classes (the linear SVM head for wide features).
+* :func:`temperature_weights`: DINOv2's temperature-weighted k-NN votes (the cosine k-NN head).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .solvers import _SVC_MAX_ITER, KNN_TEMPERATURE, LINEAR_SVC, LOGREG, gram, mlp_classifier, use_gram
+from .kinds.knn import SETTINGS as _VOTES
+from .kinds.svm import SETTINGS as _LIBSVM
+from .solvers import gram
 
 __all__ = ["GramLinearSVC", "make_estimator", "temperature_weights"]
 
 
 def temperature_weights(distances):
     """k-NN vote weights ``exp(cos_sim / T)`` from cosine distances (``1 - cos_sim``)."""
-    return np.exp((1.0 - np.asarray(distances, dtype=np.float64)) / KNN_TEMPERATURE)
+    return np.exp((1.0 - np.asarray(distances, dtype=np.float64)) / _VOTES.temperature)
 
 
 class GramLinearSVC(ClassifierMixin, BaseEstimator):
@@ -40,7 +39,8 @@ class GramLinearSVC(ClassifierMixin, BaseEstimator):
     class).
     """
 
-    def __init__(self, C=1.0, class_weight=None, max_iter=_SVC_MAX_ITER, random_state=None):
+    def __init__(self, C=1.0, class_weight=None, max_iter=_LIBSVM.libsvm_max_iter,
+                 random_state=None):
         self.C = C
         self.class_weight = class_weight
         self.max_iter = max_iter
@@ -49,13 +49,15 @@ class GramLinearSVC(ClassifierMixin, BaseEstimator):
     def fit(self, X, y):
         from sklearn.svm import SVC
 
-        X = np.ascontiguousarray(X, dtype=np.float64)  # the saved head: full precision
+        # the saved head: full precision; dense, finite, 2-d, non-empty (as scikit-learn's checks ask)
+        X, y = validate_data(self, X, y, dtype=np.float64, order="C")
+        check_classification_targets(y)
         svc = SVC(kernel="precomputed", C=self.C, class_weight=self.class_weight,
                   max_iter=self.max_iter, random_state=self.random_state)
         svc.fit(gram(X), y)
         sv = X[svc.support_]
         self.classes_ = svc.classes_
-        self.n_features_in_ = X.shape[1]
+        self.n_iter_ = svc.n_iter_
         self.n_support_ = svc.n_support_
         self.intercept_ = svc.intercept_.copy()
         if len(self.classes_) == 2:
@@ -72,7 +74,8 @@ class GramLinearSVC(ClassifierMixin, BaseEstimator):
 
     def _pairwise(self, X):
         check_is_fitted(self, "coef_")
-        return np.asarray(X, dtype=np.float64) @ self.coef_.T + self.intercept_
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        return X @ self.coef_.T + self.intercept_
 
     def _votes(self, dec):
         n = len(self.classes_)
@@ -103,37 +106,17 @@ class GramLinearSVC(ClassifierMixin, BaseEstimator):
         return self.classes_[self._votes(dec)[0].argmax(1)]
 
 
-def make_estimator(kind: str, params: dict, *, kernel: str = "linear", class_weight=None,
+def make_estimator(kind, params: dict, *, kernel: str = "linear", class_weight=None,
                    seed: int = 0, n_rows: int = 0, n_features: int = 0,
                    probability: bool = False, gram=None, y=None):
-    """The unfitted pipeline of a head kind with chosen hyperparameters, for ``n_rows`` x
-    ``n_features`` training data.
+    """The unfitted pipeline of a head kind (a name or a :class:`~featurecache.kinds.HeadKind`)
+    with chosen hyperparameters, for ``n_rows`` x ``n_features`` training data.
 
     ``gram`` forces the linear SVM's solver (None: by the shape, as the search decides);
-    ``y`` (the training labels) decides whether the MLP can stop early on a stratified 10%."""
-    from sklearn.calibration import CalibratedClassifierCV
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVC, LinearSVC
+    ``y`` (the training labels) decides whether the MLP can stop early on a stratified 10%,
+    and the folds of a probability calibration."""
+    from .kinds import Fit, get
 
-    if kind == "logreg":
-        clf = LogisticRegression(C=params["C"], class_weight=class_weight, random_state=seed,
-                                 **LOGREG)
-    elif kind == "mlp":
-        clf = mlp_classifier(params, seed=seed, y=y)
-    elif kind == "knn":
-        clf = KNeighborsClassifier(n_neighbors=max(1, min(params["k"], n_rows)), metric="cosine",
-                                   algorithm="brute", weights=temperature_weights)
-    elif kernel == "rbf":
-        clf = SVC(kernel="rbf", C=params["C"], gamma=params["gamma"], class_weight=class_weight,
-                  random_state=seed, max_iter=_SVC_MAX_ITER)
-    elif use_gram(n_rows, n_features) if gram is None else gram:
-        clf = GramLinearSVC(C=params["C"], class_weight=class_weight, random_state=seed)
-    else:
-        clf = LinearSVC(C=params["C"], class_weight=class_weight, random_state=seed,
-                        **LINEAR_SVC)
-    if probability and kind == "svm":  # sklearn's replacement for SVC(probability=True)
-        clf = CalibratedClassifierCV(clf, ensemble=False, cv=3)
-    return Pipeline([("scale", StandardScaler()), ("clf", clf)])
+    return get(kind).pipeline(params, Fit(kernel=kernel, class_weight=class_weight, seed=seed,
+                                          n_rows=n_rows, n_features=n_features,
+                                          probability=probability, gram=gram, y=y))

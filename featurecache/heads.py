@@ -30,6 +30,7 @@ import numpy as np
 
 from . import versions
 from .errors import DataWarning, HeadError
+from .kinds import get as get_kind
 from .persist import Head, load_head
 from .search import (HEAD_KINDS, KERNELS, MLP_WIDTHS, SCORINGS, check_options, coarse_grid,
                      make_folds, search_layers)
@@ -45,22 +46,16 @@ def refit(X, y, kind: str, params: dict, *, kernel: str = "linear", class_weight
     the solver the hyperparameters were searched with); default ``len(y)``."""
     from sklearn.exceptions import ConvergenceWarning
 
-    from .estimators import make_estimator
+    from .kinds import Fit, get
 
-    # logistic regression in float64, as in the CV: lbfgs on float32 stops short of the optimum
-    X = np.asarray(X, dtype=np.float64 if kind == "logreg" else np.float32)
-    from .solvers import sample_weights, use_gram
-
-    pipe = make_estimator(kind, params, kernel=kernel, class_weight=class_weight, seed=seed,
-                          n_rows=len(y), n_features=X.shape[1], probability=probability,
-                          gram=use_gram(len(y) if solver_rows is None else solver_rows,
-                                        X.shape[1]), y=y)
-    if probability and kind == "svm":
-        pipe.set_params(clf__cv=min(5, _min_count(y)))
-    fit = {"clf__sample_weight": sample_weights(class_weight, y)} if kind == "mlp" else {}
+    k = get(kind)
+    X = np.asarray(X, dtype=k.dtype)  # the kind's dtype, as in its CV
+    fit = Fit(kernel=kernel, class_weight=class_weight, seed=seed, n_rows=len(y),
+              n_features=X.shape[1], probability=probability, solver_rows=solver_rows, y=y)
+    pipe = k.pipeline(params, fit)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return pipe.fit(X, y, **fit)
+        return pipe.fit(X, y, **{f"clf__{n}": v for n, v in k.fit_params(fit).items()})
 
 
 def search(X, y, kind: str = "logreg", kernel: str = "linear", *, folds=None, cv: int = 5,
@@ -81,10 +76,6 @@ def search(X, y, kind: str = "logreg", kernel: str = "linear", *, folds=None, cv
     pipe = refit(X, y, kind, res.params, kernel=kernel, class_weight=class_weight, seed=seed,
                  probability=probability)
     return pipe, res.params, res.score, res.table
-
-
-def _min_count(y) -> int:
-    return int(np.unique(y, return_counts=True)[1].min())
 
 
 def training_data(ff, layer: str, *, cv: int = 5, seed: int = 0):
@@ -139,7 +130,8 @@ def fit_heads(jobs: dict, kinds, *, kernel: str = "linear", cv: int = 5,
                                 n_jobs=n_jobs, progress=progress, mlp_widths=mlp_widths)
         order = list(results)
         pipes = joblib.Parallel(n_jobs=n_jobs)(
-            joblib.delayed(refit)(Xs[key], y, kind, results[(key, kind)].params, kernel=kernel,
+            joblib.delayed(refit)(Xs[key], y, get_kind(kind), results[(key, kind)].params,
+                                  kernel=kernel,
                                   class_weight=class_weight, seed=seed, probability=probability)
             for key, kind in order)
     from .store.layout import created_now  # the one UTC timestamp (SOURCE_DATE_EPOCH aware)

@@ -24,16 +24,16 @@ import numpy as np
 
 from .errors import HeadError
 from .files import atomic_output
+from .kinds import skops_types
 
 __all__ = ["Head", "load_head", "dump_head", "load_head_dict", "SKOPS_TRUSTED", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "featurecache-head"
 FORMAT_VERSION = 1
-# types a head may hold beyond what skops trusts by default: featurecache's own, and the
-# Adam optimizer state scikit-learn's MLPClassifier keeps after fitting (plain arrays)
-SKOPS_TRUSTED = ("featurecache.estimators.GramLinearSVC",
-                 "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",  # mlp heads
-                 "featurecache.estimators.temperature_weights")
+# types a head may hold beyond what skops trusts by default: each head kind names its own
+# (featurecache's estimators, the optimizer state an MLP keeps); loading reads the registry
+# (kinds.skops_types()), so a kind registered later is trusted too
+SKOPS_TRUSTED = skops_types()
 
 
 def _is_skops(path: Path) -> bool:
@@ -73,12 +73,13 @@ def load_head_dict(path) -> dict:
     try:
         if _is_skops(path):
             sio = _skops()
-            untrusted = [t for t in sio.get_untrusted_types(file=path) if t not in SKOPS_TRUSTED]
+            trusted = skops_types()
+            untrusted = [t for t in sio.get_untrusted_types(file=path) if t not in trusted]
             if untrusted:
                 raise HeadError(f"{path} holds types that a featurecache head never contains and "
                                 f"that could run code when loaded: {', '.join(untrusted)}. "
                                 f"Refusing to load it.")
-            data = sio.load(path, trusted=list(SKOPS_TRUSTED))
+            data = sio.load(path, trusted=list(trusted))
         else:
             import joblib
 

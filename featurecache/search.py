@@ -11,18 +11,18 @@ within 0.005 of the exhaustive grid's):
   weaker regularisation only overfits and costs more). Grid points a fold did not reach are
   kept in the table with status ``partial`` or ``skipped``; only points every fold evaluated
   can be chosen.
-* **Linear SVMs on the Gram matrix.** While the fold has at most :data:`GRAM_MAX_ROWS` rows,
-  the kernel ``K = X X^T`` is computed once per fold and libsvm solves every ``C`` on it
-  (``SVC(kernel="precomputed")``): seconds where liblinear's ``LinearSVC`` needs minutes.
-  Beyond that, ``LinearSVC`` (primal).
-* **Logistic regression warm-starts** along the path inside each fold.
+* **State kept along a path**, by each kind's fold scorer (:mod:`featurecache.kinds`): linear
+  SVMs solve every ``C`` on one Gram matrix ``K = X X^T`` per fold while the fold has at most
+  :data:`GRAM_MAX_ROWS` rows (libsvm on the precomputed kernel: seconds where liblinear needs
+  minutes), logistic regression warm-starts, k-NN scores every ``k`` from one similarity pass.
 * **One standardisation per fold**, shared by every head kind; arrays are float32,
   C-contiguous, prepared once.
 * **One joblib pool over layers x folds** (:func:`search_layers`), so two cores stay busy
   whatever the number of folds, and ``joblib.parallel_backend("dask")`` moves it to a cluster.
 
 Every candidate is scored on the same folds, so CV scores are comparable across layers, head
-kinds and (for files of the same images) backbones.
+kinds and (for files of the same images) backbones. The grids, the paths and the fold scorers
+are the kinds' (:mod:`featurecache.kinds`); this module walks them.
 """
 
 from __future__ import annotations
@@ -32,17 +32,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import kinds as _kinds
 from .errors import HeadError, HeadOptionError, option
-from .options import HEAD_KINDS, KERNELS, SCORINGS
-from .solvers import (
-    GRAM_MAX_ROWS,
-    fold_fitter,
-    gram,
-    knn_vote_scores,
-    score_predictions,
-    standardise,
-    use_gram,
-)
+from .kinds import Fit, Fold
+from .kinds.knn import vote_scores as knn_vote_scores  # compat: featurecache.search's old name
+from .kinds.mlp import SETTINGS as _MLP
+from .options import HEAD_KINDS, KERNELS, SCORINGS, declared
+from .solvers import GRAM_MAX_ROWS, gram, score_predictions, standardise, use_gram
 
 __all__ = [
     "GRAM_MAX_ROWS",
@@ -62,33 +58,20 @@ __all__ = [
     "use_gram",
 ]
 
-KNN_KS = (10, 20, 50)
-MLP_WIDTHS = (256, 1024)   # hidden-layer widths (options.COMPARE mlp_widths)
-MLP_ALPHAS = (1.0, 1e-2, 1e-4)
+MLP_WIDTHS = _MLP.widths  # compat: the default of the heads' mlp_widths option
 PATIENCE = 2               # decades below the best before a fold stops walking C
 
 
-def coarse_grid(kind: str, kernel: str, n_features: int, mlp_widths=MLP_WIDTHS) -> list[dict]:
-    """First sweep, in path order: C = 1e-6 .. 1e6 one point a decade (rbf: for each of four
-    gammas around 1/n_features); k-NN: k in 10, 20, 50; MLP: alpha 1, 1e-2, 1e-4 (strong to
-    weak) for each hidden width."""
-    if kind == "knn":
-        return [{"k": k} for k in KNN_KS]
-    if kind == "mlp":
-        return [{"hidden": int(h), "alpha": a} for h in mlp_widths for a in MLP_ALPHAS]
-    cs = [10.0 ** e for e in range(-6, 7)]
-    if kind == "svm" and kernel == "rbf":
-        gammas = [10.0 ** e / n_features for e in (-2, -1, 0, 1)]
-        return [{"C": c, "gamma": g} for g in gammas for c in cs]
-    return [{"C": c} for c in cs]
+def coarse_grid(kind, kernel: str, n_features: int, **grid_options) -> list[dict]:
+    """The kind's first sweep, in path order (e.g. C = 1e-6 .. 1e6 one point a decade).
+    ``grid_options``: options a kind's grid reads (``mlp_widths``)."""
+    return _kinds.get(kind).coarse_grid(n_features, kernel, **grid_options)
 
 
-def fine_grid(kind: str, best: dict) -> list[dict]:
-    """Second sweep: quarter-decade steps around the best C (other params kept); none for
-    k-NN and the MLP (each of its fits costs a training run)."""
-    if kind in ("knn", "mlp"):
-        return []
-    return [{**best, "C": best["C"] * 10.0 ** s} for s in (-0.75, -0.5, -0.25, 0.25, 0.5, 0.75)]
+def fine_grid(kind, best: dict) -> list[dict]:
+    """The kind's second sweep around the best point (e.g. quarter-decades around the best C;
+    none for kinds whose every fit is costly)."""
+    return _kinds.get(kind).fine_grid(best)
 
 
 def check_options(kinds=(), kernel: str = "linear", scoring: str = "balanced_accuracy") -> None:
@@ -98,12 +81,9 @@ def check_options(kinds=(), kernel: str = "linear", scoring: str = "balanced_acc
         HeadError: naming the bad value and the choices.
     """
     for kind in kinds:
-        if kind not in HEAD_KINDS:
-            raise HeadOptionError(f"head {kind!r} is not one of {', '.join(HEAD_KINDS)}.")
-    if kernel not in KERNELS:
-        raise HeadOptionError(f"kernel {kernel!r} is not one of {', '.join(KERNELS)}.")
-    if scoring not in SCORINGS:
-        raise HeadOptionError(f"scoring {scoring!r} is not one of {', '.join(SCORINGS)}.")
+        _kinds.get(kind)  # HeadOptionError naming the choices
+    declared("kernel").check(kernel)  # HeadOptionError: the declarations' rule (options.py)
+    declared("scoring").check(scoring)
 
 
 def make_folds(y, cv: int = 5, seed: int = 0) -> list:
@@ -159,24 +139,8 @@ class SearchResult:
 
 @dataclass(frozen=True)
 class _Spec:
-    kinds: tuple
-    kernel: str
-    scoring: str
-    class_weight: object
-    seed: int
+    fit: Fit  # kernel, scoring, class weight, seed and the refit's rows (the SVM solver)
     early_stop: bool
-    n_refit: int  # rows of the refit, which decide the linear SVM's solver for the folds too
-
-
-def _path(grid: list, kind: str, kernel: str) -> list[list]:
-    """Split a grid into paths walked from strong to weak regularisation (one per gamma)."""
-    if (kind == "svm" and kernel == "rbf") or kind == "mlp":
-        by = "gamma" if kind == "svm" else "hidden"
-        paths = {}
-        for p in grid:
-            paths.setdefault(p[by], []).append(p)
-        return list(paths.values())
-    return [grid]
 
 
 def _walk(path, fit_score, early_stop: bool) -> list:
@@ -200,34 +164,23 @@ def _walk(path, fit_score, early_stop: bool) -> list:
 def _fold_task(X, y, train, test, spec: _Spec, grids: dict) -> dict:
     """One fold of one layer: standardise once, score every head kind's grid on it.
 
-    ``grids`` maps kind -> (grid points, walk as paths with early stopping?). Returns
-    kind -> list of scores (shorter than the grid where a path stopped early).
+    ``grids`` maps a kind's name -> (the kind, grid points, walk as paths with early
+    stopping?). Returns name -> list of scores (None where a path stopped early).
     """
     from sklearn.exceptions import ConvergenceWarning
 
     Xtr, Xte = standardise(X[train], X[test])
-    ytr, yte = y[train], y[test]
-    n_classes = int(y.max()) + 1
+    fold = Fold(Xtr, y[train], Xte, y[test], int(y.max()) + 1)
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        for kind, (grid, stop) in grids.items():
+        for name, (kind, grid, stop) in grids.items():
             if not grid:
-                out[kind] = []
+                out[name] = []
                 continue
-            if kind == "knn":
-                ks = sorted({min(p["k"], len(ytr)) for p in grid})
-                votes = knn_vote_scores(Xtr, ytr, Xte, ks, n_classes)
-                out[kind] = [score_predictions(spec.scoring, yte,
-                                               votes[min(p["k"], len(ytr))].argmax(1))
-                             for p in grid]
-                continue
-            fit_score = fold_fitter(kind, spec, Xtr, ytr, Xte, yte)
-            scores = []
-            for path in _path(grid, kind, spec.kernel):
-                got = _walk(path, fit_score, stop and spec.early_stop)
-                scores.extend(got + [None] * (len(path) - len(got)))
-            out[kind] = scores
+            early = stop and spec.early_stop
+            out[name] = kind.fold_scores(grid, spec.fit, fold,
+                                         lambda path, fit_score: _walk(path, fit_score, early))
     return out
 
 
@@ -248,15 +201,14 @@ def _table(stage: int, grid: list, per_fold: list) -> list:
 
 def search_layers(Xs: dict, y, kinds, *, folds, kernel: str = "linear",
                   scoring: str = "balanced_accuracy", class_weight=None, seed: int = 0,
-                  early_stop: bool = True, n_jobs=-1, progress=None,
-                  mlp_widths=MLP_WIDTHS) -> dict:
+                  early_stop: bool = True, n_jobs=-1, progress=None, **grid_options) -> dict:
     """Search every head kind on every layer, on the same folds, in one joblib pool.
 
     Args:
         Xs: ``{layer: (rows, dim) array}`` of the training rows (any float dtype).
         y: class indices of those rows.
-        kinds: head kinds (``logreg``, ``svm``, ``knn``, ``mlp``).
-        mlp_widths: the hidden-layer widths the ``mlp`` head searches.
+        kinds: head kinds (names in :mod:`featurecache.kinds`, or kind objects).
+        grid_options: options the kinds' grids read (``mlp_widths``: the hidden-layer widths).
         folds: ``[(train_idx, test_idx)]``, e.g. from :func:`make_folds`.
         early_stop: stop each fold's C path once past its peak (False: the full grid).
         progress: optional ``callable(n_done_tasks, n_tasks)``.
@@ -268,12 +220,15 @@ def search_layers(Xs: dict, y, kinds, *, folds, kernel: str = "linear",
 
     kinds = tuple(kinds)
     check_options(kinds, kernel, scoring)
+    objs = {k.name: k for k in map(_kinds.get, kinds)}  # travel to the workers as objects
+    kinds = tuple(objs)
     y = np.asarray(y)
     Xs = {name: np.ascontiguousarray(X, dtype=np.float32) for name, X in Xs.items()}
-    spec = _Spec(kinds, kernel, scoring, class_weight, seed, early_stop, len(y))
+    spec = _Spec(Fit(kernel=kernel, class_weight=class_weight, seed=seed, scoring=scoring,
+                     n_rows=len(y)), early_stop)
     stages = {}
-    grids = {(l, k): coarse_grid(k, kernel, X.shape[1], mlp_widths) for l, X in Xs.items()
-             for k in kinds}
+    grids = {(l, k): objs[k].coarse_grid(X.shape[1], kernel, **grid_options)
+             for l, X in Xs.items() for k in kinds}
     for stage in (1, 2):
         if not any(grids.values()):
             if progress:
@@ -282,7 +237,7 @@ def search_layers(Xs: dict, y, kinds, *, folds, kernel: str = "linear",
         tasks = [(layer, f) for layer in Xs for f in range(len(folds))]
         calls = (joblib.delayed(_fold_task)(
             Xs[layer], y, folds[f][0], folds[f][1], spec,
-            {k: (grids[(layer, k)], stage == 1) for k in kinds}) for layer, f in tasks)
+            {k: (objs[k], grids[(layer, k)], stage == 1) for k in kinds}) for layer, f in tasks)
         results = joblib.Parallel(n_jobs=n_jobs, return_as="generator")(calls)
         per = {}
         for i, ((layer, f), res) in enumerate(zip(tasks, results)):
@@ -294,7 +249,8 @@ def search_layers(Xs: dict, y, kinds, *, folds, kernel: str = "linear",
                 stages.setdefault((layer, k), []).extend(
                     _table(stage, grids[(layer, k)], [r[k] for r in per[layer]]))
         if stage == 1:
-            grids = {key: fine_grid(key[1], _best(rows)["params"]) for key, rows in stages.items()}
+            grids = {key: objs[key[1]].fine_grid(_best(rows)["params"])
+                     for key, rows in stages.items()}
     out = {}
     for (layer, kind), rows in stages.items():
         best = _best(rows)

@@ -1,0 +1,80 @@
+"""``knn``: cosine k-NN with DINOv2's temperature-weighted votes (T = 0.07).
+
+The CV scores every ``k`` of the grid from one similarity pass per fold (:func:`vote_scores`);
+the saved head is ``KNeighborsClassifier`` (cosine, brute force) weighting its votes with
+:func:`featurecache.estimators.temperature_weights`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import HeadKind
+
+
+@dataclass(frozen=True)
+class Settings:
+    ks: tuple = (10, 20, 50)
+    temperature: float = 0.07  # DINOv2's k-NN evaluation protocol
+
+
+SETTINGS = Settings()
+
+
+def vote_scores(X_train, y_train, X_test, ks, n_classes: int,
+                temperature: float = SETTINGS.temperature, chunk: int = 1024) -> dict:
+    """Temperature-weighted k-NN class scores for every ``k`` from one similarity pass.
+
+    Cosine similarity between L2-normalised rows; the top ``k`` neighbours vote with weight
+    ``exp(sim / T)``. Returns ``{k: (n_test, n_classes) votes}``.
+    """
+    import numpy as np
+
+    def unit(a):
+        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+    tr, te = unit(X_train), unit(X_test)
+    kmax = max(ks)
+    out = {k: np.zeros((len(te), n_classes)) for k in ks}
+    for s in range(0, len(te), chunk):
+        sim = te[s:s + chunk] @ tr.T
+        top = np.argpartition(-sim, kmax - 1, axis=1)[:, :kmax] if kmax < sim.shape[1] else \
+            np.broadcast_to(np.arange(sim.shape[1]), sim.shape).copy()
+        top_sim = np.take_along_axis(sim, top, 1)
+        order = np.argsort(-top_sim, axis=1, kind="stable")
+        top, top_sim = np.take_along_axis(top, order, 1), np.take_along_axis(top_sim, order, 1)
+        w = np.exp(top_sim.astype(np.float64) / temperature)
+        labels = y_train[top]
+        for k in ks:
+            votes = out[k][s:s + chunk]
+            np.add.at(votes, (np.arange(len(votes))[:, None], labels[:, :k]), w[:, :k])
+    return out
+
+
+class Knn(HeadKind):
+    name = "knn"
+    cost = 0
+    default = True
+    skops_types = ("featurecache.estimators.temperature_weights",)
+    settings = SETTINGS
+
+    def coarse_grid(self, n_features, kernel="linear", **options):
+        return [{"k": k} for k in self.settings.ks]
+
+    def fold_scores(self, grid, fit, fold, walk):
+        n = len(fold.ytr)
+        ks = sorted({min(p["k"], n) for p in grid})
+        votes = vote_scores(fold.Xtr, fold.ytr, fold.Xte, ks, fold.n_classes,
+                            self.settings.temperature)
+        return [fit.score(fold.yte, votes[min(p["k"], n)].argmax(1)) for p in grid]
+
+    def estimator(self, params, fit):
+        from sklearn.neighbors import KNeighborsClassifier
+
+        from ..estimators import temperature_weights
+
+        return KNeighborsClassifier(n_neighbors=max(1, min(params["k"], fit.n_rows)),
+                                    metric="cosine", algorithm="brute", weights=temperature_weights)
+
+
+KIND = Knn()

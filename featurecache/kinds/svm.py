@@ -1,0 +1,125 @@
+"""``svm``: a linear or rbf-kernel support vector machine.
+
+Linear kernel: libsvm on the precomputed Gram matrix (:class:`~featurecache.estimators.GramLinearSVC`
+in the saved head) for wide features up to :data:`~featurecache.solvers.GRAM_MAX_ROWS` rows,
+``LinearSVC`` (liblinear, primal) otherwise; :func:`~featurecache.solvers.use_gram` decides
+from the refit's rows, in the CV folds too, so a C means the same. rbf: ``SVC``, C walked for
+each of four gammas around 1/n_features. ``probability``: sigmoid calibration by CV
+(``CalibratedClassifierCV``, scikit-learn's replacement for ``SVC(probability=True)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import HeadKind, c_fine_grid, c_grid
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The solver settings of the CV and of the refit (one definition)."""
+
+    # libsvm at C = 1e6 on non-separable data can otherwise run for hours
+    libsvm_max_iter: int = 1_000_000
+    # the primal solver (LinearSVC), sklearn's tol
+    primal_dual: bool = False
+    primal_max_iter: int = 10000
+    primal_tol: float = 1e-4
+    gamma_decades: tuple = (-2, -1, 0, 1)  # rbf: gamma = 10^e / n_features
+    calibration_folds: int = 5             # at most (fewer when a class has fewer rows)
+
+    def primal(self) -> dict:
+        return {"dual": self.primal_dual, "max_iter": self.primal_max_iter, "tol": self.primal_tol}
+
+
+SETTINGS = Settings()
+
+
+def _use_gram(fit, n_features) -> bool:
+    from ..solvers import use_gram
+
+    if fit.gram is not None:
+        return fit.gram
+    return use_gram(fit.n_rows if fit.solver_rows is None else fit.solver_rows, n_features)
+
+
+class Svm(HeadKind):
+    name = "svm"
+    cost = 2
+    default = True
+    skops_types = ("featurecache.estimators.GramLinearSVC",)
+    settings = SETTINGS
+
+    def coarse_grid(self, n_features, kernel="linear", **options):
+        if kernel == "rbf":
+            gammas = [10.0 ** e / n_features for e in self.settings.gamma_decades]
+            return [p for g in gammas for p in c_grid(gamma=g)]
+        return c_grid()
+
+    def fine_grid(self, best):
+        return c_fine_grid(best)
+
+    def paths(self, grid, kernel="linear"):
+        if kernel != "rbf":
+            return [grid]
+        paths = {}
+        for p in grid:
+            paths.setdefault(p["gamma"], []).append(p)
+        return list(paths.values())
+
+    def _svc(self, fit, kernel, **params):
+        from sklearn.svm import SVC
+
+        return SVC(kernel=kernel, class_weight=fit.class_weight, random_state=fit.seed,
+                   max_iter=self.settings.libsvm_max_iter, **params)
+
+    def _primal(self, fit, **params):
+        from sklearn.svm import LinearSVC
+
+        return LinearSVC(class_weight=fit.class_weight, random_state=fit.seed,
+                         **self.settings.primal(), **params)
+
+    def fold_fitter(self, fit, fold):
+        Xtr, ytr, Xte, yte = fold.Xtr, fold.ytr, fold.Xte, fold.yte
+        if fit.kernel == "rbf":
+            def fit_score(p):
+                return fit.score(yte, self._svc(fit, "rbf", **p).fit(Xtr, ytr).predict(Xte))
+            return fit_score
+        if _use_gram(fit, Xtr.shape[1]):
+            import numpy as np
+
+            from ..solvers import gram
+
+            K = gram(Xtr).astype(np.float64)
+            Kte = gram(Xte, Xtr).astype(np.float64)
+
+            def fit_score(p):
+                return fit.score(yte, self._svc(fit, "precomputed", **p).fit(K, ytr).predict(Kte))
+            return fit_score
+
+        def fit_score(p):
+            return fit.score(yte, self._primal(fit, **p).fit(Xtr, ytr).predict(Xte))
+        return fit_score
+
+    def estimator(self, params, fit):
+        if fit.kernel == "rbf":
+            clf = self._svc(fit, "rbf", C=params["C"], gamma=params["gamma"])
+        elif _use_gram(fit, fit.n_features):
+            from ..estimators import GramLinearSVC
+
+            clf = GramLinearSVC(C=params["C"], class_weight=fit.class_weight,
+                                max_iter=self.settings.libsvm_max_iter, random_state=fit.seed)
+        else:
+            clf = self._primal(fit, C=params["C"])
+        if fit.probability:
+            from sklearn.calibration import CalibratedClassifierCV
+
+            import numpy as np
+
+            folds = 3 if fit.y is None else \
+                min(self.settings.calibration_folds, int(np.unique(fit.y, return_counts=True)[1].min()))
+            clf = CalibratedClassifierCV(clf, ensemble=False, cv=folds)
+        return clf
+
+
+KIND = Svm()

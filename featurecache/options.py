@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from . import kinds as _kinds  # no numpy, no scikit-learn
 from .errors import HeadOptionError, OptionError
 
 __all__ = ["Option", "DATA", "EMBED", "COMPARE", "CLUSTER", "FINETUNE", "TOP", "STAGES", "check", "click_options",
@@ -28,7 +29,7 @@ POOLS = ("avg", "max", "avgmax")
 TOKEN_POOLS = ("cls", "mean")
 DTYPES = ("float16", "float32")
 ON_ERROR = ("skip", "fail")
-HEAD_KINDS = ("logreg", "svm", "knn", "mlp")
+HEAD_KINDS = _kinds.NAMES  # the head-kind registry's names, live (featurecache.kinds)
 KERNELS = ("linear", "rbf")
 SCORINGS = ("balanced_accuracy", "accuracy", "f1_macro")
 SELECT = ("cv", "cv-1se")
@@ -190,7 +191,7 @@ EMBED = (
 )
 # [compare]
 COMPARE = (
-    Option("heads", list, ["logreg", "svm", "knn"], "head kinds", choices=HEAD_KINDS,
+    Option("heads", list, list(_kinds.defaults()), "head kinds", choices=HEAD_KINDS,
            noun="head", error=HeadOptionError),
     Option("layers", list, [], "stored layers to compare (empty: all)", nullable=True),
     Option("extra_layers", list, [], "concatenations such as blocks.5+avgpool, each its own row",

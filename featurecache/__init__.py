@@ -19,7 +19,7 @@ except PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
 # public name -> module that defines it (imported on first use, PEP 562)
-_LAZY = {"embed": "embedding", "open_features": "store", "load_backbone": "backbones",
+_LAZY = {"embed": "cluster", "open_features": "store", "load_backbone": "backbones",
          "available_backbones": "backbones", "list_layers": "layers"}
 
 __all__ = [*_LAZY, "__version__", "versions"]

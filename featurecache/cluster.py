@@ -27,9 +27,10 @@ run in another thread meanwhile; and a shard sets torch's threads to the worker'
 Tasks ask for ``resources={"GPU": 1}`` when the workers advertise GPUs. ``compare`` runs its
 fits through joblib's Dask backend with each layer's array scattered once.
 
-Addresses: ``local`` (one worker process per core), ``local:N``, ``local-cuda`` (dask-cuda's
-``LocalCUDACluster``: one worker per visible GPU) or a scheduler address
-(``tcp://host:8786``). Dask is imported only here.
+Addresses: see :mod:`featurecache.distribute`, which holds the client and joblib's backend
+(below both stages; this module stands above the embed loop and calls it). :func:`embed` is
+``featurecache.embed``: the embed loop in this process, or with ``cluster`` the sharded embed.
+Dask is imported only inside functions.
 """
 
 from __future__ import annotations
@@ -43,22 +44,20 @@ import time
 import uuid
 from pathlib import Path
 
+from .distribute import CONNECT_TIMEOUT, ClusterError, check_address, connect, joblib_on
+from .distribute import workers as _workers
 from .errors import FeaturecacheError, OptionError, StoreMismatchError, option
 
-__all__ = ["ClusterError", "connect", "embed_on_cluster", "joblib_on", "shard_paths",
-           "shard_folders", "check_request", "check_address", "same_within_rounding"]
-
-CONNECT_TIMEOUT = "5s"
+# connect, joblib_on, check_address and ClusterError live in .distribute (kept here by name)
+__all__ = ["ClusterError", "connect", "embed", "embed_on_cluster", "joblib_on", "shard_paths",
+           "shard_folders", "check_request", "check_address", "same_within_rounding",
+           "CONNECT_TIMEOUT"]
 RETRIES = 2              # task errors retried (a dead worker's task is rescheduled by Dask)
 REPORT_EVERY = 0.5       # seconds between progress events of a shard
 _PART = re.compile(r"part-(\d{5})-of-(\d{5})\.h5$")
 SUPERSEDED = ".superseded.json"  # in an old output's shard folder, once its successor is built
 # one shard task at a time in a worker process (see the module's docstring)
 _SHARD_LOCK = threading.Lock()
-
-
-class ClusterError(FeaturecacheError):
-    """The cluster cannot be reached or started, or a shard failed."""
 
 
 def shard_folders(output) -> tuple[Path, Path]:
@@ -112,91 +111,6 @@ def same_within_rounding(a, b):
     return np.abs(a - b) <= 2.0 ** -10 * np.maximum(np.abs(a), np.abs(b)) + 2.0 ** -16 * scale
 
 
-@contextlib.contextmanager
-def connect(address: str):
-    """A ``distributed.Client`` for ``address``; a local cluster is started and closed here."""
-    try:
-        import dask
-        from distributed import Client, LocalCluster
-    except ImportError:
-        raise ClusterError(f"{option('cluster', address)} needs Dask distributed: "
-                           f"pip install 'featurecache[cluster]'.") from None
-    cluster = None
-    if address == "local" or address.startswith("local:"):
-        n = address.partition(":")[2] or str(os.cpu_count() or 1)
-        if not n.isdigit() or int(n) < 1:
-            raise ClusterError(f"{option('cluster', address)}: give local:N with N >= 1 "
-                               f"worker processes.")
-        n = int(n)
-        # worker processes that may start DataLoader decode processes of their own, with one
-        # malloc arena from the start (the task threads' own arenas are slower: malloc.py)
-        with dask.config.set({"distributed.worker.daemon": False,
-                              "distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX": 1}):
-            cluster = LocalCluster(n_workers=n, processes=True, dashboard_address=None,
-                                   threads_per_worker=max(1, (os.cpu_count() or 1) // n))
-    elif address == "local-cuda":
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError:
-            raise ClusterError(f"{option('cluster', 'local-cuda')} needs dask-cuda: pip install "
-                               f"dask-cuda (one worker per visible GPU).") from None
-        cluster = LocalCUDACluster(dashboard_address=None)
-    else:
-        check_address(address)
-    try:
-        try:
-            client = Client(cluster if cluster is not None else address,
-                            timeout=CONNECT_TIMEOUT, set_as_default=False)
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise ClusterError(f"cannot reach the Dask scheduler at {address} ({exc}). Start "
-                               f"one (`dask scheduler`, then `dask worker {address}` on each "
-                               f"machine), or use {option('cluster', 'local')}.") from None
-        try:
-            yield client
-        finally:
-            client.close()
-    finally:
-        if cluster is not None:
-            cluster.close()
-
-
-def check_address(address: str) -> None:
-    """Refuse a scheduler address Dask cannot parse before a Client is made (a Client that
-    fails on it prints a traceback from its ``__del__`` at exit, after a 10 s timeout)."""
-    if address in ("local", "local-cuda") or address.startswith("local:"):
-        return
-    try:
-        from distributed.comm.addressing import parse_address, parse_host_port
-    except ImportError:
-        return  # connect() says how to install Dask
-    try:
-        scheme, location = parse_address(address)
-        if scheme in ("tcp", "tls", "ws", "wss", "ucx"):
-            parse_host_port(location)
-    except ValueError as exc:
-        raise ClusterError(f"{option('cluster', address)} is not a cluster address ({exc}); "
-                           f"give local, local:N, local-cuda or a scheduler address such as "
-                           f"tcp://HOST:8786.") from None
-
-
-@contextlib.contextmanager
-def joblib_on(client, arrays=()):
-    """Run joblib's parallel calls in this block on ``client``'s workers, with ``arrays``
-    scattered to them once (not once per task)."""
-    import joblib
-
-    with joblib.parallel_backend("dask", client=client, scatter=list(arrays)):
-        yield
-
-
-def _workers(client) -> dict:
-    """``{address: info}`` of every worker (recent versions list only a few by default)."""
-    try:
-        return client.scheduler_info(n_workers=-1)["workers"]
-    except TypeError:  # distributed before 2025
-        return client.scheduler_info()["workers"]
-
-
 def _existing_count(folder: Path | None) -> int | None:
     """The shard count of the part files in ``folder`` (None: none, or several counts)."""
     counts = {int(m.group(2)) for p in (folder.iterdir() if folder and folder.is_dir() else ())
@@ -236,9 +150,48 @@ def _started(folder: Path, meta: dict, shards: int | None) -> bool:
     return False
 
 
+def embed(source, output, *, cluster: str | None = None, shards: int | None = None,
+          copy: bool = False, **kw):
+    """``featurecache.embed``: :func:`featurecache.embedding.embed` in this process, or with
+    ``cluster`` (``local``, ``local:N``, ``local-cuda`` or a scheduler address) in ``shards``
+    shard files on a Dask cluster, joined into ``output`` (virtual datasets, or with ``copy``
+    one self-contained file): :func:`embed_on_cluster`.
+
+    Takes embed's options. The caller chooses to distribute (the CLI's ``--cluster``, a
+    pipeline's ``[cluster]`` table); the embed loop itself never dispatches to a cluster.
+
+    Raises:
+        OptionError: ``shards`` or ``copy`` without a cluster, ``shard`` with one, or any bad
+            option of embed (nothing is created before all are checked).
+    """
+    if cluster is not None:
+        return embed_on_cluster(source, output, cluster=cluster, shards=shards, copy=copy, **kw)
+    from .embedding import embed as embed_here
+
+    _checked(source, output, kw, cluster=None, shards=shards, copy=copy)
+    return embed_here(source, output, **kw)
+
+
+def _checked(source, output, kw: dict, **cluster) -> dict:
+    """Embed's keyword arguments with its defaults filled in, checked with the cluster's
+    options in the order a one-process embed checks them (its own first, then the mix)."""
+    import inspect
+
+    from .embedding import check_options, embed as embed_here
+
+    args = inspect.signature(embed_here).bind(source, output, **kw)  # TypeError: unknown name
+    args.apply_defaults()
+    kw = {k: v for k, v in args.arguments.items() if k not in ("source", "output")}
+    kw["keep_map"] = list(kw["keep_map"])
+    check_options({k: v for k, v in kw.items() if k not in ("shard", "progress")}, **cluster)
+    check_request(cluster["cluster"], shards=cluster["shards"], copy=cluster["copy"],
+                  shard=kw["shard"])  # nothing silently ignored
+    return kw
+
+
 def embed_on_cluster(source, output, *, cluster: str, shards: int | None = None,
-                     copy: bool = False, progress=True, overwrite: bool = False, **kw):
-    """:func:`featurecache.embed` in shards on a Dask cluster, joined into ``output``.
+                     copy: bool = False, **kw):
+    """:func:`featurecache.embedding.embed` in shards on a Dask cluster, joined into ``output``.
 
     Takes embed's options (the backbone by name). Returns an
     :class:`~featurecache.embedding.EmbedResult` for the joined file. An existing ``output``
@@ -255,6 +208,9 @@ def embed_on_cluster(source, output, *, cluster: str, shards: int | None = None,
     from .store.reader import is_hdf5
 
     t0 = time.perf_counter()
+    kw = _checked(source, output, kw, cluster=cluster, shards=shards, copy=copy)
+    progress, overwrite = kw.pop("progress"), kw.pop("overwrite")
+    del kw["shard"]  # (0, 1): the cluster cuts the shards itself
     output = Path(output)
     if not isinstance(kw["backbone"], str):
         raise ClusterError("a clustered embed takes the backbone by name (workers load it).")

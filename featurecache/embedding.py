@@ -58,10 +58,12 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
           num_workers: int | None = None, device: str | None = None, test_size: float = 0.3,
           seed: int = 0, max_per_class: int | None = None, on_error: str = "skip",
           shard: tuple = (0, 1), overwrite: bool = False, progress=True,
-          commit_rows: int = 512, commit_every: float = 30.0, cluster: str | None = None,
-          shards: int | None = None, copy: bool = False, keep_map=(),
+          commit_rows: int = 512, commit_every: float = 30.0, keep_map=(),
           map_size: int | None = None) -> EmbedResult:
     """Embed a data set with a frozen backbone and store several layers in one HDF5 file.
+
+    This is the loop in this process; ``featurecache.embed`` (:func:`featurecache.cluster.embed`)
+    takes ``cluster``, ``shards`` and ``copy`` too, to run it in shards on a Dask cluster.
 
     Args:
         source: image folder (``DATA/<class>/…`` or ``DATA/<split>/<class>/…``), CSV
@@ -93,9 +95,6 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
             ``progress(inputs_done, inputs_total)`` after every batch (no printing).
         commit_rows, commit_every: commit the rows done so far every ``commit_rows`` rows or
             ``commit_every`` seconds, whichever comes first (a kill loses at most that much).
-        cluster, shards, copy: run on a Dask cluster (``local``, ``local:N``, ``local-cuda``
-            or a scheduler address) in ``shards`` shard files, then join them into ``output``
-            (virtual datasets, or one self-contained copy); see :mod:`featurecache.cluster`.
 
     Raises:
         FeaturecacheError: for any bad input; nothing is created before all inputs are checked.
@@ -107,15 +106,7 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
           "test_size": test_size, "seed": seed, "max_per_class": max_per_class,
           "on_error": on_error, "overwrite": overwrite, "commit_rows": commit_rows,
           "commit_every": commit_every, "keep_map": list(keep_map), "map_size": map_size}
-    check_options(kw, cluster=cluster, shards=shards, copy=copy)
-    from .cluster import check_request
-
-    check_request(cluster, shards=shards, copy=copy, shard=shard)  # nothing silently ignored
-    if cluster is not None:
-        from .cluster import embed_on_cluster
-
-        return embed_on_cluster(source, output, cluster=cluster, shards=shards, copy=copy,
-                                progress=progress, **kw)
+    check_options(kw)
     say = _Say(progress is True)
     job = prepare(source, output, shard=shard, say=say, **kw)
     dev, bb, specs, records = job.device, job.backbone, job.specs, job.records

@@ -123,7 +123,7 @@ def fit_heads(jobs: dict, kinds, *, kernel: str = "linear", cv: int = 5,
                             f"can only be compared on the same images.")
         Xs[key] = np.ascontiguousarray(X, dtype=np.float32)  # the arrays every task reads
     if client is not None:
-        from .cluster import joblib_on
+        from .distribute import joblib_on
     with joblib_on(client, [*Xs.values(), y]) if client is not None else contextlib.nullcontext():
         results = search_layers(Xs, y, kinds, folds=folds, kernel=kernel, scoring=scoring,
                                 class_weight=class_weight, seed=seed, early_stop=early_stop,

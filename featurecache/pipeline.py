@@ -280,7 +280,7 @@ def run_pipeline(plan: Plan, progress: bool = True) -> dict:
     """Run embed -> compare and write ``run.json``; returns its content."""
     from . import versions
     from .data import open_source
-    from .embedding import embed
+    from .cluster import embed  # in this process, or sharded with [cluster] address
     from .report import compare
 
     kw = _embed_kwargs(plan.config)

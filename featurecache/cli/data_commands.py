@@ -84,7 +84,7 @@ def embed(data, output, shard, quiet, **kwargs):
     a CSV manifest with columns path,label[,split], or builtin:digits. All layers come
     from one forward pass per batch.
     """
-    from ..embedding import embed as run_embed
+    from ..cluster import embed as run_embed  # in this process, or sharded with --cluster
 
     r = run_embed(data, output, shard=_shard(shard), progress=not quiet, **kwargs)
     if r.already_complete:

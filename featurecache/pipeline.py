@@ -240,7 +240,7 @@ def check_pipeline(plan: Plan) -> dict:
 
         check_from(bb, plan.config["finetune"]["from"])
     k = plan.config["compare"]
-    from .fewshot import check_shots
+    from .report.fewshot import check_shots
 
     check_shots(k["shots"], k["repeats"])
     stored = {s.name for s in specs}

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["plot_depth", "plot_few_shot", "plot_confusion", "plot_curve"]
+import numpy as np
+
+__all__ = ["plot_depth", "plot_few_shot", "plot_confusion", "plot_curve", "depth_figure",
+           "few_shot_figure", "confusion_figure", "recall_figure"]
 
 
 def _figure(figsize, dpi: int = 110):
@@ -29,24 +32,44 @@ def _lines(rows):
     return out
 
 
-def _save(fig, ax, path: Path, legend_size: int) -> None:
+def _finish(fig, ax, legend_size: int):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    fig.savefig(path)
+    return fig
+
+
+def _tip(artist, text: str, tips: list) -> None:
+    """Name a point: its artist gets an id, and ``tips`` maps that id to the text (the HTML
+    report shows it as a tooltip; the PNG ignores it)."""
+    gid = f"tip-{len(tips)}"
+    artist.set_gid(gid)
+    tips.append((gid, text))
 
 
 def plot_depth(path: Path, rows, winner, metric: str) -> None:
-    """Test score (95% CI) vs depth; one line per backbone x head. With several backbones the
-    x axis is the relative depth (0..1) of the layer within its backbone's stored layers."""
+    """Test score (95% CI) vs depth; one line per backbone x head."""
+    depth_figure(rows, winner, metric, []).savefig(path)
+
+
+def depth_figure(rows, winner, metric: str, tips: list):
+    """The depth plot's figure: test score (95% CI) vs depth, one line per backbone x head.
+    With several backbones the x axis is the relative depth (0..1) of the layer within its
+    backbone's stored layers. Every point is named in ``tips``."""
     several = len({r["backbone"] for r in rows}) > 1
     xkey = "rel_depth" if several else "depth"
     fig, ax = _figure((8, 4.5))
     for (backbone, kind), rs in _lines(rows).items():
         rs = sorted(rs, key=lambda r: r[xkey])
         err = [[r[metric] - r[metric + "_lo"] for r in rs], [r[metric + "_hi"] - r[metric] for r in rs]]
-        ax.errorbar([r[xkey] for r in rs], [r[metric] for r in rs], yerr=err, marker="o",
-                    capsize=3, label=f"{backbone} {kind}" if several else kind)
+        bars = ax.errorbar([r[xkey] for r in rs], [r[metric] for r in rs], yerr=err, marker="o",
+                           capsize=3, label=f"{backbone} {kind}" if several else kind)
+        for r in rs:
+            dot, = ax.plot([r[xkey]], [r[metric]], "o", color=bars[0].get_color(), ms=9,
+                           alpha=0.01)  # a hover target per point
+            _tip(dot, f"{r['backbone']} {r['layer']} ({r['head']}): test {metric} "
+                      f"{r[metric]:.3f} [{r[metric + '_lo']:.3f}, {r[metric + '_hi']:.3f}], "
+                      f"CV {r['cv_score']:.3f}", tips)
     ax.plot([winner[xkey]], [winner[metric]], "*", ms=16, color="gold", markeredgecolor="black",
             label=f"chosen by CV: {winner['layer']} ({winner['head']})")
     if several:
@@ -58,11 +81,16 @@ def plot_depth(path: Path, rows, winner, metric: str) -> None:
         ax.set_xlabel("layer (by depth)")
     ax.set_ylabel(f"test {metric.replace('_', ' ')} (95% CI)")
     ax.set_title("Which layer? Test score vs depth (winner chosen by CV)")
-    _save(fig, ax, path, legend_size=7)
+    return _finish(fig, ax, legend_size=7)
 
 
 def plot_few_shot(path: Path, rows, winner, metric: str, n_lines: int = 4) -> None:
     """Test score vs labelled images per class for the best rows by CV (mean ± std)."""
+    few_shot_figure(rows, winner, metric, [], n_lines).savefig(path)
+
+
+def few_shot_figure(rows, winner, metric: str, tips: list, n_lines: int = 4):
+    """The few-shot plot's figure; every point named in ``tips``."""
     best = sorted((r for r in rows if "few_shot" in r), key=lambda r: -r["cv_score"])[:n_lines]
     several = len({r["backbone"] for r in rows}) > 1
     fig, ax = _figure((7, 4.5))
@@ -74,27 +102,56 @@ def plot_few_shot(path: Path, rows, winner, metric: str, n_lines: int = 4) -> No
             xs.append(max(xs + [1]) * 2)
         ys = [r["few_shot"][s]["mean"] for s in shots]
         sd = [r["few_shot"][s]["std"] for s in shots]
-        ax.errorbar(xs, ys, yerr=sd, marker="o", capsize=3,
-                    label=(f"{r['backbone']} " if several else "") + f"{r['layer']} ({r['head']})"
-                    + (" *" if r is winner else ""))
-        ax.set_xticks(xs)
-        ax.set_xticklabels(numeric + (["all"] if "all" in shots else []))
-    ax.set_xscale("log")
+        label = (f"{r['backbone']} " if several else "") + f"{r['layer']} ({r['head']})"
+        bars = ax.errorbar(xs, ys, yerr=sd, marker="o", capsize=3,
+                           label=label + (" *" if r is winner else ""))
+        for x, s, y, d in zip(xs, shots, ys, sd):
+            dot, = ax.plot([x], [y], "o", color=bars[0].get_color(), ms=9, alpha=0.01)
+            _tip(dot, f"{label}, {s} per class: test {metric} {y:.3f} ± {d:.3f}", tips)
+        ticks = (xs, [str(s) for s in numeric] + (["all"] if "all" in shots else []))
+    ax.set_xscale("log")  # before the ticks: setting the scale resets them
+    if best:
+        ax.set_xticks(ticks[0])
+        ax.set_xticklabels(ticks[1])
     ax.minorticks_off()
     ax.set_xlabel("labelled train images per class")
     ax.set_ylabel(f"test {metric.replace('_', ' ')} (mean ± std over draws)")
     ax.set_title("How many labels do I need?")
-    _save(fig, ax, path, legend_size=8)
+    return _finish(fig, ax, legend_size=8)
 
 
 def plot_confusion(path: Path, cm, classes, winner) -> None:
+    confusion_figure(cm, classes, winner, []).savefig(path)
+
+
+MAX_CELL_TIPS = 900  # cells named one by one up to 30 x 30 classes
+
+
+def _cells(ax, values, rows, cols, fmt, tips, what, dark_high: bool = True, top=None) -> None:
+    """Numbers in the cells of a heat map, each cell a hover target named in ``tips``."""
+    from matplotlib.patches import Rectangle
+
+    many = len(rows) * len(cols) > MAX_CELL_TIPS
+    if top is None:
+        top = np.nanmax(values) if np.isfinite(values).any() else 1
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            v = values[i, j]
+            high = np.isfinite(v) and v > top / 2
+            ax.text(j, i, fmt(v), ha="center", va="center", fontsize=7,
+                    color="white" if high == dark_high else "black")
+            if not many:
+                cell = ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=0))
+                _tip(cell, what(i, j, v), tips)
+
+
+def confusion_figure(cm, classes, winner, tips: list):
+    """The winner's confusion matrix on the test split; each cell named in ``tips``."""
     n = len(classes)
     fig, ax = _figure((1.2 + 0.5 * n, 1.0 + 0.5 * n))
     ax.imshow(cm, cmap="Blues")
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    _cells(ax, np.asarray(cm, dtype=float), classes, classes, lambda v: str(int(v)), tips,
+           lambda i, j, v: f"true {classes[i]}, predicted {classes[j]}: {int(v)} images")
     ax.set_xticks(range(n))
     ax.set_xticklabels(classes, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(n))
@@ -103,7 +160,27 @@ def plot_confusion(path: Path, cm, classes, winner) -> None:
     ax.set_ylabel("true")
     ax.set_title(f"{winner['layer']} ({winner['head']}), test split", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    return fig
+
+
+def recall_figure(labels, classes, recall, tips: list):
+    """Per-class recall on the test split (columns) of every candidate (rows, ``labels``)."""
+    n, m = len(labels), len(classes)
+    fig, ax = _figure((2.5 + 0.45 * m, 1.2 + 0.32 * n))
+    ax.imshow(np.ma.masked_invalid(recall), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    _cells(ax, recall, labels, classes, lambda v: "-" if not np.isfinite(v) else f"{v:.2f}"[1:]
+           if v < 1 else "1", tips,
+           lambda i, j, v: f"{labels[i]}: recall of {classes[j]} "
+                           + ("- (no test image)" if not np.isfinite(v) else f"{v:.3f}"),
+           dark_high=False, top=1.0)  # viridis on 0..1: light at the top
+    ax.set_xticks(range(m))
+    ax.set_xticklabels(classes, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(n))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_xlabel("class")
+    ax.set_title("Test recall per class and candidate", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 

@@ -312,7 +312,7 @@ def test_compare_checks_the_finetune_folders(tuned, clip, tmp_path):
     import shutil
 
     from featurecache.report import compare
-    from featurecache.report_files import verdict_text
+    from featurecache.report.verdict import verdict_text
 
     with pytest.raises(FeaturecacheError, match="given twice"):
         compare(clip, tmp_path / "r", heads=["logreg"], progress=False,
@@ -527,3 +527,24 @@ def test_the_same_images_through_a_symlinked_folder_are_the_same(tmp_path, tiny_
     with pytest.raises(FeaturecacheError, match=r"--seed 1 \(the other: 0\)"):
         compare(tmp_path / "f.h5", tmp_path / "r1", heads=["logreg"],
                 finetuned=[tmp_path / "ft1"], progress=False)
+
+
+def test_a_library_fine_tune_leaves_torchs_global_random_state_as_it_was(clip, tmp_path):
+    """finetune draws from its own seed (torch.random.fork_rng), so a library caller's torch
+    random state is neither reseeded nor advanced, also by a call that fails; and the caller's
+    state does not change the fine-tune."""
+    from featurecache.finetune import finetune
+
+    torch.manual_seed(1234)
+    torch.rand(3)
+    before = torch.get_rng_state()
+    a = finetune(clip, tmp_path / "a", epochs=1, seed=3, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+    with pytest.raises(FeaturecacheError):
+        finetune(clip, tmp_path / "bad", from_layer="stage3", epochs=1, seed=3, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(99)  # another caller state: the same fine-tune
+    b = finetune(clip, tmp_path / "b", epochs=1, seed=3, progress=False)
+    assert a.history[1]["train_loss"] == b.history[1]["train_loss"]
+    sa, sb = (torch.load(r.out_dir / "model.pt", weights_only=True)["state_dict"] for r in (a, b))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

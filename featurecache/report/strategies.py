@@ -4,8 +4,8 @@ A fine-tune folder (written by :func:`featurecache.finetune.finetune`) holds the
 model's validation score (its selection score, from the train split only) and its
 predictions on the test split. :func:`finetuned_rows` turns each folder into one row of the
 comparison, beside the frozen heads, after checking that it was tested on exactly the test
-rows of the compared feature file; :func:`strategy_text` is the verdict's paragraph on
-strategies: the margin of each fine-tuned model over the best frozen head, from a paired
+rows of the compared feature file; the verdict's paragraph on strategies
+(:func:`.verdict.strategy_verdict`): the margin of each fine-tuned model over the best frozen head, from a paired
 bootstrap on the same test rows, and the time each took.
 """
 
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FeaturecacheError, option
+from ..errors import FeaturecacheError, option
+from .rows import FROZEN, FineTune, Row, Selection
+from .select import LP_FT
 
-__all__ = ["read_finetuned", "finetuned_rows", "strategy_text", "same_paths",
-           "split_settings_differ", "validation_fold", "score_on_fold", "FROZEN",
-           "SPLIT_SETTINGS"]
+__all__ = ["read_finetuned", "finetuned_rows", "same_paths", "split_settings_differ",
+           "validation_fold", "score_on_fold", "FROZEN", "SPLIT_SETTINGS"]
 
-FROZEN = "frozen"
 # the settings that decide which images are in which split (the flag that sets each)
 SPLIT_SETTINGS = {"seed": "--seed", "test_size": "--test-size", "max_per_class": "--max-per-class"}
 
@@ -62,7 +62,7 @@ def read_finetuned(folder, first) -> dict:
     folder = Path(folder)
     if folder.suffix == ".pt" and folder.is_file():  # ft/model.pt: its folder
         folder = folder.parent
-    from .files import published
+    from ..files import published
 
     path = published(folder) / "summary.json" if folder.is_dir() else folder
     try:
@@ -75,7 +75,7 @@ def read_finetuned(folder, first) -> dict:
     if not (path.parent / "model.pt").is_file():
         raise FeaturecacheError(f"{path.parent} has a summary.json but no model.pt: the "
                                 f"fine-tuned model is missing; run `featurecache finetune` again.")
-    from .checkpoint import run_id_of
+    from ..checkpoint import run_id_of
 
     if s.get("run_id") != run_id_of(path.parent / "model.pt"):
         raise FeaturecacheError(f"{path.parent}: model.pt and summary.json come from two "
@@ -114,9 +114,8 @@ def read_finetuned(folder, first) -> dict:
 
 
 def finetuned_rows(summaries, files, names) -> list:
-    """One comparison row per fine-tune summary (the keys of a frozen head's row, plus the
-    strategy, the folder and the time)."""
-    rows = []
+    """``[(row, test predictions)]``, one per fine-tune summary."""
+    out = []
     for s in summaries:
         name = next((n for n, ff in zip(names, files) if ff.provenance["backbone"] == s["backbone"]),
                     s["backbone"])
@@ -125,19 +124,18 @@ def finetuned_rows(summaries, files, names) -> list:
         deepest = max((l.depth for l in ff.layers.values()), default=1) or 1
         depth = final.depth if final is not None else deepest
         p, n_val = s["val_score"], max(s["n_val"], 1)
-        history = s["history"]
-        rows.append({
-            "backbone": name, "layer": f"{s['from_layer']}..{s['final_layer']}",
-            "head": "lp-ft", "strategy": s["strategy"], "depth": depth,
-            "rel_depth": round(min(depth / deepest, 1.0), 4),
-            "dim": int(s["provenance"]["final_dim"]),
-            "params": {"epoch": s["best_epoch"], "lr": s["settings"]["lr"]},
-            "cv_score": float(p), "cv_std": 0.0, "n_val": int(s["n_val"]),
-            "cv_sem": math.sqrt(max(p * (1 - p), 0.0) / n_val),
-            "grid_evaluated": len(history) - 1, "grid_points": s["settings"]["epochs"],
-            "seconds": s["seconds"], "seconds_per_epoch": s["seconds_per_epoch"],
-            "folder": s["_folder"], "_pred": s["_pred"]})
-    return rows
+        origin = FineTune(folder=s["_folder"], from_layer=s["from_layer"],
+                          final_layer=s["final_layer"], n_val=int(s["n_val"]),
+                          seconds=s["seconds"], seconds_per_epoch=s["seconds_per_epoch"])
+        row = Row(backbone=name, layer=s["final_layer"], head=LP_FT, strategy=s["strategy"],
+                  depth=depth, rel_depth=round(min(depth / deepest, 1.0), 4),
+                  dim=int(s["provenance"]["final_dim"]),
+                  params={"epoch": s["best_epoch"], "lr": s["settings"]["lr"]},
+                  cv_score=float(p), cv_std=0.0, cv_sem=math.sqrt(max(p * (1 - p), 0.0) / n_val),
+                  grid_evaluated=len(s["history"]) - 1, grid_points=s["settings"]["epochs"],
+                  origin=origin)
+        out.append((row, s["_pred"]))
+    return out
 
 
 def validation_fold(summaries, first) -> tuple:
@@ -176,67 +174,38 @@ def validation_fold(summaries, first) -> tuple:
 
 
 def score_on_fold(rows, jobs, fold, first, *, scoring, kernel, class_weight, seed,
-                  n_jobs) -> None:
-    """Set ``select_score`` / ``select_sem`` of every row on the validation ``fold``: a
-    frozen head is refit on the fold's other training rows with the parameters its CV chose
-    and scored on the fold; a fine-tune brings its kept epoch's score on the same rows."""
+                  n_jobs) -> list:
+    """Each row's :class:`Selection` on the validation ``fold``: a frozen head is refit on
+    the fold's other training rows with the parameters its CV chose and scored on the fold;
+    a fine-tune brings its kept epoch's score on the same rows."""
     import joblib
 
-    from .heads import refit
-    from .solvers import score_predictions
+    from ..heads import refit
+    from ..solvers import score_predictions
 
     fit, val = fold
     y = first.y()
-    frozen = [r for r in rows if r["strategy"] == FROZEN]
+    frozen = [r for r in rows if r.strategy == FROZEN]
     arrays = {}
     for r in frozen:  # read once per layer, before the threads share them
-        key = (r["backbone"], r["layer"])
+        key = (r.backbone, r.layer)
         if key not in arrays:
             ff, layer = jobs[key]
             X = np.asarray(ff.X(layer), dtype=np.float32)
             arrays[key] = (X[fit], X[val])
 
     def one(r):
-        Xf, Xv = arrays[(r["backbone"], r["layer"])]
-        pipe = refit(Xf, y[fit], r["head"], r["params"], kernel=kernel,
+        Xf, Xv = arrays[(r.backbone, r.layer)]
+        pipe = refit(Xf, y[fit], r.head, r.params, kernel=kernel,
                      class_weight=class_weight, seed=seed)
         return score_predictions(scoring, y[val], pipe.predict(Xv))
 
-    scores = joblib.Parallel(n_jobs=n_jobs, prefer="threads")(
-        joblib.delayed(one)(r) for r in frozen)
-    for r, sc in zip(frozen, scores):
-        r["select_score"] = float(sc)
-    for r in rows:
-        if r["strategy"] != FROZEN:
-            r["select_score"] = float(r["cv_score"])  # the kept epoch, on the same rows
+    scores = iter(joblib.Parallel(n_jobs=n_jobs, prefer="threads")(
+        joblib.delayed(one)(r) for r in frozen))
     n = len(val)
-    for r in rows:
-        p = r["select_score"]
-        r["select_sem"] = math.sqrt(max(p * (1 - p), 0.0) / n)
-        r["selected_on"] = f"validation fold ({n} rows)"
-
-
-def strategy_text(rows, best_frozen, metric: str, frozen_seconds: float) -> str:
-    """The verdict's sentences on fine-tuning: each fine-tuned row against the best frozen
-    head (difference and paired-bootstrap interval on the same test rows), and the times."""
-    tuned = [r for r in rows if r["strategy"] != FROZEN]
-    if not tuned:
-        return ""
-    text = (f" Strategies: the best frozen head ({best_frozen['layer']}, {best_frozen['head']}) "
-            f"scores {metric} {best_frozen[metric]:.3f} on test; the frozen heads took "
-            f"{frozen_seconds:.0f} s in all (every layer and head, CV included).")
-    for r in tuned:
-        m = r["margin_over_frozen"]
-        clear = m["lo"] > 0 or m["hi"] < 0
-        verdict = ("beats it" if m["lo"] > 0 else "is worse") if clear else \
-            "cannot be told apart from it on this test set"
-        text += (f" {r['strategy'].capitalize()} of the blocks above {r['layer'].split('..')[0]} "
-                 f"(kept epoch {r['params']['epoch']} of {r['grid_evaluated']}, validation "
-                 f"{r['cv_score']:.3f} on {r['n_val']} rows) scores {r[metric]:.3f}: {m['difference']:+.3f} (95% CI "
-                 f"{m['lo']:+.3f} to {m['hi']:+.3f}, paired bootstrap), so it {verdict}; it took "
-                 f"{r['seconds']:.0f} s ({r['seconds_per_epoch']} s per epoch).")
-        if r["params"]["epoch"] == 0:
-            text += (" It kept epoch 0: no epoch of fine-tuning beat its own linear probe on the "
-                     "validation fold by more than the fold's noise, so it is that probe (a "
-                     "logistic head) and was not a candidate for the choice.")
-    return text
+    out = []
+    for r in rows:  # a fine-tune: its kept epoch, on the same rows
+        p = float(next(scores)) if r.strategy == FROZEN else float(r.cv_score)
+        out.append(Selection(p, math.sqrt(max(p * (1 - p), 0.0) / n),
+                             f"validation fold ({n} rows)"))
+    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import FeaturecacheError
+from ..errors import OptionError
 
 __all__ = ["check_shots", "feasible_shots", "refit_few_shot"]
 
@@ -19,7 +19,7 @@ def feasible_shots(shots, y_train) -> list:
     name), and say which sizes some classes cannot fill (those use all their images)."""
     import warnings
 
-    from .errors import DataWarning
+    from ..errors import DataWarning
 
     counts = np.bincount(y_train)
     counts = counts[counts > 0]
@@ -47,20 +47,22 @@ def check_shots(shots, repeats) -> list:
         except (TypeError, ValueError):
             k = 0
         if k < 1:
-            raise FeaturecacheError(f"shots must be positive whole numbers or 'all'; got {s!r}.")
+            raise OptionError(f"shots must be positive whole numbers or 'all'; got {s!r}.")
         out.append(k)
     if out and repeats < 1:
-        raise FeaturecacheError(f"repeats must be at least 1; got {repeats}.")
+        raise OptionError(f"repeats must be at least 1; got {repeats}.")
     return sorted(set(out), key=lambda s: (s == "all", s if s != "all" else 0))
 
 
-def refit_few_shot(rows, fitted, jobs, y_test, X_test, shots, repeats, kernel, class_weight, seed,
-              metric, n_jobs) -> None:
-    """Refit every row with its chosen hyperparameters on k train images per class."""
+def refit_few_shot(rows, jobs, y_test, X_test, shots, repeats, kernel, class_weight, seed,
+                   metric, n_jobs) -> list:
+    """Each row's few-shot curve ``{shots: {mean, std, n}}``: refit with its chosen
+    hyperparameters on k train images per class, ``repeats`` seeded draws of each k; the
+    ``all`` point is the row's own test score."""
     import joblib
 
-    from .heads import refit
-    from .stats import few_shot_indices
+    from ..heads import refit
+    from ..stats import few_shot_indices, point_metrics
 
     first = jobs[next(iter(jobs))][0]
     y_train, n_classes = first.y("train"), len(first.classes)
@@ -74,8 +76,6 @@ def refit_few_shot(rows, fitted, jobs, y_test, X_test, shots, repeats, kernel, c
         idx = few_shot_indices(y_train, k, seed, rep)
         pipe = refit(X_train[key][idx], y_train[idx], r["head"], r["params"], kernel=kernel,
                      class_weight=class_weight, seed=seed, solver_rows=len(y_train))
-        from .stats import point_metrics
-
         p = pipe.predict(np.asarray(X_test[key], dtype=np.float32))
         return point_metrics(y_test, p, n_classes)[metric]
 
@@ -84,9 +84,7 @@ def refit_few_shot(rows, fitted, jobs, y_test, X_test, shots, repeats, kernel, c
     got = {}
     for (j, k, _), s in zip(tasks, scores):
         got.setdefault((j, k), []).append(float(s))
-    for j, r in enumerate(rows):
-        r["few_shot"] = {str(k): ({"mean": r[metric], "std": 0.0, "n": 1} if k == "all" else
-                                  {"mean": float(np.mean(got[(j, k)])),
-                                   "std": float(np.std(got[(j, k)])), "n": repeats})
-                         for k in shots}
-        r["few_shot_metric"] = metric
+    return [{str(k): ({"mean": r[metric], "std": 0.0, "n": 1} if k == "all" else
+                      {"mean": float(np.mean(got[(j, k)])), "std": float(np.std(got[(j, k)])),
+                       "n": repeats})
+             for k in shots} for j, r in enumerate(rows)]

@@ -13,6 +13,7 @@ It writes into one folder:
 
 * ``results.csv`` / ``results.json``: one row per backbone x layer x head;
 * ``report.md``: the table ordered by depth, the winner in bold, and the verdict;
+* ``report.html``: the same as one self-contained page (sortable table, inline SVG plots);
 * ``layer_depth.png``: test score vs depth, one line per backbone x head;
 * ``few_shot.png`` (with ``shots``): test score vs labelled images per class;
 * ``confusion.png``: the winner's confusion matrix on the test split;
@@ -33,65 +34,46 @@ Example::
 
 from __future__ import annotations
 
-import shutil
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from .errors import FeaturecacheError, HeadError, HeadOptionError
-from .options import CLUSTER, COMPARE, SELECT, check
-from .search import HEAD_KINDS, check_options
+from ..errors import FeaturecacheError, HeadError
+from ..options import SELECT, validated
+from ..options import class_weight as sklearn_class_weight
+from ..search import HEAD_KINDS
+from ..stats import SCORING_METRIC
 from .fewshot import check_shots, feasible_shots, refit_few_shot
-from .report_files import markdown_table, own_files, row_name, verdict_text, write_report
-from .stats import METRICS, SCORING_METRIC, bootstrap, interval, paired_difference
+from .rows import FROZEN, FrozenHead, Row
+from .select import select_winner
+from .evaluate import score_on_test
+from .verdict import build_verdict, strategy_verdict
+from .writers import ReportData, markdown_table, own_files, write_report
 
 __all__ = ["compare", "CompareResult", "SELECT", "select_winner"]
-
-_HEAD_COST = {"knn": 0, "logreg": 1, "svm": 2, "mlp": 3, "lp-ft": 4}  # cheaper first, for the one-SE rule
 
 
 @dataclass
 class CompareResult:
-    """Rows (one per backbone x layer x head, in depth order), the winner, the verdict."""
+    """Rows (one per backbone x layer x head, in depth order), the winner, the verdict
+    (markdown; ``verdict_data`` is the same as data)."""
 
     rows: list
-    winner: dict
+    winner: Row
     verdict: str
     out_dir: Path
+    verdict_data: object = None
 
     def table(self) -> str:
         return markdown_table(self.rows, self.winner)
 
 
-def select_winner(rows, select: str = "cv") -> dict:
-    """The row chosen from CV scores only (never from the test split).
-
-    ``cv``: the highest mean CV score (ties: the narrower, then shallower, then cheaper head).
-    ``cv-1se``: among the rows whose CV score is within one standard error of the best, the
-    narrowest, then shallowest, then cheapest. When every row has a ``select_score`` (all
-    candidates scored on the same validation fold, as ``compare --finetuned`` does), that
-    score and its ``select_sem`` are used instead of the CV score.
-    """
-    def simplicity(r):
-        return (r["dim"], r["rel_depth"], _HEAD_COST.get(r["head"], 9))
-
-    key, sem = ("select_score", "select_sem") if rows and all("select_score" in r for r in rows) \
-        else ("cv_score", "cv_sem")
-    best = min(rows, key=lambda r: (-r[key], simplicity(r)))
-    if select == "cv":
-        return best
-    if select != "cv-1se":
-        raise HeadOptionError(f"select {select!r} is not one of {', '.join(SELECT)}.")
-    floor = best[key] - best[sem]
-    return min((r for r in rows if r[key] >= floor), key=simplicity)
-
-
 def _open_all(features) -> list:
     """Open the feature files and check that they hold the same images, labels and splits."""
-    from .store import FeatureFile, open_features
+    from ..store import FeatureFile, open_features
 
     items = features if isinstance(features, (list, tuple)) else [features]
     if not items:
@@ -126,7 +108,7 @@ def _open_all(features) -> list:
 def _labels(files) -> list:
     """A short name per file for the backbone column: the backbone, or the file name when two
     files share a backbone."""
-    from .files import same_file
+    from ..files import same_file
 
     for i, a in enumerate(files):
         for b in files[:i]:
@@ -140,9 +122,10 @@ def _labels(files) -> list:
     return names
 
 
-def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), extra_layers=(),
+@validated("compare")
+def compare(features, out_dir, *, heads=("logreg", "svm", "knn"), layers=(), extra_layers=(),
             kernel: str = "linear", cv: int = 5, scoring: str = "balanced_accuracy",
-            select: str = "cv", class_weight=None, seed: int = 0, n_jobs=-1,
+            select: str = "cv", class_weight: str | None = "none", seed: int = 0, n_jobs=-1,
             n_boot: int = 1000, shots=(), repeats: int = 3, overwrite: bool = False,
             progress: bool = True, cluster: str | None = None,
             mlp_widths=(256, 1024), finetuned=()) -> CompareResult:
@@ -170,19 +153,15 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
         FeaturecacheError: the folder exists, a layer or head is unknown, the files are not
             of the same images, or there is no test split.
     """
-    from .heads import Progress, fit_heads
+    from ..heads import Progress, fit_heads
 
     t0 = time.perf_counter()
     files = _open_all(features)
     out_dir = Path(out_dir)
-    heads = list(heads)
+    heads = list(heads)  # every option is checked already (options.validated)
     if not heads:
         raise HeadError(f"no head kind given; choose from {', '.join(HEAD_KINDS)}.")
-    check_options(heads, kernel, scoring)
-    check(COMPARE, {"cv": cv, "repeats": repeats, "n_boot": n_boot, "n_jobs": n_jobs,
-                    "extra_layers": list(extra_layers), "mlp_widths": list(mlp_widths)})
-    if select not in SELECT:
-        raise HeadOptionError(f"select {select!r} is not one of {', '.join(SELECT)}.")
+    class_weight = sklearn_class_weight(class_weight)
     shots = check_shots(shots, repeats)
     names = _labels(files)
     jobs = {}
@@ -201,20 +180,19 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
     if len(np.unique(first.y("train"))) < 2:
         raise HeadError("the train split holds a single class; nothing to compare.")
     shots = feasible_shots(shots, first.y("train"))
-    from .strategies import FROZEN, finetuned_rows, read_finetuned, strategy_text
+    from .strategies import finetuned_rows, read_finetuned
 
     summaries = [read_finetuned(f, first) for f in finetuned]
     folders = [Path(s["_folder"]).resolve() for s in summaries]
     if len(set(folders)) < len(folders):
         raise FeaturecacheError(f"a fine-tune folder is given twice ({', '.join(map(str, finetuned))}"
                                 f"); give each once.")
-    from .files import output_folder
+    from ..files import output_folder
 
     output_folder(out_dir, overwrite, "report")
 
     if cluster is not None:
-        check(CLUSTER, {"cluster": cluster})
-        from .cluster import connect
+        from ..distribute import connect
     t_fit = time.perf_counter()
     bar = Progress(progress, "compare (CV folds)")
     with connect(cluster) if cluster is not None else contextlib.nullcontext() as client:
@@ -224,102 +202,93 @@ def compare(features, out_dir, *, layers=None, heads=("logreg", "svm", "knn"), e
     bar.close()
     frozen_seconds = time.perf_counter() - t_fit
     rows = [_row(name, layer, kind, head, jobs) for ((name, layer), kind), head in fitted.items()]
-    rows += finetuned_rows(summaries, files, names)
-    rows.sort(key=lambda r: (r["backbone"], r["depth"], "+" in r["layer"], r["layer"], r["head"]))
+    tuned = finetuned_rows(summaries, files, names)
+    rows += [row for row, _ in tuned]
+    tuned_pred = {row.origin.folder: pred for row, pred in tuned}  # on the test rows
+    rows.sort(key=lambda r: (r.backbone, r.depth, "+" in r["layer"], r["layer"], r.head))
     if summaries:  # every candidate on the same rows: the fine-tunes' validation fold
         from .strategies import score_on_fold, validation_fold
 
-        score_on_fold(rows, jobs, validation_fold(summaries, first), first, scoring=scoring,
-                      kernel=kernel, class_weight=class_weight, seed=seed, n_jobs=n_jobs)
+        selections = score_on_fold(rows, jobs, validation_fold(summaries, first), first,
+                                   scoring=scoring, kernel=kernel, class_weight=class_weight,
+                                   seed=seed, n_jobs=n_jobs)
+        rows = [replace(r, selection=sel) for r, sel in zip(rows, selections)]
     # a fine-tune that kept epoch 0 is its own linear probe (fitted on less data): no candidate
-    candidates = [r for r in rows if r["strategy"] == "frozen" or r["params"]["epoch"] > 0]
+    candidates = [r for r in rows if not r.tuned or r.params["epoch"] > 0]
     winner = select_winner(candidates, select)  # selection ends; the test split is read below
-    frozen = [r for r in rows if r["strategy"] == FROZEN]
-    best_frozen = select_winner(frozen, select)
+    best_frozen = select_winner([r for r in rows if not r.tuned], select)
+    others = [r for r in candidates if r is not winner] or [r for r in rows if r is not winner]
+    runner = select_winner(others, "cv") if len(rows) > 1 else None
 
     y_test = first.y("test")
     unscored = sorted(set(first.y("train").tolist()) - set(y_test.tolist()))
     if unscored:
         import warnings
 
-        from .errors import DataWarning
+        from ..errors import DataWarning
 
         warnings.warn(DataWarning(
             f"classes {[first.classes[i] for i in unscored]} have no test images: the test "
             f"scores say nothing about them, and balanced accuracy averages over the others."))
     X_test = {key: ff.X(layer, "test") for key, (ff, layer) in jobs.items()}
-    preds = np.stack([r.pop("_pred") if "_pred" in r else fitted[((r["backbone"], r["layer"]),
-                      r["head"])].predict(X_test[(r["backbone"], r["layer"])]) for r in rows])
-    samples = bootstrap(y_test, preds, len(first.classes), n_boot, seed)
-    point = _point_metrics(y_test, preds, len(first.classes))
-    for j, r in enumerate(rows):
-        for m in METRICS:
-            lo, hi = interval(samples[m][:, j])
-            r[m], r[m + "_lo"], r[m + "_hi"] = float(point[m][j]), float(lo), float(hi)
+    preds = np.stack([tuned_pred[r.origin.folder] if r.tuned else
+                      fitted[((r.backbone, r.layer), r.head)].predict(X_test[(r.backbone, r.layer)])
+                      for r in rows])
     metric = SCORING_METRIC[scoring]
-    w = rows.index(winner)
-    runner = None
-    if len(rows) > 1:
-        others = [r for r in candidates if r is not winner] or [r for r in rows if r is not winner]
-        runner = select_winner(others, "cv")
-        diff = paired_difference(samples[metric][:, w], samples[metric][:, rows.index(runner)])
-        winner["lead_over_runner_up"] = {"runner_up": row_name(runner), "metric": metric,
-                                         "difference": winner[metric] - runner[metric], **diff}
-    for j, r in enumerate(rows):
-        if r["strategy"] != FROZEN:
-            diff = paired_difference(samples[metric][:, j],
-                                     samples[metric][:, rows.index(best_frozen)])
-            r["margin_over_frozen"] = {"best_frozen": row_name(best_frozen), "metric": metric,
-                                       "difference": r[metric] - best_frozen[metric], **diff}
+    picked = [rows.index(winner), rows.index(best_frozen),
+              rows.index(runner) if runner is not None else None]
+    rows = score_on_test(rows, preds, y_test, len(first.classes), metric=metric, n_boot=n_boot,
+                         seed=seed, winner=picked[0], best_frozen=picked[1], runner=picked[2])
     if shots:
-        refit_few_shot(frozen, fitted, jobs, y_test, X_test, shots, repeats, kernel, class_weight,
-                  seed, metric, n_jobs)
-
+        frozen = [i for i, r in enumerate(rows) if not r.tuned]
+        curves = refit_few_shot([rows[i] for i in frozen], jobs, y_test, X_test, shots,
+                                repeats, kernel, class_weight, seed, metric, n_jobs)
+        for i, curve in zip(frozen, curves):
+            rows[i] = replace(rows[i], few_shot=curve, few_shot_metric=metric)
     several = len(files) > 1
-    for r in frozen:
-        stem = "-".join(([r["backbone"]] if several else []) + [r["layer"], r["head"]])
-        r["head_file"] = f"heads/{stem.replace('+', '_')}.joblib"
-    verdict = verdict_text(rows, winner, runner, scoring, select, several) + \
-        strategy_text(rows, best_frozen, metric, frozen_seconds)
+    rows = [r if r.tuned else replace(r, origin=FrozenHead(_head_file(r, several)))
+            for r in rows]
+    winner, best_frozen = rows[picked[0]], rows[picked[1]]
+    runner = rows[picked[2]] if picked[2] is not None else None
+    verdict = build_verdict(rows, winner, runner, scoring, select, several) + \
+        strategy_verdict(rows, best_frozen, metric, frozen_seconds)
     from sklearn.metrics import confusion_matrix
 
-    cm = confusion_matrix(y_test, preds[w], labels=range(len(first.classes)))
+    cm = confusion_matrix(y_test, preds[picked[0]], labels=range(len(first.classes)))
     settings = {"scoring": scoring, "select": select, "cv": fitted[next(iter(fitted))].meta["cv"],
                 "heads": heads, "kernel": kernel, "class_weight": class_weight, "seed": seed,
                 "n_boot": n_boot, "shots": [str(s) for s in shots], "repeats": repeats,
                 "seconds": round(time.perf_counter() - t0, 1)}
-    from .files import publish_folder
+    data = ReportData(files=files, names=names, rows=rows, winner=winner, verdict=verdict,
+                      confusion=cm, settings=settings, y_test=y_test, preds=preds,
+                      heads={r.origin.head_file: fitted[((r.backbone, r.layer), r.head)]
+                             for r in rows if not r.tuned},
+                      best_head=best_frozen.origin.head_file)
+    from ..files import publish_folder
 
     def write(folder):  # every file of the report, then published as one unit
-        (folder / "heads").mkdir()
-        for r in frozen:
-            fitted[((r["backbone"], r["layer"]), r["head"])].save(folder / r["head_file"])
-        shutil.copyfile(folder / best_frozen["head_file"], folder / "best.joblib")
-        write_report(folder, files, names, rows, winner, verdict, cm,
-                     {**settings, "run_id": folder.name})
+        write_report(folder, replace(data, settings={**settings, "run_id": folder.name}))
 
     publish_folder(out_dir, write, legacy=own_files(out_dir))
-    return CompareResult(rows, winner, verdict, out_dir)
+    return CompareResult(rows, winner, verdict.markdown(), out_dir, verdict)
 
 
-def _row(name, layer, kind, head, jobs) -> dict:
+def _head_file(r, several: bool) -> str:
+    stem = "-".join(([r.backbone] if several else []) + [r.layer, r.head])
+    return f"heads/{stem.replace('+', '_')}.joblib"
+
+
+def _row(name, layer, kind, head, jobs) -> Row:
     ff = jobs[(name, layer)][0]
     parts = layer.split("+")
     depth = max(ff.layers[p].depth for p in parts) + (0.5 if len(parts) > 1 else 0)
     deepest = max(s.depth for s in ff.layers.values()) or 1
     table = head.cv_results_
-    return {"backbone": name, "layer": layer, "head": kind, "strategy": "frozen", "depth": depth,
-            "rel_depth": round(min(depth / deepest, 1.0), 4),
-            "dim": sum(ff.layers[p].dim for p in parts), "params": head.params_,
-            "cv_score": head.cv_score_, "cv_std": head.meta["cv_std"],
-            "cv_sem": float(np.std(head.meta["cv_fold_scores"]) /
-                            np.sqrt(max(len(head.meta["cv_fold_scores"]) - 1, 1))),
-            "grid_evaluated": sum(r["status"] == "evaluated" for r in table),
-            "grid_points": len(table)}
-
-
-def _point_metrics(y, preds, n_classes) -> dict:
-    from .stats import point_metrics
-
-    vals = [point_metrics(y, p, n_classes) for p in preds]
-    return {m: np.array([v[m] for v in vals]) for m in METRICS}
+    folds = head.meta["cv_fold_scores"]
+    return Row(backbone=name, layer=layer, head=kind, strategy=FROZEN, depth=depth,
+               rel_depth=round(min(depth / deepest, 1.0), 4),
+               dim=sum(ff.layers[p].dim for p in parts), params=head.params_,
+               cv_score=head.cv_score_, cv_std=head.meta["cv_std"],
+               cv_sem=float(np.std(folds) / np.sqrt(max(len(folds) - 1, 1))),
+               grid_evaluated=sum(r["status"] == "evaluated" for r in table),
+               grid_points=len(table))

@@ -12,13 +12,9 @@ LP_FT = "lp-ft"  # the head column of a fine-tuned model
 
 def _cost(head: str) -> int:
     """A head kind's cost rank (cheaper first, for the one-SE rule); a fine-tune after all."""
-    if head == LP_FT:
-        return 100
-    try:
-        from .. import kinds
-    except ImportError:  # TODO(issue 23): the head-kind registry
-        return {"knn": 0, "logreg": 1, "svm": 2, "mlp": 3}.get(head, 9)
-    return kinds.get(head).cost
+    from .. import kinds
+
+    return 1_000 if head == LP_FT else kinds.cost(head)
 
 
 def select_winner(rows, select: str = "cv"):

@@ -162,7 +162,7 @@ def render(data) -> str:
 
     from ..plots import confusion_figure, depth_figure, few_shot_figure, recall_figure
     from .evaluate import per_class_recall
-    from .writers import how_to_read
+    from .verdict import how_to_read
 
     rows, winner, metric = data.rows, data.winner, data.metric
     n_train, n_test = data.split_counts

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .data import ReportData
 from .html import Html
+from .verdict import how_to_read
 
 __all__ = ["write_report", "own_files", "markdown_table", "ReportData", "WRITERS",
            "REPORT_FILES"]
@@ -109,31 +110,6 @@ class Markdown:
               f"{markdown_table(rows, winner)}\n{how_to_read(data)}"
               f"\n\n{plots}![confusion matrix of the winner](confusion.png)\n")
         (folder / "report.md").write_text(md)
-
-
-def how_to_read(data: ReportData) -> str:
-    """The paragraph under the table: what was chosen how, what the intervals are."""
-    settings = data.settings
-    return (f"How to read this: every head's hyperparameters and the winner are chosen by "
-            f"{settings['cv']} cross-validation on the train split, scored by "
-            f"{settings['scoring']}, on the same folds for every row (`--select "
-            f"{settings['select']}`). The test split is read once, after the choice, to report: "
-            f"intervals are bootstrap 95% intervals over the test rows, and the winner's lead over "
-            f"the runner-up is a paired bootstrap on the same resamples. The grid column counts "
-            f"the grid points evaluated on every fold; the others were skipped by early stopping "
-            f"(see `cv_results` in the head files)."
-            + (f" Few-shot columns: mean ± std of the test {data.metric} "
-               f"over {settings['repeats']} seeded draws of k train images per class, refit with "
-               f"the hyperparameters chosen on the full train split." if settings["shots"] else "")
-            + (" Fine-tuned rows (strategy `fine-tune`): the grid column counts the epochs run of "
-               "those asked, and the CV score is the score on the validation fold of the train "
-               "split that picked the epoch (the best of its epochs on that fold, so optimistic). "
-               "The winner is chosen by the selection score, on the same rows for every "
-               "candidate: that validation fold, the frozen heads refit on the other training "
-               "rows with the parameters their CV chose (± is the binomial standard error on the "
-               "fold); the model is in its own folder (`featurecache predict "
-               "FOLDER IMAGES`), and `best.joblib` is the best frozen head."
-               if any(r.get("strategy", "frozen") != "frozen" for r in data.rows) else ""))
 
 
 class Plots:

@@ -90,7 +90,7 @@ class Source:
     whole_fingerprint: str = ""  # the fingerprint of the whole data set, for a part
     spec: str = ""        # the spec it was opened from
 
-    prefix: ClassVar[str] = ""   # specs (and record ids) starting with it are this kind's; "": a local path
+    prefix: ClassVar[str | tuple] = ""  # scheme(s) of its specs and record ids; "": local paths
     spec_help: ClassVar[str] = ""  # how a user names this kind, e.g. "an image folder"
     example: ClassVar[str] = ""  # a spec to show in help text
 

@@ -10,8 +10,8 @@ Registered sources (:data:`SOURCES`, in the order help text names them):
 * ``builtin:digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images), no files
   (:class:`~.builtin.BuiltinSource`).
 
-A spec with a scheme (``builtin:``) goes to the class of that prefix; any other spec is a
-local path, taken by the first class that accepts it. Records are sorted by (split, class,
+The first class that accepts a spec takes it: those with a scheme (``builtin:``) first, then
+those of local paths, in registry order. Records are sorted by (split, class,
 id), so a source always yields the same order: the row order of the feature file, which
 resume relies on. Adding a kind of input is one module with a :class:`~.base.Source`
 subclass and one line in :data:`SOURCES`.
@@ -53,10 +53,8 @@ def source_class(spec) -> type[Source]:
         DataError: no registered kind takes it (a local path that does not exist).
     """
     spec = str(spec)
-    cls = _prefixed(spec)
-    if cls is not None:
-        return cls
-    cls = next((c for c in SOURCES if not c.prefix and c.accepts(spec)), None)
+    ordered = [c for c in SOURCES if c.prefix] + [c for c in SOURCES if not c.prefix]
+    cls = next((c for c in ordered if c.accepts(spec)), None)
     if cls is None:
         raise DataError(f"data source {spec} does not exist; give {spec_help()}.")
     return cls

@@ -84,7 +84,7 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
             slower, and 64 on GPU).
         num_workers: DataLoader decode workers (default: CPU count, at most 8).
         device: ``cuda``/``cpu``; default cuda when present (with AMP). Both run in
-            channels_last memory layout (faster on CPU too; see ``extract.CHANNELS_LAST``).
+            channels_last memory layout (faster on CPU too; see ``extract.on_device``).
         test_size, seed: the stratified split drawn when the source has none.
         max_per_class: keep at most this many images per class and split.
         on_error: ``skip`` (log unreadable images in the file) or ``fail``.

@@ -60,34 +60,35 @@ def default_device(device: str | None = None) -> torch.device:
     return dev
 
 
-# Forward passes run in channels_last (NHWC) memory layout, on CPU as on GPU: measured on this
-# project's 2-core CPU it is 1.2-1.8x faster than NCHW for EfficientNet-Lite0, ResNet-18,
-# DenseNet-121, RegNetY-400MF and MobileNetV3, and equal for ConvNeXt-T and ViT-B/16 (which
-# is never slower); see BENCHMARKS.md ("channels_last on CPU").
-CHANNELS_LAST = True
+# Forward passes run in channels_last (NHWC) memory layout by default, on CPU as on GPU:
+# measured on this project's 2-core CPU it is 1.2-1.8x faster than NCHW for EfficientNet-Lite0,
+# ResNet-18, DenseNet-121, RegNetY-400MF and MobileNetV3, and equal for ConvNeXt-T and
+# ViT-B/16 (which is never slower); see BENCHMARKS.md ("channels_last on CPU"). A parameter of
+# each call (``channels_last``), not a module-wide switch: give the same to the model's
+# ``on_device`` and to its batches' ``to_layout``.
 
 
 @contextlib.contextmanager
-def on_device(model: nn.Module, dev: torch.device):
-    """``model`` on ``dev`` (in channels_last, see :data:`CHANNELS_LAST`) for the block;
-    afterwards it is moved back to where it was and to its memory format, so the caller's
-    model is not changed."""
+def on_device(model: nn.Module, dev: torch.device, channels_last: bool = True):
+    """``model`` on ``dev`` (in channels_last memory format unless ``channels_last`` is off)
+    for the block; afterwards it is moved back to where it was and to its memory format, so
+    the caller's model is not changed."""
     first = next(model.parameters(), None)
     home = first.device if first is not None else torch.device("cpu")
     model.to(dev)
-    if CHANNELS_LAST:
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     try:
         yield model
     finally:
-        if CHANNELS_LAST:
+        if channels_last:
             model.to(memory_format=torch.contiguous_format)
         model.to(home)
 
 
-def to_layout(images: torch.Tensor) -> torch.Tensor:
-    """A batch in the layout the model runs in (see :data:`CHANNELS_LAST`)."""
-    return images.contiguous(memory_format=torch.channels_last) if CHANNELS_LAST else images
+def to_layout(images: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """A batch in the layout the model runs in (as given to :func:`on_device`)."""
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
 def pool_output(t: torch.Tensor, kind: str, pool: str) -> torch.Tensor:

@@ -45,7 +45,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import inspect
 import json
 import math
 import sys
@@ -81,7 +84,38 @@ class FinetuneResult:
     summary: dict
 
 
+@contextlib.contextmanager
+def seeded_rng(seed: int, device=None):
+    """torch's random state seeded with ``seed`` for the block and put back afterwards (also
+    when it raises), as the backbones do with ``fork_rng``: a library caller's own draws are
+    not moved by a fine-tune, and the fine-tune's are its seed's. The CPU generator, and the
+    CUDA ones when ``device`` is (or defaults to) a GPU; a CPU run leaves CUDA alone."""
+    try:
+        cuda = torch.cuda.is_available() and (not device or torch.device(device).type == "cuda")
+    except (RuntimeError, ValueError):
+        cuda = False  # not a device name: the fine-tune itself says so
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed_all(seed)
+        yield
+
+
+def _own_rng(fn):
+    """Run ``fn`` inside :func:`seeded_rng` of its ``seed`` and ``device`` arguments."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with seeded_rng(bound.arguments["seed"], bound.arguments["device"]):
+            return fn(*args, **kwargs)
+    return call
+
+
 @validated("finetune")
+@_own_rng  # seeded, and torch's global random state as it was once the call returns
 def finetune(source, output, *, from_layer: str = "stage4", augment: bool = False,
              epochs: int = 5, lr: float = 1e-3, weight_decay: float = 0.01, batch_size: int = 32,
              val_fraction: float = 0.2, patience: int = 2, refit: str = "all",
@@ -119,8 +153,7 @@ def finetune(source, output, *, from_layer: str = "stage4", augment: bool = Fals
 
     out = output_folder(output, overwrite, "fine-tune")
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
-    torch.manual_seed(seed)
-    from .extract import default_device, on_device
+    from .extract import default_device, on_device  # (torch's RNG is seeded: _own_rng)
 
     dev = default_device(device)
     feed, bb, prov = open_feed(source, from_layer, augment, dev, backbone=backbone,

@@ -1,6 +1,7 @@
 """Backbone loading: names, weights enums through the hub cache, local files, and their errors."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -100,4 +101,11 @@ def test_preprocess_round_trips_through_dict(tiny_backbone):
 
     p = tiny_backbone.preprocess
     assert Preprocess.from_dict(p.to_dict()) == p
-    assert dataclasses.asdict(p)["crop"] == 64
+    # through JSON, as a feature file stores it, with every field away from its default
+    odd = Preprocess(resize=40, crop=36, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6),
+                     interpolation="bicubic", exif=False)
+    assert Preprocess.from_dict(json.loads(json.dumps(odd.to_dict()))) == odd
+    # the crop is what the transform makes: a 100x80 image becomes 3 x 64 x 64
+    from PIL import Image
+
+    assert tuple(p.transform()(Image.new("RGB", (100, 80), (255, 0, 0))).shape) == (3, 64, 64)

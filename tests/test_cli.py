@@ -1,6 +1,8 @@
 """The click layer: exit codes, key output lines, help with examples."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -54,8 +56,13 @@ def test_embed_then_info(runner, image_folder, tmp_path):
     (["embed", "builtin:digits", "-o", "{tmp}/f.h5", "--shard", "two"], 2, "INDEX/COUNT"),
     (["info", "{tmp}/missing.h5"], 1, "does not exist; make it with `featurecache embed`"),
 ])
-def test_bad_input_exit_codes(runner, tmp_path, args, code, message):
-    r = runner.invoke(cli, [a.replace("{tmp}", str(tmp_path)) for a in args])
-    assert r.exit_code == code, r.output
-    assert message in r.output
-    assert "Traceback" not in r.output
+def test_bad_input_exit_codes(tmp_path, args, code, message):
+    # the console script as a user runs it: CliRunner catches every exception itself and
+    # never prints a traceback, so only a real process shows whether one escapes
+    r = subprocess.run([sys.executable, "-m", "featurecache.cli",
+                        *(a.replace("{tmp}", str(tmp_path)) for a in args)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == code, r.stderr[-1500:]
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr[-1500:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and message in errors[0], r.stderr  # one line names the problem

@@ -33,7 +33,19 @@ def test_search_walks_the_wide_grid_then_refines():
     assert len(fine) == 6 and all(len(r["folds"]) == 3 for r in table)
     best_coarse = max(coarse, key=lambda r: r["mean"])["params"]["C"]
     assert all(best_coarse / 10 < r["params"]["C"] < best_coarse * 10 for r in fine)
-    assert score == max(r["mean"] for r in table) and score > 0.9
+    # the best CV score of the grid, against a plain scikit-learn grid search over the same C
+    # values on the same folds (a cold, converged fit per point, scaled inside each fold)
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    plain = GridSearchCV(
+        make_pipeline(StandardScaler(), LogisticRegression(max_iter=10000, tol=1e-6)),
+        {"logisticregression__C": [r["params"]["C"] for r in table]}, scoring="balanced_accuracy",
+        cv=StratifiedKFold(3, shuffle=True, random_state=0)).fit(X.astype(np.float64), y)
+    assert score == pytest.approx(plain.best_score_) and score > 0.9
+    assert np.allclose([r["mean"] for r in table], plain.cv_results_["mean_test_score"])
     assert len(coarse_grid("svm", "rbf", 100)) == 13 * 4
     # with early stopping the table still lists every grid point, saying which were skipped
     _, _, _, short = search(X, y, "logreg", cv=3)
@@ -79,7 +91,20 @@ def test_svm_probabilities_only_when_asked(feats):
     assert plain.scores(feats.X("avgpool")).shape == (18, 3)
     prob = fit_head(feats, "avgpool", "svm", kernel="rbf", probability=True)
     p = prob.predict_proba(feats.X("avgpool"))
-    np.testing.assert_allclose(p.sum(1), 1, atol=1e-6)
+    # the columns are the head's classes in order: the likeliest class of every image is its
+    # colour; and the numbers are a plain scikit-learn sigmoid calibration's (4 folds: 4
+    # train images per class)
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    names = np.array(prob.classes)[p.argmax(1)]
+    assert names.tolist() == [feats.classes[i] for i in feats.y()]
+    plain = make_pipeline(StandardScaler(), CalibratedClassifierCV(
+        SVC(kernel="rbf", C=prob.params_["C"], gamma=prob.params_["gamma"], random_state=0),
+        ensemble=False, cv=4)).fit(feats.X("avgpool", "train"), feats.y("train"))
+    np.testing.assert_allclose(p, plain.predict_proba(feats.X("avgpool")), atol=1e-6)
 
 
 def test_concatenated_layers(feats):

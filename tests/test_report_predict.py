@@ -3,10 +3,17 @@
 import json
 import shutil
 
+import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from scipy.stats import binom
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from featurecache import embed, open_features
 from featurecache.cli import cli
@@ -22,25 +29,71 @@ def png_content(path):
 
 
 def test_compare_writes_every_report_file(feats_path, tmp_path):
+    # a copy whose test split the heads cannot all get right, so that the test scores differ
+    # from row to row and from 1: one test label moved to another class, and the stem's test
+    # features rolled by one class (every stem head is wrong there; its CV, on train, is not
+    # touched)
+    bad = tmp_path / "hard.h5"
+    shutil.copyfile(feats_path, bad)
+    with h5py.File(bad, "r+") as f:
+        test = np.flatnonzero([s.decode() == "test" for s in f["splits"][()]])
+        labels = f["labels"][()]
+        assert labels[test].tolist() == [0, 0, 1, 1, 2, 2]
+        labels[test[0]] = 1
+        f["labels"][...] = labels
+        stem = f["layers/stem"][()]
+        stem[test] = stem[np.roll(test, 2)]
+        f["layers/stem"][...] = stem
     out = tmp_path / "rep"
-    res = compare(feats_path, out, heads=["logreg", "svm"], extra_layers=["stem+avgpool"],
+    res = compare(bad, out, heads=["logreg", "svm"], extra_layers=["stem+avgpool"],
                   progress=False, n_boot=200)
     assert [(r["layer"], r["head"]) for r in res.rows] == [
         ("stem", "logreg"), ("stem", "svm"), ("blocks.5", "logreg"), ("blocks.5", "svm"),
         ("avgpool", "logreg"), ("avgpool", "svm"), ("stem+avgpool", "logreg"),
         ("stem+avgpool", "svm")]
+    # each row's test scores, counted by hand from its saved head's predictions, and its
+    # interval against the binomial distribution of a resampled accuracy of n rows
+    ff = open_features(bad)
+    y_test, n = ff.y("test"), len(test)
+    hits = {}
     for r in res.rows:
-        assert r["accuracy_lo"] <= r["accuracy"] <= r["accuracy_hi"]
-        assert 0 <= r["balanced_accuracy"] <= 1 and r["cv_score"] > 0
-    best = max(r["cv_score"] for r in res.rows)
-    assert res.winner["cv_score"] == best  # chosen by CV, not by the test split
+        X = np.hstack([ff.X(part, "test") for part in r["layer"].split("+")])
+        pred = load_head(out / r["head_file"]).predict(X)
+        hits[(r["layer"], r["head"])] = int((pred == y_test).sum())
+        acc = hits[(r["layer"], r["head"])] / n
+        assert r["accuracy"] == pytest.approx(acc), r
+        assert r["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_test, pred)), r
+        assert binom.ppf(0.005, n, acc) / n <= r["accuracy_lo"] <= binom.ppf(0.05, n, acc) / n, r
+        assert binom.ppf(0.95, n, acc) / n <= r["accuracy_hi"] <= binom.ppf(0.995, n, acc) / n, r
+    assert hits[("stem", "logreg")] == hits[("stem", "svm")] == 0
+    assert all(hits[(layer, h)] == 5 for layer in ("blocks.5", "avgpool") for h in ("logreg", "svm"))
+    # chosen by CV, not by the test split: every CV score ties at 1 (the colours separate;
+    # a plain scikit-learn CV of the stem agrees), so the narrowest and cheapest candidate
+    # wins, the stem's logreg, although its test score is the lowest of all
+    assert [r["cv_score"] for r in res.rows] == [1.0] * 8
+    by_hand = cross_val_score(
+        make_pipeline(StandardScaler(), LogisticRegression(C=res.rows[0]["params"]["C"],
+                                                           max_iter=10000, tol=1e-6)),
+        ff.X("stem", "train").astype(np.float64), ff.y("train"), scoring="balanced_accuracy",
+        cv=StratifiedKFold(4, shuffle=True, random_state=0))
+    assert by_hand.mean() == 1.0
+    assert (res.winner["layer"], res.winner["head"]) == ("stem", "logreg")
     data = json.loads((out / "results.json").read_text())
     assert len(data["rows"]) == 8 and data["winner"]["layer"] == res.winner["layer"]
     csv_lines = (out / "results.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 9 and csv_lines[0].startswith("backbone,layer,head,strategy,depth,rel_depth,dim")
     md = (out / "report.md").read_text()
     assert f"**{res.winner['layer']}**" in md and "chosen by cross-validation" in md
-    assert "paired bootstrap" in md and "intervals" in md
+    # the report quotes the scores counted above, and the paired bootstrap's lead over the
+    # runner-up by CV (the stem's svm: the same wrong answers, so a lead of exactly 0)
+    for r in res.rows:
+        acc = hits[(r["layer"], r["head"])] / n
+        assert f"| {acc:.3f} [{r['accuracy_lo']:.3f}, {r['accuracy_hi']:.3f}] |" in md.replace("**", "")
+    lead = res.winner["lead_over_runner_up"]
+    assert lead["runner_up"] == "efficientnet_lite0 stem (svm)"
+    assert (lead["difference"], lead["lo"], lead["hi"]) == (0.0, 0.0, 0.0)
+    assert "paired bootstrap of the difference on the same test rows gives +0.000 (95% CI " \
+           "+0.000 to +0.000)" in md
     for png in ("layer_depth.png", "confusion.png"):
         shape, spread = png_content(out / png)
         assert shape[0] > 200 and shape[1] > 200 and spread > 10

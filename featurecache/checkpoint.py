@@ -41,7 +41,10 @@ def is_checkpoint(path) -> bool:
 
 @dataclass
 class Finetuned:
-    """A loaded fine-tuned model: ``model`` maps the ``--from`` map to class scores."""
+    """A loaded fine-tuned model: ``model`` maps the ``--from`` map to class scores. A
+    :class:`featurecache.saved.SavedModel`, as a frozen head is."""
+
+    MATCH_KEYS = MATCH_KEYS  # (no annotation: not a field) what maps or images must share
 
     model: torch.nn.Module
     backbone: object
@@ -51,7 +54,8 @@ class Finetuned:
     path: Path
     run_id: str | None = None    # the fine-tune run that wrote model.pt and summary.json
 
-    def check_compatible(self, provenance: dict, what: str, keys=MATCH_KEYS) -> None:
+    def check_compatible(self, provenance: dict, what: str = "the features",
+                         keys=MATCH_KEYS) -> None:
         """Refuse maps made differently from the training maps, naming the field.
 
         Raises:
@@ -97,10 +101,17 @@ class Finetuned:
         return {"feature_file": str(ff.path), "split": split, "n": int(len(y)),
                 **point_metrics(y, pred, len(self.classes))}
 
+    def describe(self) -> str:
+        """What this model is, in a phrase: ``fine-tuned top of efficientnet_lite0 above
+        stage4``."""
+        p = self.provenance
+        return f"fine-tuned top of {p['backbone']} above {p['from_layer']}"
+
     def image_scorer(self):
-        """``images (b, 3, H, W) -> (probabilities, True)`` through the frozen bottom and the
-        fine-tuned top, with the map pooled and rounded as the training maps were."""
-        from .extract import raw_extractor, to_layout
+        """An :class:`~featurecache.extract.ImageScorer`: ``images (b, 3, H, W) ->
+        (probabilities, True)`` through the frozen bottom and the fine-tuned top, with the map
+        pooled and rounded as the training maps were."""
+        from .extract import ImageScorer, raw_extractor, to_layout
         from .feeds import bottom_maps
 
         p = self.provenance
@@ -110,7 +121,7 @@ class Finetuned:
             maps = bottom_maps(bottom, images, p["from_node"], p["from_kind"],
                                p["map_shape"][1:], p["map_dtype"])
             return self.scores(to_layout(maps)), True
-        return score
+        return ImageScorer(self.backbone, score, self.classes, (self.backbone.model, self.model))
 
     def maps_of(self, ff):
         """The feed of a feature file's stored map of the ``--from`` layer, after checking it

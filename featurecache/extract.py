@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch import nn
@@ -89,6 +90,27 @@ def on_device(model: nn.Module, dev: torch.device, channels_last: bool = True):
 def to_layout(images: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
     """A batch in the layout the model runs in (as given to :func:`on_device`)."""
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+@dataclasses.dataclass
+class ImageScorer:
+    """How a saved model scores images (:meth:`featurecache.saved.SavedModel.image_scorer`):
+    ``score(images)`` takes a batch preprocessed as ``backbone.preprocess`` says, in the
+    layout of :func:`to_layout`, and returns ``(scores (b, len(classes)), are_probabilities)``;
+    ``classes`` name the columns; ``modules`` are what :meth:`on` moves to the device."""
+
+    backbone: object
+    score: object           # images -> (numpy scores, bool)
+    classes: list
+    modules: tuple = ()
+
+    @contextlib.contextmanager
+    def on(self, dev: torch.device, channels_last: bool = True):
+        """The modules on ``dev`` for the block (see :func:`on_device`), then back."""
+        with contextlib.ExitStack() as stack:
+            for m in self.modules:
+                stack.enter_context(on_device(m, dev, channels_last))
+            yield self
 
 
 def pool_output(t: torch.Tensor, kind: str, pool: str) -> torch.Tensor:

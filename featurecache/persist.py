@@ -111,10 +111,13 @@ _MATCH_KEYS = ("backbone", "weights", "weights_sha256", "preprocess", "specs")
 
 @dataclass
 class Head:
-    """A fitted head plus what it needs to be checked against features or images.
+    """A fitted head plus what it needs to be checked against features or images: a
+    :class:`featurecache.saved.SavedModel`, as a fine-tuned model is.
 
     Attributes end in ``_`` when they come from fitting (sklearn's convention).
     """
+
+    MATCH_KEYS = _MATCH_KEYS  # (no annotation: not a field) what features or images must share
 
     pipeline_: object              # sklearn Pipeline(StandardScaler, estimator)
     kind: str
@@ -154,7 +157,7 @@ class Head:
         Raises:
             HeadError: naming the first field that differs.
         """
-        for key in _MATCH_KEYS:
+        for key in self.MATCH_KEYS:
             mine, theirs = self.provenance.get(key), provenance.get(key)
             if key == "specs":
                 mine = [{k: s[k] for k in ("node", "kind", "pool", "dim")} for s in mine or []]
@@ -196,6 +199,38 @@ class Head:
         pred = self.predict(ff.X(self.layer, split))
         return {"feature_file": str(ff.path), "split": split, "n": int(len(y)),
                 **point_metrics(y, pred, len(self.classes))}
+
+    def describe(self) -> str:
+        """What this model is, in a phrase: ``logreg head on avgpool``."""
+        return f"{self.kind} head on {self.layer}"
+
+    def image_scorer(self):
+        """An :class:`~featurecache.extract.ImageScorer` for images: the head's backbone
+        rebuilt from its provenance (same weights, checked by sha256), run up to its layer,
+        the features rounded to the stored dtype as in training, then this head.
+
+        Raises:
+            HeadError: the rebuilt backbone does not match the head's training (the field).
+        """
+        from .backbones import backbone_for
+        from .extract import FeatureExtractor, ImageScorer
+        from .layers import LayerSpec
+
+        prov = self.provenance
+        bb = backbone_for(prov)
+        specs = [LayerSpec.from_attrs(s) for s in prov["specs"]]
+        self.check_compatible({**prov, **bb.provenance(), "specs": prov["specs"]}, "the images")
+        extractor = FeatureExtractor(bb.model, specs)  # shares the model's modules
+        dtype = prov.get("dtype") or "float32"
+
+        def score(images):
+            out = extractor(images)  # rounded to the stored dtype, as the head saw in training
+            X = np.concatenate([out[s.name].cpu().numpy().astype(dtype) for s in specs], axis=1)
+            proba = self.predict_proba(X)
+            return (proba, True) if proba is not None else (self.scores(X), False)
+
+        # score columns follow the fitted estimator's classes, which index self.classes
+        return ImageScorer(bb, score, self.column_classes, (bb.model,))
 
     def save(self, path) -> Path:
         """Save as joblib (any suffix) or skops (``.skops``: safe to load from others)."""

@@ -26,10 +26,8 @@ from .backbones import DEFAULT_BACKBONE, backbone_for, load_backbone
 from .data import ImageDataset, Record, collate
 from .data.folders import IMAGE_EXTENSIONS, is_hidden
 from .errors import DataError, FeaturecacheError
-from .extract import FeatureExtractor, default_device, on_device, to_layout
+from .extract import default_device, on_device, to_layout
 from .files import atomic_output, require_folder
-from .heads import Head, load_head
-from .layers import LayerSpec
 from .options import validated
 
 __all__ = ["predict", "predict_imagenet", "score", "expand_images", "write_predictions",
@@ -93,33 +91,15 @@ def predict(head, images, top_k: int = 3, batch_size: int = 32, device: str | No
     (``[[class, score], ...]``) and ``error`` (the reason when the image could not be read;
     the other images are still predicted).
     """
-    from .checkpoint import Finetuned, is_checkpoint, load_finetuned
+    from .saved import load_model
 
-    if isinstance(head, Finetuned) or (not isinstance(head, Head) and is_checkpoint(head)):
-        ft = head if isinstance(head, Finetuned) else load_finetuned(head)
-        paths, dev = expand_images(images), default_device(device)
-        with on_device(ft.backbone.model, dev), on_device(ft.model, dev):
-            return _rows(paths, ft.backbone, ft.image_scorer(), ft.classes, top_k, batch_size,
-                         num_workers, dev)
-    head = head if isinstance(head, Head) else load_head(head)
+    model = load_model(head)  # a Head or a Finetuned, loaded already or from its path
     paths = expand_images(images)
-    prov = head.provenance
-    bb = backbone_for(prov)
-    specs = [LayerSpec.from_attrs(s) for s in prov["specs"]]
-    head.check_compatible({**prov, **bb.provenance(), "specs": prov["specs"]}, "the images")
+    scorer = model.image_scorer()  # checks the rebuilt backbone against the training's
     dev = default_device(device)
-    extractor = FeatureExtractor(bb.model, specs)
-    dtype = prov.get("dtype") or "float32"
-
-    def score(images):
-        out = extractor(images)  # rounded to the stored dtype, as the head saw in training
-        X = np.concatenate([out[s.name].cpu().numpy().astype(dtype) for s in specs], axis=1)
-        proba = head.predict_proba(X)
-        return (proba, True) if proba is not None else (head.scores(X), False)
-
-    # score columns follow the fitted estimator's classes, which are indices into head.classes
-    with on_device(bb.model, dev):  # in the layout the embed ran it in
-        return _rows(paths, bb, score, head.column_classes, top_k, batch_size, num_workers, dev)
+    with scorer.on(dev):  # in the layout the embed ran it in
+        return _rows(paths, scorer.backbone, scorer.score, scorer.classes, top_k, batch_size,
+                     num_workers, dev)
 
 
 @validated("predict_imagenet")
@@ -160,15 +140,10 @@ def score(head, features, *, split: str = "test") -> tuple[str, dict]:
     Returns ``(what, scores)``: what was scored (``"logreg head on avgpool"``) and its
     ``evaluate`` result (``n``, ``accuracy``, ``balanced_accuracy``, ``macro_f1``, ...).
     """
-    from .checkpoint import is_checkpoint, load_finetuned
+    from .saved import load_model
 
-    if is_checkpoint(head):
-        ft = load_finetuned(head)
-        p = ft.provenance
-        return (f"fine-tuned top of {p['backbone']} above {p['from_layer']}",
-                ft.evaluate(features, split=split))
-    h = load_head(head)
-    return f"{h.kind} head on {h.layer}", h.evaluate(features, split=split)
+    model = load_model(head)
+    return model.describe(), model.evaluate(features, split=split)
 
 
 def _write_rows(rows: list, f, fmt: str) -> None:

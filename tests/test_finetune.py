@@ -574,3 +574,31 @@ def test_a_library_fine_tune_leaves_torchs_global_random_state_as_it_was(clip, t
     assert a.history[1]["train_loss"] == b.history[1]["train_loss"]
     sa, sb = (torch.load(r.out_dir / "model.pt", weights_only=True)["state_dict"] for r in (a, b))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_head_and_a_finetune_are_one_kind_of_saved_model(tuned, clip, tmp_path):
+    """persist.Head and checkpoint.Finetuned answer the same protocol (saved.SavedModel):
+    load_model opens either file, each names the differing field, evaluates a feature file
+    and scores images the same way, whether given loaded or by its path."""
+    from featurecache.checkpoint import Finetuned
+    from featurecache.heads import Head, fit_head
+    from featurecache.predict import predict, score
+    from featurecache.saved import SavedModel, load_model
+
+    head_path = fit_head(clip, "avgpool", cv=3, n_jobs=1).save(tmp_path / "h.joblib")
+    head, ft = load_model(head_path), load_model(tuned.out_dir)
+    assert isinstance(head, Head) and isinstance(ft, Finetuned)
+    assert load_model(tuned.out_dir / "model.pt").classes == ft.classes
+    ff = open_features(clip)
+    paths = ff.paths("test")[:3]
+    for model, path in ((head, head_path), (ft, tuned.out_dir)):
+        assert isinstance(model, SavedModel) and load_model(model) is model
+        assert model.MATCH_KEYS[0] == "backbone"
+        with pytest.raises(HeadError, match=r"backbone = 'efficientnet_lite0'.*backbone = "
+                                            r"'resnet18'"):
+            model.check_compatible({**model.provenance, "backbone": "resnet18"})
+        model.check_compatible(model.provenance)
+        assert score(path, clip) == (model.describe(), model.evaluate(clip))
+        assert predict(model, paths) == predict(path, paths)
+    assert head.describe() == "logreg head on avgpool"
+    assert ft.describe() == "fine-tuned top of efficientnet_lite0 above stage4"

@@ -44,7 +44,9 @@ def fit_head_cmd(kind, features, layer, output, quiet, **kwargs):
                                    f"another name (.joblib or .skops).")
     head = fit_head(features, layer, kind, progress=not quiet, **kwargs)
     path = head.save(output)
-    params = ", ".join(f"{k}={v:.3g}" for k, v in head.params_.items())
+    from ..report.rows import format_params
+
+    params = format_params(head.params_)
     done = sum(r["status"] == "evaluated" for r in head.cv_results_)
     click.echo(f"{kind} on {layer}: best {params}, CV {head.scoring} {head.cv_score_:.3f} "
                f"({done} of {len(head.cv_results_)} grid points evaluated); saved {path}")

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from ..stats import METRICS
+from .rows import format_params
 
 __all__ = ["Html", "svg_of"]
 
@@ -127,7 +128,7 @@ def results_table(rows, winner) -> str:
                    for k, t, text in cols)
     body = []
     for r in rows:
-        params = ", ".join(f"{k}={v:.3g}" for k, v in r["params"].items())
+        params = format_params(r["params"])
         cv = (f"{r['cv_score']:.3f} ± {r['cv_std']:.3f}" if "n_val" not in r else
               f"{r['cv_score']:.3f} (val, {r['n_val']} rows)")
         cells = ([_cell(html.escape(r["backbone"]), r["backbone"], "text")] if several else []) + [

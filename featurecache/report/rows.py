@@ -15,9 +15,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["Row", "Interval", "FrozenHead", "FineTune", "Selection", "FROZEN"]
+__all__ = ["Row", "Interval", "FrozenHead", "FineTune", "Selection", "FROZEN", "format_params"]
 
 FROZEN = "frozen"
+
+
+def format_params(params: dict) -> str:
+    """``"C=0.01, k=10"``: floats to 3 significant digits, anything else (whole numbers, a
+    kind's string or bool hyperparameter) as it is."""
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in params.items())
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,12 @@ SPLIT_SETTINGS = {"seed": "--seed", "test_size": "--test-size", "max_per_class":
 
 
 def same_paths(paths) -> list:
-    """The paths resolved (symlinks, ``..``): the same images reached through a symlinked
-    folder compare equal."""
-    import os
+    """The record ids in the form under which two ids name the same image (local paths
+    resolved: the same images reached through a symlinked folder compare equal; ids with a
+    scheme, such as a URL, as they are)."""
+    from ..data import same_ids
 
-    return [os.path.realpath(p) for p in paths]
+    return same_ids(paths)
 
 
 def split_settings_differ(a: dict, b: dict) -> str:

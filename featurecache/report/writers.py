@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from .data import ReportData
+from .rows import format_params
 from .html import Html
 from .verdict import how_to_read
 
@@ -49,7 +50,7 @@ def markdown_table(rows, winner) -> str:
     lines = ["| " + " | ".join(cols) + " |",
              "|" + "|".join("---:" if c in ("depth", "dim") else "---" for c in cols) + "|"]
     for r in rows:
-        params = ", ".join(f"{k}={v:.3g}" for k, v in r["params"].items())
+        params = format_params(r["params"])
         cells = ([r["backbone"]] if several else []) + [
             f"{r['depth']:g}", r.get("strategy", "frozen"), r["layer"], r["head"], str(r["dim"]),
             params,

@@ -47,6 +47,7 @@ from pathlib import Path
 from .distribute import CONNECT_TIMEOUT, ClusterError, check_address, connect, joblib_on
 from .distribute import workers as _workers
 from .errors import FeaturecacheError, OptionError, StoreMismatchError, option
+from .options import validated
 
 # connect, joblib_on, check_address and ClusterError live in .distribute (kept here by name)
 __all__ = ["ClusterError", "connect", "embed", "embed_on_cluster", "joblib_on", "shard_paths",
@@ -150,6 +151,7 @@ def _started(folder: Path, meta: dict, shards: int | None) -> bool:
     return False
 
 
+@validated("embed_anywhere")  # the cluster's options, and embed's (the **kw) by name
 def embed(source, output, *, cluster: str | None = None, shards: int | None = None,
           copy: bool = False, **kw):
     """``featurecache.embed``: :func:`featurecache.embedding.embed` in this process, or with

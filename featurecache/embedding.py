@@ -28,7 +28,7 @@ from . import versions
 from .backbones import Backbone, load_backbone
 from .data import Source, collate, open_source, shard_range
 from .errors import DataError, OptionError, option
-from .options import CLUSTER, DATA, DEFAULT_BACKBONE, DTYPES, EMBED, ON_ERROR, check
+from .options import CLUSTER, DEFAULT_BACKBONE, DTYPES, ON_ERROR, SIGNATURES, validated
 from .extract import FeatureExtractor, default_device, on_device, to_layout
 from .files import require_folder
 from .layers import resolve_layers, resolve_maps
@@ -52,6 +52,7 @@ class EmbedResult:
     maps: list = field(default_factory=list)     # LayerSpec of each stored unpooled map
 
 
+@validated("embed")
 def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers=("avgpool",),
           weights: str | None = "DEFAULT", weights_file=None, pool: str = "avg",
           token_pool: str = "cls", dtype: str = "float16", batch_size: int | None = None,
@@ -106,8 +107,7 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
           "test_size": test_size, "seed": seed, "max_per_class": max_per_class,
           "on_error": on_error, "overwrite": overwrite, "commit_rows": commit_rows,
           "commit_every": commit_every, "keep_map": list(keep_map), "map_size": map_size}
-    check_options(kw)
-    say = _Say(progress is True)
+    say = _Say(progress is True)  # (every option is checked already: options.validated)
     job = prepare(source, output, shard=shard, say=say, **kw)
     dev, bb, specs, records = job.device, job.backbone, job.specs, job.records
     extractor = FeatureExtractor(bb.model, specs)  # shares the model's modules: moved below
@@ -129,15 +129,12 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
 
 
 def check_options(kw: dict, **cluster) -> None:
-    """Validate embed's keyword arguments against their declarations (options.py)."""
-    if kw["commit_rows"] < 1:
-        raise OptionError(f"commit_rows == {kw['commit_rows']}, must be >= 1.")
-    given = {k: v for k, v in kw.items() if k not in ("commit_rows", "backbone", "seed")}
-    given["layers"] = list(kw["layers"])
-    if isinstance(kw["backbone"], str):
-        given["backbone"] = kw["backbone"]
-    check(DATA + EMBED + CLUSTER, {**given, **{k: v for k, v in cluster.items()
-                                              if v is not None}})
+    """Validate embed's keyword arguments (and the cluster's) against their declarations
+    (``options.SIGNATURES["embed"]``, ``options.CLUSTER``), as :func:`embed` itself does."""
+    given = {**kw, **cluster}
+    for o in SIGNATURES["embed"].options + CLUSTER:
+        if o.name in given:
+            o.check(given[o.name])
 
 
 @dataclass

@@ -31,8 +31,9 @@ import numpy as np
 from . import versions
 from .errors import DataWarning, HeadError
 from .kinds import get as get_kind
+from .options import validated
 from .persist import Head, load_head
-from .search import (HEAD_KINDS, KERNELS, MLP_WIDTHS, SCORINGS, check_options, coarse_grid,
+from .search import (HEAD_KINDS, KERNELS, MLP_WIDTHS, SCORINGS, coarse_grid,
                      make_folds, search_layers)
 
 __all__ = ["Head", "fit_head", "fit_heads", "training_data", "load_head", "search", "refit",
@@ -66,8 +67,7 @@ def search(X, y, kind: str = "logreg", kernel: str = "linear", *, folds=None, cv
     Returns ``(fitted pipeline, best params, best CV score, cv table)``; the table has one row
     per grid point (see :class:`~featurecache.search.SearchResult`).
     """
-    check_options([kind], kernel, scoring)
-    y = np.asarray(y)
+    y = np.asarray(y)  # (search_layers checks the kind, kernel and scoring)
     if folds is None:
         folds = make_folds(y, cv, seed)
     res = search_layers({"X": X}, y, [kind], folds=folds, kernel=kernel, scoring=scoring,
@@ -105,8 +105,7 @@ def fit_heads(jobs: dict, kinds, *, kernel: str = "linear", cv: int = 5,
     scattered once). Returns ``{(key, kind): Head}``.
     """
 
-    check_options(kinds, kernel, scoring)  # before any feature is read
-    Xs, y, folds, how = {}, None, None, ""
+    Xs, y, folds, how = {}, None, None, ""  # (the callers checked every option: validated)
     for key, (ff, layer) in jobs.items():
         ff.check_complete()
         ff.check_layer(layer)
@@ -190,8 +189,10 @@ class Progress:
             self.bar.close()
 
 
+@validated("fit_head")
 def fit_head(features, layer: str, kind: str = "logreg", *, kernel: str = "linear",
-             cv: int = 5, scoring: str = "balanced_accuracy", class_weight=None, seed: int = 0,
+             cv: int = 5, scoring: str = "balanced_accuracy", class_weight: str | None = "none",
+             seed: int = 0,
              n_jobs=-1, probability: bool = False, progress: bool = False,
              mlp_widths=MLP_WIDTHS) -> Head:
     """Search, refit and return a head on ``layer`` of a feature file.
@@ -205,7 +206,7 @@ def fit_head(features, layer: str, kind: str = "logreg", *, kernel: str = "linea
             one, is used instead).
         scoring: the CV score that picks the hyperparameters: ``balanced_accuracy``,
             ``accuracy`` or ``f1_macro``.
-        class_weight: ``None`` or ``"balanced"``.
+        class_weight: ``"none"`` (or None) or ``"balanced"``.
         n_jobs: parallel CV folds (joblib; -1: all cores).
         probability: calibrate SVM probability estimates (sigmoid, by CV; slower).
         progress: show a progress bar of the CV folds on stderr.
@@ -214,14 +215,10 @@ def fit_head(features, layer: str, kind: str = "logreg", *, kernel: str = "linea
         UnknownLayerError: the layer is not stored (the message lists the stored ones).
         HeadError: an unknown kind, or too few classes or rows to search.
     """
-    from . import options
+    from .options import class_weight as sklearn_class_weight
     from .store import FeatureFile, open_features
 
-    check_options([kind], kernel, scoring)
-    options.check([o for o in options.COMPARE if o.name in options.FIT_HEAD_SHARED]
-                  + list(options.FIT_HEAD),
-                  {"cv": cv, "n_jobs": n_jobs, "probability": probability, "seed": seed,
-                   "class_weight": class_weight or "none", "mlp_widths": list(mlp_widths)})
+    class_weight = sklearn_class_weight(class_weight)  # every option checked: validated
     ff = features if isinstance(features, FeatureFile) else open_features(features)
     bar = Progress(progress, f"fit-head {kind} on {layer} (CV)")
     try:

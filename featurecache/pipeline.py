@@ -140,8 +140,9 @@ def load_pipeline(path=None, overrides=(), text: str | None = None) -> Plan:
             where = f"{table}.{name}" if table else name
             if name not in given:
                 if opt.default is _UNSET:
-                    raise PipelineError(f"missing key {where!r}: an image folder, a CSV manifest "
-                                        f"or builtin:digits.")
+                    from .data import spec_help
+
+                    raise PipelineError(f"missing key {where!r}: {spec_help()[0].lower()}{spec_help()[1:]}.")
                 config[table][name] = opt.toml_default
                 continue
             try:

@@ -227,6 +227,14 @@ def embed_on_cluster(source, output, *, cluster: str, shards: int | None = None,
     if output.exists() and not (output.is_file() and is_hdf5(output)):
         raise StoreMismatchError(f"{output} exists and is not a feature file; choose another "
                                  f"output (it is never replaced).")
+    natural = src.natural_shards()  # a tar source: one shard per tar, so a task streams whole tars
+    if natural is not None:
+        if shards is not None and shards != len(natural):
+            raise OptionError(f"{job.source.root} is embedded one shard per tar shard "
+                              f"({len(natural)} of them), not {option('shards', shards)}; "
+                              f"drop {option('shards', shards)}.")
+        shards = len(natural)
+        say(f"one task per tar shard: {shards} shards")
     if shards is not None and shards > n:  # before any cluster is started
         raise ClusterError(f"{option('shards', shards)} is more shards than the {n:,} images; "
                            f"use at most {n:,}.")
@@ -369,10 +377,8 @@ def _run_shards(client, source, parts, todo, task_kw, gpu, progress, n_total) ->
     from distributed import KilledWorker
     from tqdm.auto import tqdm
 
-    from .data import shard_range
-
     count = len(parts)
-    sizes = [b - a for a, b in (shard_range(len(source.records), i, count) for i in range(count))]
+    sizes = [b - a for a, b in source.shard_ranges(count)]
     topic = f"featurecache-{uuid.uuid4().hex}"
     seen = {"done": {}, "starts": {}}
 

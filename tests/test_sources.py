@@ -20,6 +20,7 @@ from featurecache.data import SOURCES, Source, open_source, resolve_spec, source
 from featurecache.data.builtin import BuiltinSource
 from featurecache.data.folders import FolderSource
 from featurecache.data.manifest import ManifestSource
+from featurecache.data.tar import TarSource
 from featurecache.errors import DataError
 
 
@@ -97,9 +98,73 @@ def digits(tmp_path: Path) -> Example:
     return Example("builtin:digits", expected, pixels)
 
 
+def _tar(path: Path, samples) -> None:
+    """A webdataset tar: ``samples`` are ``(key, class name, seed)``, each a KEY.cls and a
+    KEY.png member."""
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tf:
+        for key, label, seed in samples:
+            png = io.BytesIO()
+            size = (5, 4) if seed < 900 else (7, 6)
+            Image.fromarray(np.random.default_rng(seed).integers(
+                0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(png, format="PNG")
+            for name, data in ((f"{key}.cls", label.encode()), (f"{key}.png", png.getvalue())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def _tar_pixels(record_id: str) -> np.ndarray:
+    import io
+    import tarfile
+
+    shard, _, key = record_id.rpartition("#")
+    with tarfile.open(shard) as tf:
+        return _by_pil(io.BytesIO(tf.extractfile(f"{key}.png").read()))
+
+
+def _tar_examples(root: Path, names, splits) -> tuple[dict, dict]:
+    """Shards ``names`` (with ``splits``) of 2 cats and 2 dogs each, interleaved; the
+    expected records in their stream order; and each shard's samples."""
+    expected, samples = {}, {}
+    for si, (name, split) in enumerate(zip(names, splits)):
+        shard = root / name
+        samples[shard] = [(f"img/{si}_{i}", ("cat", "dog")[i % 2], 10 * si + i) for i in range(4)]
+        _tar(shard, samples[shard])
+        expected.update({f"{shard}#{k}": (c, split) for k, c, _ in samples[shard]})
+    return expected, samples
+
+
+def _tar_changer(samples: dict):
+    def change(record_id):  # the shard rewritten with other (and more) bytes for one image
+        shard, _, key = record_id.rpartition("#")
+        _tar(Path(shard), [(k, c, 999 if k == key else seed)
+                           for k, c, seed in samples[Path(shard)]])
+    return change
+
+
+def tar_shards(tmp_path: Path) -> Example:
+    names = ["train-0000.tar", "train-0001.tar", "test-0000.tar", "test-0001.tar"]
+    expected, samples = _tar_examples(tmp_path / "shards", names, ["train"] * 2 + ["test"] * 2)
+    return Example(str(tmp_path / "shards" / "{train,test}-{0000..0001}.tar"), expected,
+                   _tar_pixels, _tar_changer(samples))
+
+
+def tar_list(tmp_path: Path) -> Example:
+    """Two shards without a split in their names, joined by '::' (a list in Python)."""
+    names = ["a/part-0.tar", "b/part-1.tar"]
+    expected, samples = _tar_examples(tmp_path, names, [None, None])
+    return Example("::".join(str(tmp_path / n) for n in names), expected, _tar_pixels,
+                   _tar_changer(samples))
+
+
 EXAMPLES = {FolderSource: [class_folders, split_folders], ManifestSource: [manifest],
-            BuiltinSource: [digits]}
-CASES = [pytest.param(cls, make, id=make.__name__) for cls in SOURCES for make in EXAMPLES[cls]]
+            BuiltinSource: [digits], TarSource: [tar_shards, tar_list]}
+CASES = [pytest.param(cls, make, id=make.__name__) for cls in SOURCES
+         for make in EXAMPLES.get(cls, ())]  # (a kind without one fails the test below)
 
 
 def test_every_registered_source_is_checked_here():
@@ -132,8 +197,11 @@ def test_source_contract(cls, make, tmp_path, monkeypatch):
             assert {r.split for r in src.records if r.label == label} == {"train", "test"}
     else:
         assert src.split_origin == "given"
-    assert [(r.split, r.label, r.id) for r in src.records] == \
-        sorted((r.split, r.label, r.id) for r in src.records)
+    if cls.keeps_order:  # the listing's order (a tar's samples as streamed)
+        assert ids == list(ex.expected)
+    else:
+        assert [(r.split, r.label, r.id) for r in src.records] == \
+            sorted((r.split, r.label, r.id) for r in src.records)
 
     # open: each record as RGB, equal to an independent decode; the dataset gives the same
     for r in src.records:
@@ -170,7 +238,7 @@ def test_source_contract(cls, make, tmp_path, monkeypatch):
     if cls.prefix:
         assert resolve_spec(ex.spec, elsewhere) == ex.spec
     else:
-        relative = os.path.relpath(ex.spec, tmp_path)
+        relative = "::".join(os.path.relpath(p, tmp_path) for p in ex.spec.split("::"))
         assert resolve_spec(relative, tmp_path) == os.path.normpath(ex.spec)
         monkeypatch.chdir(tmp_path)
         rel_src = open_source(relative)
@@ -213,11 +281,13 @@ def test_stored_fingerprints_are_what_they_were(tmp_path):
 
 
 def test_a_spec_no_source_takes_names_every_kind(tmp_path):
-    with pytest.raises(DataError, match=r"does not exist; give an image folder, a CSV manifest "
+    with pytest.raises(DataError, match=r"does not exist; give an image folder, webdataset tar "
+                                        r"shards \(train-\{0000\.\.0003\}\.tar\), a CSV manifest "
                                         r"\(path,label\[,split\]\) or builtin:digits\.$"):
         open_source(tmp_path / "nothing")
-    assert sources.spec_help() == "an image folder, a CSV manifest (path,label[,split]) or " \
-                                  "builtin:digits"
+    assert sources.spec_help() == "an image folder, webdataset tar shards " \
+                                  "(train-{0000..0003}.tar), a CSV manifest (path,label[,split]) " \
+                                  "or builtin:digits"
 
 
 # -- a kind registered only here, whose records are not files -------------------------------

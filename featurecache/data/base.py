@@ -93,6 +93,8 @@ class Source:
     prefix: ClassVar[str | tuple] = ""  # scheme(s) of its specs and record ids; "": local paths
     spec_help: ClassVar[str] = ""  # how a user names this kind, e.g. "an image folder"
     example: ClassVar[str] = ""  # a spec to show in help text
+    keeps_order: ClassVar[bool] = False  # rows in the listing's order (a tar's samples as
+    # streamed, so that each tar is read once, in order), not sorted by (split, class, id)
 
     # -- the class's side: specs ----------------------------------------------------------
 
@@ -100,6 +102,13 @@ class Source:
     def accepts(cls, spec: str) -> bool:
         """Whether ``spec`` names data of this kind (for a local path: as it is now on disk)."""
         return bool(cls.prefix) and spec.startswith(cls.prefix)
+
+    @classmethod
+    def owns(cls, text: str) -> bool:
+        """Whether ``text`` (a spec or a record id) is this kind's from its form alone (for
+        :func:`~featurecache.data.sources.read_record`, ``same_ids`` and ``resolve_spec``);
+        default: it starts with the kind's scheme."""
+        return bool(cls.prefix) and text.startswith(cls.prefix)
 
     @classmethod
     def list_items(cls, spec: str) -> Listing:
@@ -126,7 +135,10 @@ class Source:
         """List ``spec`` and apply the shared rules (see :func:`~featurecache.data.open_source`)."""
         spec = str(spec)
         listing = cls.list_items(spec)
-        items = listing.items
+        items = [it for it in listing.items if it[1] is not None]
+        # an item without a class (a tar sample without a label) stays a record, label -1: the
+        # embed skips it with its reason, as an unreadable image
+        unlabelled = [it for it in listing.items if it[1] is None]
         if not items:
             from .folders import IMAGE_EXTENSIONS
 
@@ -144,8 +156,13 @@ class Source:
                                 f"give a split for every row or for none.")
             items = seeded_split(items, test_size, seed, spec)
         index = {c: i for i, c in enumerate(classes)}
-        records = sorted((Record(p, index[c], s, st) for p, c, s, st in items),
-                         key=lambda r: (r.split, r.label, r.path))
+        records = [Record(p, index[c], s, st) for p, c, s, st in items]
+        if unlabelled:
+            at = {p: n for n, (p, *_) in enumerate(listing.items)}
+            records = sorted(records + [Record(p, -1, s or "train", st)
+                                        for p, _, s, st in unlabelled], key=lambda r: at[r.path])
+        if not cls.keeps_order:
+            records.sort(key=lambda r: (r.split, r.label, r.path))
         if max_per_class is not None:
             records = _limit(records, max_per_class)
         origin = "given" if given else f"seeded(test_size={test_size}, seed={seed})"
@@ -187,10 +204,26 @@ class Source:
         DATA): a local path made absolute; a spec with a scheme as it is."""
         return self.spec if self.prefix else os.path.abspath(self.spec or self.root)
 
+    def natural_shards(self) -> list | None:
+        """The record ranges ``[(start, stop), ...]`` a clustered embed runs as its shards,
+        one task each (a tar source: one per tar shard, so that a worker streams whole
+        tars), or None: the records are cut into equal shards."""
+        return None
+
+    def shard_ranges(self, count: int) -> list:
+        """``(start, stop)`` of each of ``count`` shards: the natural shards when there are
+        ``count`` of them, else contiguous near-equal cuts."""
+        natural = self.natural_shards()
+        if natural is not None and len(natural) == count:
+            return list(natural)
+        return [shard_range(len(self.records), i, count) for i in range(count)]
+
     def part_of(self, index: int, count: int) -> "Source":
-        """Shard ``index`` of ``count``: its records only (what a cluster task receives),
-        remembering where it starts and the whole data set's fingerprint."""
-        start, stop = shard_range(len(self.records), index, count)
+        """Shard ``index`` of ``count`` (see :meth:`shard_ranges`): its records only (what a
+        cluster task receives), remembering where it starts and the whole data set's
+        fingerprint."""
+        shard_range(len(self.records), index, count)  # a valid shard, or DataError
+        start, stop = self.shard_ranges(count)[index]
         return dataclasses.replace(self, records=self.records[start:stop],
                                    part=(index, count, start),
                                    whole_fingerprint=self.fingerprint())

@@ -35,8 +35,9 @@ def load_image(path: str, exif: bool = True) -> Image.Image:
     return read_record(path, exif)
 
 
-def read_file(path: str, exif: bool = True) -> Image.Image:
-    """Decode one image file to 8-bit RGB.
+def read_file(path, exif: bool = True, name: str | None = None) -> Image.Image:
+    """Decode one image file to 8-bit RGB (``path``: a file's path, or an open binary file
+    such as a tar member's bytes, then named ``name`` in messages).
 
     With ``exif``, the EXIF orientation is applied (a phone photo taken upright comes out
     upright). Grayscale, palette, CMYK and 16-bit images are converted; transparency is
@@ -48,10 +49,11 @@ def read_file(path: str, exif: bool = True) -> Image.Image:
         DataError: the file is missing (or a broken link), empty, truncated, not an image, or
             over :data:`MAX_PIXELS` pixels; the message names the file.
     """
+    file, path = path, (path if name is None else name)  # messages name `path`
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
-            img = Image.open(path)
+            img = Image.open(file)
         with img:
             w, h = img.size
             if w * h > MAX_PIXELS:

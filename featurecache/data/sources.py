@@ -9,6 +9,8 @@ Registered sources (:data:`SOURCES`, in the order help text names them):
   CSV file's folder (:class:`~.manifest.ManifestSource`).
 * ``builtin:digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images), no files
   (:class:`~.builtin.BuiltinSource`).
+* ``train-{0000..0003}.tar``: webdataset tar shards, local or at URLs, a brace pattern or
+  several joined by ``::`` (:class:`~.tar.TarSource`).
 
 The first class that accepts a spec takes it: those with a scheme (``builtin:``) first, then
 those of local paths, in registry order. Records are sorted by (split, class,
@@ -24,12 +26,13 @@ from .base import Record, Source, seeded_split, shard_range
 from .builtin import BUILTINS, BuiltinSource
 from .folders import IMAGE_EXTENSIONS, FolderSource
 from .manifest import ManifestSource
+from .tar import TarSource
 
 __all__ = ["SOURCES", "BUILTINS", "IMAGE_EXTENSIONS", "Record", "Source", "open_source",
            "source_class", "resolve_spec", "read_record", "same_ids", "spec_help", "shard_range"]
 
 # the one registry of source kinds; prefixed kinds are matched first, then local paths in order
-SOURCES: tuple = (FolderSource, ManifestSource, BuiltinSource)
+SOURCES: tuple = (FolderSource, TarSource, ManifestSource, BuiltinSource)
 
 _seeded_split = seeded_split  # the name tests and benchmarks import
 
@@ -42,8 +45,9 @@ def spec_help() -> str:
 
 
 def _prefixed(spec: str):
-    """The class whose scheme ``spec`` (or a record id) starts with, or None (a local path)."""
-    return next((cls for cls in SOURCES if cls.prefix and spec.startswith(cls.prefix)), None)
+    """The class that owns ``spec`` (or a record id) by its form (its scheme; a tar shard's
+    ``.tar`` and ``#key``: :meth:`Source.owns`), or None (a local path)."""
+    return next((cls for cls in SOURCES if cls.owns(spec)), None)
 
 
 def source_class(spec) -> type[Source]:
@@ -101,5 +105,7 @@ def open_source(spec, test_size: float = 0.3, seed: int = 0,
     """
     if isinstance(spec, Source):
         return spec
+    if isinstance(spec, (list, tuple)):  # several tar shards (or patterns): one spec
+        spec = "::".join(map(str, spec))
     return source_class(spec).open(str(spec), test_size=test_size, seed=seed,
                                    max_per_class=max_per_class)

@@ -247,3 +247,25 @@ def test_a_clustered_embed_runs_one_task_per_tar(same_images, tmp_path, capfd):
     assert "4 shards on 2 workers (local:2): 3 complete, 1 to run" in capfd.readouterr().err
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
     assert_as_one_process(ref, out)
+
+
+def test_tars_at_urls_stream_each_shard_once(same_images, tmp_path, tiny_backbone, monkeypatch):
+    """file:// shards are read as a store's are (fsspec, tar in stream mode): the same rows
+    as the local shards, and the embed opens each shard once to list it and once to read it,
+    resuming or not."""
+    from featurecache.data import remote
+
+    _, pattern = same_images
+    opened, open_binary = [], remote.open_binary
+    monkeypatch.setattr(remote, "open_binary",
+                        lambda url, so=None: opened.append(url) or open_binary(url, so))
+    local, url = tmp_path / "local.h5", tmp_path / "url.h5"
+    embed(pattern, local, backbone=tiny_backbone, batch_size=4, **KW)
+    opened.clear()
+    embed("file://" + pattern, url, backbone=tiny_backbone, batch_size=4, **KW)
+    shards = [f"file://{os.path.dirname(pattern)}/{s}-{n:04d}.tar" for s in ("test", "train")
+              for n in range(2)]
+    assert opened == shards + shards  # listed, then read: once each, in order
+    one, two = open_features(local), open_features(url)
+    assert two.paths() == ["file://" + p for p in one.paths()]
+    np.testing.assert_array_equal(two.X("avgpool"), one.X("avgpool"))

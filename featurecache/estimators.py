@@ -2,7 +2,9 @@
 
 Every head is ``Pipeline([("scale", StandardScaler()), ("clf", estimator)])``; which
 estimator, with which settings, is the head kind's (:mod:`featurecache.kinds`, one module per
-kind). Saved heads name the estimators below by this module's path, so they stay here:
+kind; :func:`featurecache.kinds.make_estimator` builds one). Saved heads name the estimators
+below by this module's path, so they stay here, below the kinds (their fixed numbers are in
+:mod:`featurecache.estimator_defaults`, which the kinds' settings take):
 
 * :class:`GramLinearSVC`: a linear-kernel SVM solved by libsvm on the precomputed Gram matrix,
   saved as one weight vector per pair of classes (the linear SVM head for wide features).
@@ -16,16 +18,15 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .kinds.knn import SETTINGS as _VOTES
-from .kinds.svm import SETTINGS as _LIBSVM
+from .estimator_defaults import KNN_TEMPERATURE, LIBSVM_MAX_ITER
 from .solvers import gram
 
-__all__ = ["GramLinearSVC", "make_estimator", "temperature_weights"]
+__all__ = ["GramLinearSVC", "temperature_weights"]
 
 
 def temperature_weights(distances):
     """k-NN vote weights ``exp(cos_sim / T)`` from cosine distances (``1 - cos_sim``)."""
-    return np.exp((1.0 - np.asarray(distances, dtype=np.float64)) / _VOTES.temperature)
+    return np.exp((1.0 - np.asarray(distances, dtype=np.float64)) / KNN_TEMPERATURE)
 
 
 class GramLinearSVC(ClassifierMixin, BaseEstimator):
@@ -39,7 +40,7 @@ class GramLinearSVC(ClassifierMixin, BaseEstimator):
     class).
     """
 
-    def __init__(self, C=1.0, class_weight=None, max_iter=_LIBSVM.libsvm_max_iter,
+    def __init__(self, C=1.0, class_weight=None, max_iter=LIBSVM_MAX_ITER,
                  random_state=None):
         self.C = C
         self.class_weight = class_weight
@@ -105,18 +106,3 @@ class GramLinearSVC(ClassifierMixin, BaseEstimator):
             return self.classes_[(dec.ravel() > 0).astype(int)]
         return self.classes_[self._votes(dec)[0].argmax(1)]
 
-
-def make_estimator(kind, params: dict, *, kernel: str = "linear", class_weight=None,
-                   seed: int = 0, n_rows: int = 0, n_features: int = 0,
-                   probability: bool = False, gram=None, y=None):
-    """The unfitted pipeline of a head kind (a name or a :class:`~featurecache.kinds.HeadKind`)
-    with chosen hyperparameters, for ``n_rows`` x ``n_features`` training data.
-
-    ``gram`` forces the linear SVM's solver (None: by the shape, as the search decides);
-    ``y`` (the training labels) decides whether the MLP can stop early on a stratified 10%,
-    and the folds of a probability calibration."""
-    from .kinds import Fit, get
-
-    return get(kind).pipeline(params, Fit(kernel=kernel, class_weight=class_weight, seed=seed,
-                                          n_rows=n_rows, n_features=n_features,
-                                          probability=probability, gram=gram, y=y))

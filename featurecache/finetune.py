@@ -273,7 +273,7 @@ def _linear_probe(model, feed, train, batch_size, scoring, seed, say) -> tuple:
 
 def _validate(model, feed, val, batch_size, scoring, dev) -> tuple:
     """``(score, loss, positions, predictions)`` of the model on the validation rows."""
-    from .solvers import score_predictions
+    from .scoring import score_predictions
 
     pos, _, logits = _run_eval(model, feed, val, batch_size, dev)
     y = torch.from_numpy(feed.labels[val[pos]])

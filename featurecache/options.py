@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from . import kinds as _kinds  # no numpy, no scikit-learn
 from .errors import HeadOptionError, OptionError
+from .scoring import SCORINGS  # a leaf: no numpy, no scikit-learn
 
 __all__ = ["Option", "DATA", "EMBED", "COMPARE", "CLUSTER", "FINETUNE", "TOP", "STAGES", "check", "click_options",
            "Stage", "SIGNATURES", "validated", "declared", "PREDICT", "SCORE", "LAYERS", "JOIN",
@@ -31,7 +32,6 @@ DTYPES = ("float16", "float32")
 ON_ERROR = ("skip", "fail")
 HEAD_KINDS = _kinds.NAMES  # the head-kind registry's names, live (featurecache.kinds)
 KERNELS = ("linear", "rbf")
-SCORINGS = ("balanced_accuracy", "accuracy", "f1_macro")
 SELECT = ("cv", "cv-1se")
 CLASS_WEIGHTS = ("none", "balanced")
 _UNSET = object()

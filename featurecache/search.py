@@ -38,7 +38,8 @@ from .kinds import Fit, Fold
 from .kinds.knn import vote_scores as knn_vote_scores  # compat: featurecache.search's old name
 from .kinds.mlp import SETTINGS as _MLP
 from .options import HEAD_KINDS, KERNELS, SCORINGS, declared
-from .solvers import GRAM_MAX_ROWS, gram, score_predictions, standardise, use_gram
+from .scoring import score_predictions
+from .solvers import GRAM_MAX_ROWS, gram, standardise, use_gram
 
 __all__ = [
     "GRAM_MAX_ROWS",

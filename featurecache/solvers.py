@@ -1,20 +1,17 @@
 """The numerics under the search that every head kind shares.
 
-The CV score of predictions (:func:`score_predictions`), one standardisation per fold
-(:func:`standardise`), per-row class weights (:func:`sample_weights`), a safe Gram matrix
-(:func:`gram`) and the choice between libsvm on the Gram matrix and the primal solver for
-linear SVMs (:func:`use_gram`). How each kind is fitted and scored in a fold, and the settings
+One standardisation per fold (:func:`standardise`), per-row class weights
+(:func:`sample_weights`), a safe Gram matrix (:func:`gram`) and the choice between libsvm on
+the Gram matrix and the primal solver for linear SVMs (:func:`use_gram`); the CV score of
+predictions is :func:`featurecache.scoring.score_predictions` (also importable from here). How each kind is fitted and scored in a fold, and the settings
 its CV and its refit share, are the kind's own (:mod:`featurecache.kinds`).
 """
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
-from .errors import HeadOptionError
-from .options import SCORINGS
+from .scoring import score_predictions  # the name older callers import from here
 
 __all__ = ["GRAM_MAX_ROWS", "gram", "sample_weights", "score_predictions", "standardise", "use_gram"]
 
@@ -22,21 +19,6 @@ __all__ = ["GRAM_MAX_ROWS", "gram", "sample_weights", "score_predictions", "stan
 # the matrix is rows^2 float64 (20,000 rows: 3.2 GB), libsvm then costs seconds per C.
 GRAM_MAX_ROWS = 20_000
 GRAM_MIN_FEATURES = 512  # narrower features: LinearSVC's primal solver (see use_gram)
-
-
-def score_predictions(scoring: str, y_true, y_pred) -> float:
-    """The CV score of predictions: balanced accuracy, accuracy or macro-F1."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
-
-    if scoring == "balanced_accuracy":
-        with warnings.catch_warnings():  # a fold may predict a class it does not hold
-            warnings.simplefilter("ignore")
-            return float(balanced_accuracy_score(y_true, y_pred))
-    if scoring == "accuracy":
-        return float(accuracy_score(y_true, y_pred))
-    if scoring == "f1_macro":
-        return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
-    raise HeadOptionError(f"scoring {scoring!r} is not one of {', '.join(SCORINGS)}.")
 
 
 def sample_weights(class_weight, y):

@@ -10,8 +10,9 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import SVC, LinearSVC
 
 from featurecache.errors import HeadError
-from featurecache.estimators import GramLinearSVC, make_estimator
+from featurecache.estimators import GramLinearSVC
 from featurecache.heads import search
+from featurecache.kinds import make_estimator
 from featurecache.search import knn_vote_scores, make_folds, search_layers
 from featurecache.stats import bootstrap, few_shot_indices, paired_difference
 

@@ -5,14 +5,13 @@ names (:mod:`.decode`) are imported on first use (PEP 562).
 """
 
 from .base import Listing, Record, Source, shard_range
-from .sources import (BUILTINS, SOURCES, open_source, read_record, resolve_spec, same_ids,
-                      source_class, spec_help)
+from .sources import (BUILTINS, SOURCES, load_image, open_source, read_record, resolve_spec,
+                      same_ids, source_class, spec_help)
 
-_LAZY = {"load_image": "decode", "read_file": "decode", "ImageDataset": "decode",
-         "Batch": "decode", "collate": "decode"}
+_LAZY = {"read_file": "decode", "ImageDataset": "decode", "Batch": "decode", "collate": "decode"}
 
 __all__ = ["Record", "Source", "Listing", "SOURCES", "open_source", "source_class", "resolve_spec",
-           "read_record", "same_ids", "spec_help", "shard_range", "BUILTINS", *_LAZY]
+           "read_record", "load_image", "same_ids", "spec_help", "shard_range", "BUILTINS", *_LAZY]
 
 
 def __getattr__(name):

@@ -24,7 +24,10 @@ from typing import Callable, ClassVar
 
 from ..errors import DataError
 
-__all__ = ["Record", "Source", "Listing", "shard_range"]
+__all__ = ["Record", "Source", "Listing", "shard_range", "IMAGE_EXTENSIONS"]
+
+# the file endings read as images (a folder's other files are counted as ignored)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,8 @@ class Source:
 
     The contract, for a new kind of input:
 
-    * ``accepts(spec)`` (class): True when the spec is this kind's;
+    * ``accepts(spec)`` (class): True when the spec is this kind's (default: it starts with
+      ``prefix``; for a local-path kind, ``takes(Path(spec))`` such as ``Path.is_file``);
     * ``list_items(spec)`` (class): a :class:`Listing`; refuse bad data with :class:`DataError`;
     * ``read_id(record_id, exif)`` (class): one record as an 8-bit RGB ``PIL.Image``, raising
       :class:`DataError` that names the record (default: the id is a file path); override
@@ -91,6 +95,7 @@ class Source:
     spec: str = ""        # the spec it was opened from
 
     prefix: ClassVar[str | tuple] = ""  # scheme(s) of its specs and record ids; "": local paths
+    takes: ClassVar[Callable | None] = None  # a local-path kind: which paths, e.g. Path.is_dir
     spec_help: ClassVar[str] = ""  # how a user names this kind, e.g. "an image folder"
     example: ClassVar[str] = ""  # a spec to show in help text
     keeps_order: ClassVar[bool] = False  # rows in the listing's order (a tar's samples as
@@ -100,8 +105,11 @@ class Source:
 
     @classmethod
     def accepts(cls, spec: str) -> bool:
-        """Whether ``spec`` names data of this kind (for a local path: as it is now on disk)."""
-        return bool(cls.prefix) and spec.startswith(cls.prefix)
+        """Whether ``spec`` names data of this kind: it starts with the kind's :attr:`prefix`,
+        or, for a local-path kind, the path passes :attr:`takes` (as it is now on disk)."""
+        if cls.prefix:
+            return spec.startswith(cls.prefix)
+        return cls.takes is not None and cls.takes(Path(spec))
 
     @classmethod
     def owns(cls, text: str) -> bool:
@@ -140,8 +148,6 @@ class Source:
         # embed skips it with its reason, as an unreadable image
         unlabelled = [it for it in listing.items if it[1] is None]
         if not items:
-            from .folders import IMAGE_EXTENSIONS
-
             raise DataError(f"data source {spec} holds no images (looked for "
                             f"{', '.join(IMAGE_EXTENSIONS)}).")
         classes = sorted({c for _, c, _, _ in items})

@@ -16,23 +16,10 @@ from PIL import Image, ImageOps
 
 from ..errors import DataError
 
-__all__ = ["load_image", "read_file", "ImageDataset", "Batch", "collate", "MAX_PIXELS", "MAX_ASPECT"]
+__all__ = ["read_file", "ImageDataset", "Batch", "collate", "MAX_PIXELS", "MAX_ASPECT"]
 
 MAX_PIXELS = 100_000_000  # larger images are skipped: a decompression bomb, or not a photo
 MAX_ASPECT = 4  # the long side is center-cropped to 4x the short one before any resizing
-
-
-def load_image(path: str, exif: bool = True) -> Image.Image:
-    """Decode one image to 8-bit RGB: a file (see :func:`read_file`), or a record id that a
-    registered source opens without a file (``builtin:digits/0007``; see
-    :func:`featurecache.data.sources.read_record`).
-
-    Raises:
-        DataError: the image cannot be read; the message names it.
-    """
-    from .sources import read_record
-
-    return read_record(path, exif)
 
 
 def read_file(path, exif: bool = True, name: str | None = None) -> Image.Image:
@@ -104,7 +91,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 class ImageDataset(torch.utils.data.Dataset):
     """``records[i] -> (tensor or None, i, reason or None)``; never raises for a bad image.
     ``exif``: apply EXIF orientation (part of the backbone's :class:`Preprocess`); ``read``:
-    ``(record id, exif) -> PIL.Image``, the source's reader (default :func:`load_image`)."""
+    ``(record id, exif) -> PIL.Image``, the source's reader (:meth:`Source.reader
+    <featurecache.data.Source.reader>`; default :func:`read_file`: the ids are file paths)."""
 
     def __init__(self, records, transform, exif: bool = True, read=None):
         self.records = records
@@ -116,7 +104,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int):
-        read = self.read or load_image  # looked up per call (tests patch load_image)
+        read = self.read or read_file  # looked up per call (tests patch read_file)
         try:
             return self.transform(read(self.records[i].path, self.exif)), i, None
         except DataError as exc:  # the reason, without the path it is stored beside

@@ -12,14 +12,13 @@ import os
 from pathlib import Path
 
 from ..errors import DataError
-from .base import Listing, Source
+from .base import IMAGE_EXTENSIONS, Listing, Source
 
 __all__ = ["FolderSource", "IMAGE_EXTENSIONS", "SPLIT_NAMES", "folder_items", "is_hidden", "stamp",
            "warn"]
 
 NOT_UTF8 = "files whose names are not UTF-8"
 IGNORED_NAMES = ("__MACOSX",)  # folders that archive tools add beside the data
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 SPLIT_NAMES = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
 
 
@@ -30,10 +29,7 @@ class FolderSource(Source):
 
     spec_help = "an image folder"
     example = "photos/"
-
-    @classmethod
-    def accepts(cls, spec: str) -> bool:
-        return Path(spec).is_dir()
+    takes = Path.is_dir
 
     @classmethod
     def list_items(cls, spec: str) -> Listing:

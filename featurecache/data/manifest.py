@@ -21,10 +21,7 @@ class ManifestSource(Source):
 
     spec_help = "a CSV manifest (path,label[,split])"
     example = "manifest.csv"
-
-    @classmethod
-    def accepts(cls, spec: str) -> bool:
-        return Path(spec).is_file()
+    takes = Path.is_file
 
     @classmethod
     def list_items(cls, spec: str) -> Listing:

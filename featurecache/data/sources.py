@@ -22,14 +22,15 @@ subclass and one line in :data:`SOURCES`.
 from __future__ import annotations
 
 from ..errors import DataError
-from .base import Record, Source, seeded_split, shard_range
+from .base import IMAGE_EXTENSIONS, Record, Source, seeded_split, shard_range
 from .builtin import BUILTINS, BuiltinSource
-from .folders import IMAGE_EXTENSIONS, FolderSource
+from .folders import FolderSource
 from .manifest import ManifestSource
 from .tar import TarSource
 
 __all__ = ["SOURCES", "BUILTINS", "IMAGE_EXTENSIONS", "Record", "Source", "open_source",
-           "source_class", "resolve_spec", "read_record", "same_ids", "spec_help", "shard_range"]
+           "source_class", "resolve_spec", "read_record", "load_image", "same_ids", "spec_help",
+           "shard_range"]
 
 # the one registry of source kinds; prefixed kinds are matched first, then local paths in order
 SOURCES: tuple = (FolderSource, TarSource, ManifestSource, BuiltinSource)
@@ -81,6 +82,9 @@ def read_record(record_id: str, exif: bool = True):
     """One record, by its id alone, as an 8-bit RGB ``PIL.Image``: a file path, or an id of a
     prefixed kind (``builtin:digits/0007``)."""
     return (_prefixed(record_id) or Source).read_id(record_id, exif)
+
+
+load_image = read_record  # its older name (featurecache.data.load_image)
 
 
 def open_source(spec, test_size: float = 0.3, seed: int = 0,

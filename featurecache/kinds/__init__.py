@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from .base import Fit, Fold, HeadKind
 
 __all__ = ["BUILTIN", "NAMES", "Fit", "Fold", "HeadKind", "all_kinds", "cost", "defaults",
-           "get", "names", "register", "registered", "skops_types", "unregister"]
+           "get", "make_estimator", "names", "register", "registered", "skops_types",
+           "unregister"]
 
 # the registry: one module per kind, in the order the options and messages list them
 BUILTIN = ("logreg", "svm", "knn", "mlp")
@@ -81,6 +82,20 @@ def get(kind) -> HeadKind:
         from ..errors import HeadOptionError
 
         raise HeadOptionError(f"head {kind!r} is not one of {', '.join(_KINDS)}.") from None
+
+
+def make_estimator(kind, params: dict, *, kernel: str = "linear", class_weight=None,
+                   seed: int = 0, n_rows: int = 0, n_features: int = 0,
+                   probability: bool = False, gram=None, y=None):
+    """The unfitted pipeline of a head kind (a name or a :class:`HeadKind`) with chosen
+    hyperparameters, for ``n_rows`` x ``n_features`` training data.
+
+    ``gram`` forces the linear SVM's solver (None: by the shape, as the search decides);
+    ``y`` (the training labels) decides whether the MLP can stop early on a stratified 10%,
+    and the folds of a probability calibration."""
+    return get(kind).pipeline(params, Fit(kernel=kernel, class_weight=class_weight, seed=seed,
+                                          n_rows=n_rows, n_features=n_features,
+                                          probability=probability, gram=gram, y=y))
 
 
 def names() -> tuple:

@@ -22,7 +22,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Fit", "Fold", "HeadKind", "c_grid", "c_fine_grid", "C_DECADES", "C_FINE_STEPS"]
+__all__ = ["Fit", "Fold", "HeadKind", "c_grid", "c_fine_grid", "C_DECADES", "C_FINE_STEPS",
+           "DECLARED"]
+
+# what a kind declares in its class statement (see HeadKind)
+DECLARED = ("name", "cost", "default", "skops_types", "dtype", "settings")
 
 # the C path of the linear-probe literature: 1e-6 .. 1e6 one decade at a time, then
 # quarter-decades around the best (kinds with a C share these)
@@ -63,7 +67,7 @@ class Fit:
 
     def score(self, y_true, y_pred) -> float:
         """The CV score of predictions (``scoring``)."""
-        from ..solvers import score_predictions
+        from ..scoring import score_predictions
 
         return score_predictions(self.scoring, y_true, y_pred)
 
@@ -84,14 +88,28 @@ class Fold:
 
 
 class HeadKind:
-    """One head kind. Subclasses set the class attributes and define the grids, the fold
-    scorer and the estimator; instances must pickle (they travel to joblib workers)."""
+    """One head kind. Subclasses declare what they are in their class statement
+    (``class Knn(HeadKind, name="knn", cost=0, default=True, settings=SETTINGS)``; class
+    attributes of these names work too) and define the grids, the fold scorer and the
+    estimator; instances must pickle (they travel to joblib workers)."""
 
     name: str = ""
     cost: int | None = None
     default: bool = False
     skops_types: tuple = ()
     dtype: str = "float32"
+    settings: object = None  # the kind's settings record, one for its CV and its refit
+
+    def __init_subclass__(cls, **declared):
+        """Set the declarations given as keywords of the class statement; a keyword that is
+        none of them is refused here (as a class attribute, a misspelt one would be ignored)."""
+        super().__init_subclass__()
+        unknown = sorted(set(declared) - set(DECLARED))
+        if unknown:
+            raise TypeError(f"head kind {cls.__name__}: {', '.join(unknown)} is not one of "
+                            f"{', '.join(DECLARED)}")
+        for key, value in declared.items():
+            setattr(cls, key, value)
 
     # grids
     def coarse_grid(self, n_features: int, kernel: str = "linear", **options) -> list[dict]:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..estimator_defaults import KNN_TEMPERATURE
 from .base import HeadKind
 
 
 @dataclass(frozen=True)
 class Settings:
     ks: tuple = (10, 20, 50)
-    temperature: float = 0.07  # DINOv2's k-NN evaluation protocol
+    temperature: float = KNN_TEMPERATURE  # DINOv2's k-NN evaluation protocol (the saved head's)
 
 
 SETTINGS = Settings()
@@ -51,12 +52,8 @@ def vote_scores(X_train, y_train, X_test, ks, n_classes: int,
     return out
 
 
-class Knn(HeadKind):
-    name = "knn"
-    cost = 0
-    default = True
-    skops_types = ("featurecache.estimators.temperature_weights",)
-    settings = SETTINGS
+class Knn(HeadKind, name="knn", cost=0, default=True, settings=SETTINGS,
+          skops_types=("featurecache.estimators.temperature_weights",)):
 
     def coarse_grid(self, n_features, kernel="linear", **options):
         return [{"k": k} for k in self.settings.ks]

@@ -23,12 +23,8 @@ class Settings:
 SETTINGS = Settings()
 
 
-class LogReg(HeadKind):
-    name = "logreg"
-    cost = 1
-    default = True
-    dtype = "float64"  # lbfgs on float32 data stops at float32's precision, short of the optimum
-    settings = SETTINGS
+# float64: lbfgs on float32 data stops at float32's precision, short of the optimum
+class LogReg(HeadKind, name="logreg", cost=1, default=True, settings=SETTINGS, dtype="float64"):
 
     def coarse_grid(self, n_features, kernel="linear", **options):
         return c_grid()

@@ -43,12 +43,9 @@ def classifier(params: dict, *, seed: int = 0, y=None, settings: Settings = SETT
                          batch_size=settings.batch_size, random_state=seed)
 
 
-class Mlp(HeadKind):
-    name = "mlp"
-    cost = 3
-    default = False  # each grid point is a training run
-    skops_types = ("sklearn.neural_network._stochastic_optimizers.AdamOptimizer",)
-    settings = SETTINGS
+# not a default head: each grid point is a training run
+class Mlp(HeadKind, name="mlp", cost=3, default=False, settings=SETTINGS,
+          skops_types=("sklearn.neural_network._stochastic_optimizers.AdamOptimizer",)):
 
     def coarse_grid(self, n_features, kernel="linear", **options):
         widths = options.get("mlp_widths", self.settings.widths)

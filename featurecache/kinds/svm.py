@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..estimator_defaults import LIBSVM_MAX_ITER
 from .base import HeadKind, c_fine_grid, c_grid
 
 
@@ -19,8 +20,7 @@ from .base import HeadKind, c_fine_grid, c_grid
 class Settings:
     """The solver settings of the CV and of the refit (one definition)."""
 
-    # libsvm at C = 1e6 on non-separable data can otherwise run for hours
-    libsvm_max_iter: int = 1_000_000
+    libsvm_max_iter: int = LIBSVM_MAX_ITER  # the saved GramLinearSVC's cap too
     # the primal solver (LinearSVC), sklearn's tol
     primal_dual: bool = False
     primal_max_iter: int = 10000
@@ -43,12 +43,8 @@ def _use_gram(fit, n_features) -> bool:
     return use_gram(fit.n_rows if fit.solver_rows is None else fit.solver_rows, n_features)
 
 
-class Svm(HeadKind):
-    name = "svm"
-    cost = 2
-    default = True
-    skops_types = ("featurecache.estimators.GramLinearSVC",)
-    settings = SETTINGS
+class Svm(HeadKind, name="svm", cost=2, default=True, settings=SETTINGS,
+          skops_types=("featurecache.estimators.GramLinearSVC",)):
 
     def coarse_grid(self, n_features, kernel="linear", **options):
         if kernel == "rbf":

@@ -182,7 +182,7 @@ def score_on_fold(rows, jobs, fold, first, *, scoring, kernel, class_weight, see
     import joblib
 
     from ..heads import refit
-    from ..solvers import score_predictions
+    from ..scoring import score_predictions
 
     fit, val = fold
     y = first.y()

@@ -50,6 +50,7 @@ class EmbedResult:
     layers: list          # LayerSpec of each stored layer
     ignored: dict = field(default_factory=dict)  # entries the folder listing left out: {why: n}
     maps: list = field(default_factory=list)     # LayerSpec of each stored unpooled map
+    retries: int = 0      # transient store errors retried (URLs; see data.remote.retry)
 
 
 @validated("embed")
@@ -60,7 +61,7 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
           seed: int = 0, max_per_class: int | None = None, on_error: str = "skip",
           shard: tuple = (0, 1), overwrite: bool = False, progress=True,
           commit_rows: int = 512, commit_every: float = 30.0, keep_map=(),
-          map_size: int | None = None) -> EmbedResult:
+          map_size: int | None = None, storage_options: dict | None = None) -> EmbedResult:
     """Embed a data set with a frozen backbone and store several layers in one HDF5 file.
 
     This is the loop in this process; ``featurecache.embed`` (:func:`featurecache.cluster.embed`)
@@ -88,6 +89,9 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
             channels_last memory layout (faster on CPU too; see ``extract.on_device``).
         test_size, seed: the stratified split drawn when the source has none.
         max_per_class: keep at most this many images per class and split.
+        storage_options: how a URL source reaches its store (fsspec options such as
+            ``{"endpoint_url": "http://127.0.0.1:9000"}``; credentials from the environment);
+            only their public keys are recorded (:func:`featurecache.data.remote.public_options`).
         on_error: ``skip`` (log unreadable images in the file) or ``fail``.
         shard: ``(index, count)``: embed only this contiguous part of the records, into a
             self-contained file.
@@ -106,8 +110,12 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
           "batch_size": batch_size, "num_workers": num_workers, "device": device,
           "test_size": test_size, "seed": seed, "max_per_class": max_per_class,
           "on_error": on_error, "overwrite": overwrite, "commit_rows": commit_rows,
-          "commit_every": commit_every, "keep_map": list(keep_map), "map_size": map_size}
+          "commit_every": commit_every, "keep_map": list(keep_map), "map_size": map_size,
+          "storage_options": storage_options}
     say = _Say(progress is True)  # (every option is checked already: options.validated)
+    from .data import remote
+
+    retried = remote.retries()  # (made before the decode workers fork: they add to it)
     job = prepare(source, output, shard=shard, say=say, **kw)
     dev, bb, specs, records = job.device, job.backbone, job.specs, job.records
     extractor = FeatureExtractor(bb.model, specs)  # shares the model's modules: moved below
@@ -125,7 +133,7 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
         return EmbedResult(Path(output), w.n_committed, w.n_skipped, resumed,
                            time.perf_counter() - t0, was_complete,
                            [s for s in specs if not s.is_map], job.source.ignored,
-                           [s for s in specs if s.is_map])
+                           [s for s in specs if s.is_map], remote.retries() - retried)
 
 
 def check_options(kw: dict, **cluster) -> None:
@@ -153,7 +161,7 @@ class Job:
 
 def prepare(source, output, *, backbone, layers, weights, weights_file, pool, token_pool, dtype,
             batch_size, device, test_size, seed, max_per_class, shard=(0, 1), say=None,
-            keep_map=(), map_size=None, **_) -> Job:
+            keep_map=(), map_size=None, storage_options=None, **_) -> Job:
     """List the data (unless given a :class:`Source`), load the backbone, resolve the
     layers and build the provenance: everything but the forward passes."""
     say = say or _Say(False)
@@ -163,7 +171,8 @@ def prepare(source, output, *, backbone, layers, weights, weights_file, pool, to
     if isinstance(source, Source):  # already opened (a pipeline checks it before the embed)
         src, source = source, source.root
     else:
-        src = open_source(source, test_size=test_size, seed=seed, max_per_class=max_per_class)
+        src = open_source(source, test_size=test_size, seed=seed, max_per_class=max_per_class,
+                          storage_options=storage_options)
     if src.part is not None:  # one shard, cut by the cluster's client
         if tuple(shard) not in ((0, 1), src.part[:2]):
             raise OptionError(f"the source is shard {src.part[0]}/{src.part[1]} already; "
@@ -198,7 +207,7 @@ def prepare(source, output, *, backbone, layers, weights, weights_file, pool, to
         "python_version": v["python"], "device": str(dev),
         "rebuild": _rebuild_command(src.describe(), output, bb, specs, pool, token_pool, dtype,
                                     test_size, seed, max_per_class, shard, weights, weights_file,
-                                    maps, map_size),
+                                    maps, map_size, src.storage_options),
     }
     if maps:  # part of the identity only when present (older files keep their fingerprint)
         meta.update(maps=[m.name for m in maps], map_size=map_size or 0)
@@ -314,8 +323,10 @@ def _unusable_rows(feats: dict, dtype: str) -> dict:
 
 
 def _rebuild_command(source, output, bb, specs, pool, token_pool, dtype, test_size, seed,
-                     max_per_class, shard, weights, weights_file, maps=(), map_size=None) -> str:
-    """``source``: the data's spec as the source describes itself (:meth:`Source.describe`)."""
+                     max_per_class, shard, weights, weights_file, maps=(), map_size=None,
+                     storage_options=None) -> str:
+    """``source``: the data's spec as the source describes itself (:meth:`Source.describe`);
+    of ``storage_options`` only the public keys (an endpoint, never a key)."""
     parts = ["featurecache", "embed", source, "-o", os.path.abspath(output), "--backbone", bb.name]
     parts += (["--weights-file", os.path.abspath(weights_file)] if weights_file
               else ["--weights", str(weights)])
@@ -330,5 +341,12 @@ def _rebuild_command(source, output, bb, specs, pool, token_pool, dtype, test_si
     if maps:
         parts += ["--keep-map", ",".join(m.name for m in maps)]
         parts += ["--map-size", str(map_size)] if map_size else []
+    if storage_options:
+        import json
+
+        from .data.remote import public_options
+
+        public = public_options(storage_options)
+        parts += ["--storage-options", json.dumps(public, sort_keys=True)] if public else []
     return shlex.join(parts)
 

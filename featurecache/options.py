@@ -111,6 +111,9 @@ class Option:
                 raise error(f"{named}: {bad} not known; choose from "
                             f"{', '.join(self.choices)}.")
             return value
+        if self.type is dict and not isinstance(value, dict):
+            raise error(f"{named} must be a table of option names (JSON object), got "
+                        f"{type(value).__name__}.")
         if not isinstance(value, self.type) or (self.type is not bool and isinstance(value, bool)):
             raise error(f"{named} must be {self.type.__name__}, got "
                         f"{type(value).__name__} {value!r}.")
@@ -158,6 +161,9 @@ DATA = (
            low=0, high=1, open=True),
     Option("max_per_class", int, None, "keep at most N images per class and split (quick runs)",
            low=1, auto=0, auto_means="all"),
+    Option("storage_options", dict, None, "fsspec options for a URL root (a table; on the "
+           "CLI JSON): endpoint_url, profile, anon...; keys come from the environment and are "
+           "never recorded", auto="", auto_means="none"),
 )
 # [embed]
 EMBED = (
@@ -327,7 +333,7 @@ _FROM_IMAGES = _named(EMBED, "backbone", "weights", "weights_file", "device", "n
     _named(DATA, "test_size", "max_per_class")
 SIGNATURES = {
     "embed": Stage("featurecache.embedding:embed",
-                   _named(DATA, "test_size", "max_per_class") + EMBED
+                   _named(DATA, "test_size", "max_per_class", "storage_options") + EMBED
                    + (_as(SEED, help="seed of the split"),
                       Option("commit_rows", int, 512, "rows between commits", low=1)),
                    inputs=("source", "output", "shard", "progress")),
@@ -465,6 +471,23 @@ def click_options(options, skip=(), only=None):
                 raise click.BadParameter(str(exc)) from None
         return parse
 
+    def json_object(o):
+        def parse(ctx, param, value):
+            import json
+
+            if value in (None, ""):
+                return None
+            try:
+                parsed = json.loads(value)
+            except ValueError as exc:  # never echo the value: it may hold a key
+                raise click.BadParameter(f"not JSON ({exc.msg} at character {exc.pos}); give "
+                                         f"an object such as '{{\"endpoint_url\": "
+                                         f"\"http://host:9000\"}}'.") from None
+            if not isinstance(parsed, dict):
+                raise click.BadParameter(f"must be a JSON object, got {type(parsed).__name__}.")
+            return parsed
+        return parse
+
     def decorate(fn):
         for o in reversed(options):
             if o.name in skip or (only is not None and o.name not in only):
@@ -479,6 +502,9 @@ def click_options(options, skip=(), only=None):
                           show_default=bool(o.default))
             elif o.type is bool:
                 kw.update(is_flag=True, show_default=False)
+            elif o.type is dict:  # a JSON object on the command line
+                kw.update(type=str, metavar="JSON", callback=json_object(o), show_default=False,
+                          help=o.help + ", e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'.")
             elif o.choices:
                 kw["type"] = click.Choice(list(o.choices))
             elif o.type in (int, float) and (o.low is not None or o.high is not None):

@@ -212,7 +212,8 @@ def _kwargs(table: str, c: dict) -> dict:
 def _embed_kwargs(c: dict) -> dict:
     data = _kwargs("data", c)
     return {**_kwargs("embed", c), **_kwargs("cluster", c), "test_size": data["test_size"],
-            "max_per_class": data["max_per_class"], "seed": c[""]["seed"]}
+            "max_per_class": data["max_per_class"], "storage_options": data["storage_options"],
+            "seed": c[""]["seed"]}
 
 
 def _compare_kwargs(c: dict) -> dict:
@@ -233,7 +234,7 @@ def check_pipeline(plan: Plan) -> dict:
 
     kw = _embed_kwargs(plan.config)
     src = open_source(plan.config["data"]["root"], test_size=kw["test_size"], seed=kw["seed"],
-                      max_per_class=kw["max_per_class"])
+                      max_per_class=kw["max_per_class"], storage_options=kw["storage_options"])
     bb = load_backbone(kw["backbone"], kw["weights"], kw["weights_file"])
     specs = resolve_layers(bb, kw["layers"], pool=kw["pool"], token_pool=kw["token_pool"])
     if plan.config["finetune"]["sources"]:
@@ -286,7 +287,7 @@ def run_pipeline(plan: Plan, progress: bool = True) -> dict:
 
     kw = _embed_kwargs(plan.config)
     src = open_source(plan.config["data"]["root"], test_size=kw["test_size"], seed=kw["seed"],
-                      max_per_class=kw["max_per_class"])
+                      max_per_class=kw["max_per_class"], storage_options=kw["storage_options"])
     _check_data(src, plan.config["compare"]["cv"])
     out = plan.output
     out.mkdir(parents=True, exist_ok=True)
@@ -327,6 +328,11 @@ def run_pipeline(plan: Plan, progress: bool = True) -> dict:
         "verdict": res.verdict,
     }
     config = dict(record["config"])
+    if config["data"].get("storage_options"):  # may hold keys: only the public ones recorded
+        from .data.remote import public_options
+
+        config["data"] = {**config["data"],
+                          "storage_options": public_options(config["data"]["storage_options"])}
     record["config"] = {"top": config.pop(""), **config}
     from .files import atomic_output
 

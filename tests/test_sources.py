@@ -21,6 +21,7 @@ from featurecache.data.builtin import BuiltinSource
 from featurecache.data.folders import FolderSource
 from featurecache.data.manifest import ManifestSource
 from featurecache.data.tar import TarSource
+from featurecache.data.urls import UrlFolderSource, UrlManifestSource
 from featurecache.errors import DataError
 
 
@@ -161,8 +162,35 @@ def tar_list(tmp_path: Path) -> Example:
                    _tar_changer(samples))
 
 
+def _local(url: str) -> str:
+    return url[len("file://"):]
+
+
+def folder_url(tmp_path: Path) -> Example:
+    """Class folders at a URL (``file://``: the fsspec path of every store, without a
+    server; tests/test_remote.py runs the same kinds against an S3 server)."""
+    ex = class_folders(tmp_path)
+    return Example("file://" + ex.spec, {"file://" + k: v for k, v in ex.expected.items()},
+                   lambda i: _by_pil(_local(i)), lambda i: _grow(_local(i)))
+
+
+def manifest_url(tmp_path: Path) -> Example:
+    """A manifest at a URL: a row's URL, and paths relative to the manifest's folder URL."""
+    folder, expected, lines = tmp_path / "mu", {}, ["path,label,split"]
+    for i in range(6):
+        p = folder / "img" / f"{i}.png"
+        _png(p, 50 + i)
+        label, split = ("ab"[i % 2], ("train", "test", "val")[i // 2])
+        lines.append(f"{'file://' + str(p) if i == 0 else f'img/{i}.png'},{label},{split}")
+        expected["file://" + str(p)] = (label, split)
+    (folder / "m.csv").write_text("\n".join(lines) + "\n")
+    return Example("file://" + str(folder / "m.csv"), expected, lambda i: _by_pil(_local(i)),
+                   lambda i: _grow(_local(i)))
+
+
 EXAMPLES = {FolderSource: [class_folders, split_folders], ManifestSource: [manifest],
-            BuiltinSource: [digits], TarSource: [tar_shards, tar_list]}
+            BuiltinSource: [digits], TarSource: [tar_shards, tar_list],
+            UrlFolderSource: [folder_url], UrlManifestSource: [manifest_url]}
 CASES = [pytest.param(cls, make, id=make.__name__) for cls in SOURCES
          for make in EXAMPLES.get(cls, ())]  # (a kind without one fails the test below)
 
@@ -283,11 +311,13 @@ def test_stored_fingerprints_are_what_they_were(tmp_path):
 def test_a_spec_no_source_takes_names_every_kind(tmp_path):
     with pytest.raises(DataError, match=r"does not exist; give an image folder, webdataset tar "
                                         r"shards \(train-\{0000\.\.0003\}\.tar\), a CSV manifest "
-                                        r"\(path,label\[,split\]\) or builtin:digits\.$"):
+                                        r"\(path,label\[,split\]\), builtin:digits or a "
+                                        r"folder or manifest at a URL \(s3://bucket/photos/\)\.$"):
         open_source(tmp_path / "nothing")
     assert sources.spec_help() == "an image folder, webdataset tar shards " \
-                                  "(train-{0000..0003}.tar), a CSV manifest (path,label[,split]) " \
-                                  "or builtin:digits"
+                                  "(train-{0000..0003}.tar), a CSV manifest (path,label[,split]), " \
+                                  "builtin:digits or a folder or manifest at a URL " \
+                                  "(s3://bucket/photos/)"
 
 
 # -- a kind registered only here, whose records are not files -------------------------------
@@ -325,7 +355,8 @@ def test_the_embed_reads_records_through_their_source(tmp_path, monkeypatch, tin
     from featurecache.store import open_features
 
     monkeypatch.setattr(sources, "SOURCES", sources.SOURCES + (MemorySource,))
-    assert sources.spec_help().endswith(", builtin:digits or mem:colours")
+    assert sources.spec_help().endswith(", builtin:digits, a folder or manifest at a URL "
+                                        "(s3://bucket/photos/) or mem:colours")
     out = tmp_path / "f.h5"
     r = embed("mem:colours", out, backbone=tiny_backbone, layers=["avgpool"], num_workers=0,
               test_size=0.5, progress=False)

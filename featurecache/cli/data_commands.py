@@ -65,6 +65,7 @@ Examples:
   featurecache embed photos/ -o feats.h5 --layer avgpool --keep-map stage4   # for finetune
   featurecache embed photos/ -o feats.h5 --layer stage4,avgpool --cluster local:2 --shards 16
   featurecache embed photos/ -o feats.h5 --cluster tcp://scheduler:8786 --shards 512
+  featurecache embed s3://bucket/photos/ -o feats.h5 --storage-options '{"endpoint_url": "http://127.0.0.1:9000"}'
 Run the same command again after an interruption: it resumes after the committed rows.""")
 @click.argument("data")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
@@ -81,8 +82,9 @@ def embed(data, output, shard, quiet, **kwargs):
     """Embed the images in DATA and store pooled features of several layers in one file.
 
     DATA is an image folder (DATA/<class>/*.jpg, or DATA/train/<class>/..., DATA/test/...),
-    a CSV manifest with columns path,label[,split], or builtin:digits. All layers come
-    from one forward pass per batch.
+    a CSV manifest with columns path,label[,split], or builtin:digits; a folder or a
+    manifest may be a URL (s3://bucket/photos/, with --storage-options for the endpoint;
+    credentials from the environment). All layers come from one forward pass per batch.
     """
     from ..cluster import embed as run_embed  # in this process, or sharded with --cluster
 
@@ -94,9 +96,12 @@ def embed(data, output, shard, quiet, **kwargs):
         see = " (see `featurecache info --skipped`)" if r.n_skipped else ""
         ignored = sum(r.ignored.values())
         ignored = f", {ignored} ignored (hidden, system or non-image files)" if ignored else ""
+        retried = getattr(r, "retries", 0)
+        retried = f", {retried} transient store error{'s' * (retried != 1)} retried" \
+            if retried else ""
         click.echo(f"wrote {r.path}: {r.n_rows} rows x {len(r.layers)} layers "
                    f"({', '.join(f'{s.name}[{s.dim}]' for s in r.layers)}), {r.n_skipped} "
-                   f"skipped{see}{ignored}{resumed}, {r.seconds:.1f}s"
+                   f"skipped{see}{ignored}{resumed}{retried}, {r.seconds:.1f}s"
                    + "".join(f"; map {m.name} {list(m.shape)}" for m in r.maps))
 
 

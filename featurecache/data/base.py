@@ -93,11 +93,15 @@ class Source:
     part: tuple | None = None  # (index, count, first row) when this holds one shard's records
     whole_fingerprint: str = ""  # the fingerprint of the whole data set, for a part
     spec: str = ""        # the spec it was opened from
+    # how a remote kind reaches its store (fsspec storage options: may hold keys, so never
+    # recorded; see data.remote.public_options); {} for local kinds
+    storage_options: dict = field(default_factory=dict, repr=False, compare=False)
 
     prefix: ClassVar[str | tuple] = ""  # scheme(s) of its specs and record ids; "": local paths
     takes: ClassVar[Callable | None] = None  # a local-path kind: which paths, e.g. Path.is_dir
     spec_help: ClassVar[str] = ""  # how a user names this kind, e.g. "an image folder"
     example: ClassVar[str] = ""  # a spec to show in help text
+    remote: ClassVar[bool] = False  # list_items(spec, storage_options) reads a store (URLs)
     keeps_order: ClassVar[bool] = False  # rows in the listing's order (a tar's samples as
     # streamed, so that each tar is read once, in order), not sorted by (split, class, id)
 
@@ -139,10 +143,12 @@ class Source:
 
     @classmethod
     def open(cls, spec, test_size: float = 0.3, seed: int = 0,
-             max_per_class: int | None = None) -> "Source":
-        """List ``spec`` and apply the shared rules (see :func:`~featurecache.data.open_source`)."""
+             max_per_class: int | None = None, storage_options: dict | None = None) -> "Source":
+        """List ``spec`` and apply the shared rules (see :func:`~featurecache.data.open_source`);
+        ``storage_options`` reach a :attr:`remote` kind's ``list_items`` and its reader."""
         spec = str(spec)
-        listing = cls.list_items(spec)
+        so = dict(storage_options or {}) if cls.remote else {}
+        listing = cls.list_items(spec, so) if cls.remote else cls.list_items(spec)
         items = [it for it in listing.items if it[1] is not None]
         # an item without a class (a tar sample without a label) stays a record, label -1: the
         # embed skips it with its reason, as an unreadable image
@@ -173,7 +179,7 @@ class Source:
             records = _limit(records, max_per_class)
         origin = "given" if given else f"seeded(test_size={test_size}, seed={seed})"
         return cls(listing.root, listing.kind, classes, records, origin, listing.ignored,
-                   spec=spec)
+                   spec=spec, storage_options=so)
 
     # -- the instance's side: records -----------------------------------------------------
 

@@ -390,6 +390,7 @@ class _Reader(io.RawIOBase):
 
     def _open_at(self):
         fs, path = filesystem(self.url, self.storage_options)
+        fs.invalidate_cache(path)  # its size as it is now
         f = fs.open(path, "rb")
         if self.pos:
             f.seek(self.pos)
@@ -467,6 +468,7 @@ def stat(url, storage_options=None) -> str:
         st = os.stat(url)
         return f"{st.st_size}:{st.st_mtime_ns}"
     fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path)  # as the store is now, not as an earlier listing saw it
     info = retry(lambda: fs.info(path), url, storage_options)
     if info.get("type") == "directory":
         raise IsADirectoryError(errno.EISDIR, "a folder, not a file", url)
@@ -512,6 +514,7 @@ def walk(url, storage_options=None) -> list:
                     out.append((p, ""))
         return sorted(out)
     fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path.rstrip("/"))
     found = retry(lambda: fs.find(path.rstrip("/"), detail=True), url, storage_options)
     out = [(_full(fs, p, url), stamp_of(info)) for p, info in found.items()
            if info.get("type", "file") != "directory"]
@@ -527,6 +530,7 @@ def listdir(url, storage_options=None) -> list:
         return sorted((os.path.join(url, n), os.path.isdir(os.path.join(url, n)))
                       for n in os.listdir(url))
     fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path.rstrip("/"))
     entries = retry(lambda: fs.ls(path.rstrip("/"), detail=True), url, storage_options)
     return sorted((_full(fs, e["name"], url), e.get("type") == "directory") for e in entries)
 

@@ -11,6 +11,10 @@ Registered sources (:data:`SOURCES`, in the order help text names them):
   (:class:`~.builtin.BuiltinSource`).
 * ``train-{0000..0003}.tar``: webdataset tar shards, local or at URLs, a brace pattern or
   several joined by ``::`` (:class:`~.tar.TarSource`).
+* ``s3://bucket/photos/`` (any fsspec URL: ``gs://``, ``az://``, ``https://``), laid out
+  as a local folder (:class:`~.urls.UrlFolderSource`), and ``s3://bucket/manifest.csv``
+  (:class:`~.urls.UrlManifestSource`); ``storage_options`` say how to reach the store
+  (:mod:`.remote`).
 
 The first class that accepts a spec takes it: those with a scheme (``builtin:``) first, then
 those of local paths, in registry order. Records are sorted by (split, class,
@@ -26,6 +30,7 @@ from .base import IMAGE_EXTENSIONS, Record, Source, seeded_split, shard_range
 from .builtin import BUILTINS, BuiltinSource
 from .folders import FolderSource
 from .manifest import ManifestSource
+from .urls import UrlFolderSource, UrlManifestSource
 from .tar import TarSource
 
 __all__ = ["SOURCES", "BUILTINS", "IMAGE_EXTENSIONS", "Record", "Source", "open_source",
@@ -33,7 +38,8 @@ __all__ = ["SOURCES", "BUILTINS", "IMAGE_EXTENSIONS", "Record", "Source", "open_
            "shard_range"]
 
 # the one registry of source kinds; prefixed kinds are matched first, then local paths in order
-SOURCES: tuple = (FolderSource, TarSource, ManifestSource, BuiltinSource)
+SOURCES: tuple = (FolderSource, TarSource, ManifestSource, BuiltinSource, UrlManifestSource,
+                  UrlFolderSource)
 
 _seeded_split = seeded_split  # the name tests and benchmarks import
 
@@ -41,7 +47,7 @@ _seeded_split = seeded_split  # the name tests and benchmarks import
 def spec_help() -> str:
     """How a user names the data: ``an image folder, a CSV manifest (path,label[,split]) or
     builtin:digits`` (for messages and help text)."""
-    names = [cls.spec_help for cls in SOURCES]
+    names = [cls.spec_help for cls in SOURCES if cls.spec_help]  # "": said by another kind
     return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
 
@@ -88,7 +94,7 @@ load_image = read_record  # its older name (featurecache.data.load_image)
 
 
 def open_source(spec, test_size: float = 0.3, seed: int = 0,
-                max_per_class: int | None = None) -> Source:
+                max_per_class: int | None = None, storage_options: dict | None = None) -> Source:
     """Resolve ``spec`` (a folder, a ``.csv`` manifest, or ``builtin:NAME``) into records.
 
     Folders: hidden entries (``.DS_Store``, AppleDouble ``._x.jpg``, ``.ipynb_checkpoints``)
@@ -101,6 +107,8 @@ def open_source(spec, test_size: float = 0.3, seed: int = 0,
         seed: seed of that split.
         max_per_class: keep at most this many images per class and split (first in path
             order): a quick subset for demos and tests.
+        storage_options: how a URL's store is reached (fsspec options: ``endpoint_url``,
+            ``profile``, ``anon``...; see :mod:`.remote`); local kinds ignore them.
 
     Raises:
         DataError: the source is missing or empty, has fewer than two classes, a class without
@@ -112,4 +120,4 @@ def open_source(spec, test_size: float = 0.3, seed: int = 0,
     if isinstance(spec, (list, tuple)):  # several tar shards (or patterns): one spec
         spec = "::".join(map(str, spec))
     return source_class(spec).open(str(spec), test_size=test_size, seed=seed,
-                                   max_per_class=max_per_class)
+                                   max_per_class=max_per_class, storage_options=storage_options)

@@ -453,3 +453,56 @@ def test_importing_featurecache_imports_no_fsspec():
             "print('fsspec' in sys.modules, 's3fs' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_the_issue_command_on_tars_in_a_bucket_equals_the_folder(server, bucket, lite0,
+                                                                 tmp_path):
+    """Issue 24's interface, as a user types it: the console script embeds
+    ``s3://BUCKET/shards/{train,test}-{0000..0001}.tar`` from the local server (credentials
+    from AWS_* in the environment) into the rows of the same images in a local split folder:
+    each row's path SHARD_URL#KEY for FOLDER/SPLIT/KEY.EXT, in the folder's order within each
+    split (the shards' pattern puts train before test), the same labels, splits and values."""
+    from featurecache import embed, open_features
+
+    from .test_tar import image_bytes, write_tar
+
+    name, c = bucket
+    folder, rows = tmp_path / "folder", {"train": [], "test": []}
+    for ci, (cls, color) in enumerate(sorted({"red": (220, 30, 30), "green": (30, 200, 40),
+                                              "blue": (30, 40, 220)}.items())):
+        for i in range(4):
+            split = "test" if i < 2 else "train"
+            fmt = "jpg" if (ci, i) == (1, 3) else "png"
+            data = image_bytes(color, ci * 100 + i, "jpeg" if fmt == "jpg" else "png")
+            path = folder / split / cls / f"{cls}_{i}.{fmt}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            rows[split].append((f"{cls}/{cls}_{i}", {"cls": cls.encode(), fmt: data}))
+    for split, samples in rows.items():  # each split in two shards, in the folder's order
+        for n, part in enumerate((samples[:3], samples[3:])):
+            tar = write_tar(tmp_path / "shards" / f"{split}-{n:04d}.tar", part)
+            c.upload_file(str(tar), name, f"shards/{tar.name}")
+
+    pattern = f"s3://{name}/shards/{{train,test}}-{{0000..0001}}.tar"
+    r = _cli("embed", pattern, "--storage-options", json.dumps({"endpoint_url": server}),
+             "-o", "f.h5", "--layer", "avgpool", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "wrote " in r.stdout and "12 rows x 1 layers (avgpool[1280]), 0 skipped" in r.stdout
+    embed(folder, tmp_path / "folder.h5", backbone=lite0, layers=["avgpool"], num_workers=0,
+          progress=False)
+    tars, local = open_features(tmp_path / "f.h5"), open_features(tmp_path / "folder.h5")
+    order = {"train": 0, "test": 1}  # the pattern's order of the splits
+    at = sorted(range(local.n_rows), key=lambda i: order[local.splits()[i]])  # stable
+    shards = [f"s3://{name}/shards/{s}-{n:04d}.tar" for s in ("train", "test") for n in range(2)]
+    assert [p.split("#")[0] for p in tars.paths()] == [u for u in shards for _ in range(3)]
+    assert [p.split("#")[1] for p in tars.paths()] == \
+        [os.path.splitext(os.path.relpath(local.paths()[i], folder))[0].split("/", 1)[1]
+         for i in at]
+    assert tars.classes == local.classes == ["blue", "green", "red"]
+    assert list(tars.splits()) == [local.splits()[i] for i in at]
+    np.testing.assert_array_equal(tars.y(), local.y()[at])
+    np.testing.assert_array_equal(tars.X("avgpool"), local.X("avgpool")[at])
+    p = tars.provenance
+    assert p["data_kind"] == "tar" and p["data_root"] == pattern
+    assert f"--storage-options '{{\"endpoint_url\": \"{server}\"}}'" in p["rebuild"]
+    assert "testing" not in json.dumps(p)  # the key from the environment is not recorded

@@ -269,3 +269,67 @@ def test_tars_at_urls_stream_each_shard_once(same_images, tmp_path, tiny_backbon
     one, two = open_features(local), open_features(url)
     assert two.paths() == ["file://" + p for p in one.paths()]
     np.testing.assert_array_equal(two.X("avgpool"), one.X("avgpool"))
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_tar_shard_is_retried_and_resumes(same_images, tmp_path):
+    """``--cluster local:2`` over tar shards, a worker SIGKILLed while its task is in the
+    middle of a tar (rows of it committed, rows left): Dask runs the task again, which keeps
+    the committed segments and reads on after them; the joined file equals a one-process
+    embed, one input tar per output shard."""
+    import re
+    import signal
+    import threading
+    import time
+
+    from distributed import Client, LocalCluster
+
+    from featurecache.cluster import shard_paths
+
+    from .test_cluster import assert_as_one_process
+
+    _, pattern = same_images
+    kw = {**CLUSTER_KW, "batch_size": 1}
+    ref, out = tmp_path / "one.h5", tmp_path / "cluster.h5"
+    embed(pattern, ref, **kw)
+    parts = shard_paths(out, 4)
+    sizes = {p.stem: n for p, n in zip(parts, (3, 3, 6, 6))}  # the tars' samples
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        pids = client.run(os.getpid)  # worker address -> pid
+        done = {}
+        run = threading.Thread(target=lambda: done.update(r=embed(
+            pattern, out, cluster=cluster.scheduler_address, commit_rows=1, **kw)))
+        run.start()
+        victim, deadline = None, time.monotonic() + 240
+        while victim is None and time.monotonic() < deadline and run.is_alive():
+            for worker, keys in client.processing().items():
+                for key in keys:
+                    stem = re.search(r"part-\d{5}-of-\d{5}", str(key)).group(0)
+                    partial = parts[0].parent / f"{stem}.h5.partial"
+                    try:
+                        segs = {p.name: p.stat().st_ino for p in partial.glob("seg-*.h5")}
+                    except FileNotFoundError:
+                        continue
+                    if 2 <= len(segs) <= sizes[stem] - 2:  # mid-tar: committed rows, and left
+                        victim, kept = (worker, partial), segs
+            time.sleep(0.02)
+        assert victim is not None, "no task was seen in the middle of a tar"
+        os.kill(pids[victim[0]], signal.SIGKILL)
+        resumed = False
+        while run.is_alive():  # the rerun keeps the committed segments and adds after them
+            try:
+                segs = {p.name: p.stat().st_ino for p in victim[1].glob("seg-*.h5")}
+            except FileNotFoundError:
+                segs = {}
+            resumed |= len(segs) > len(kept) and all(segs.get(n) == i for n, i in kept.items())
+            time.sleep(0.02)
+        run.join()
+    assert "r" in done and done["r"].n_rows == 18, "the clustered embed did not finish"
+    assert resumed, f"{victim[1].name} did not resume after its {len(kept)} committed segments"
+    shards = [f"{os.path.dirname(pattern)}/{s}-{n:04d}.tar" for s in ("test", "train")
+              for n in range(2)]
+    for part, shard in zip(parts, shards):
+        assert {p.split("#")[0] for p in open_features(part).paths()} == {shard}
+    assert_as_one_process(ref, out)

@@ -61,7 +61,8 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
           seed: int = 0, max_per_class: int | None = None, on_error: str = "skip",
           shard: tuple = (0, 1), overwrite: bool = False, progress=True,
           commit_rows: int = 512, commit_every: float = 30.0, keep_map=(),
-          map_size: int | None = None, storage_options: dict | None = None) -> EmbedResult:
+          map_size: int | None = None, storage_options: dict | None = None,
+          label_field: str | None = None) -> EmbedResult:
     """Embed a data set with a frozen backbone and store several layers in one HDF5 file.
 
     This is the loop in this process; ``featurecache.embed`` (:func:`featurecache.cluster.embed`)
@@ -92,6 +93,8 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
         storage_options: how a URL source reaches its store (fsspec options such as
             ``{"endpoint_url": "http://127.0.0.1:9000"}``; credentials from the environment);
             only their public keys are recorded (:func:`featurecache.data.remote.public_options`).
+        label_field: tar shards: the field of a sample's ``KEY.json`` that holds its label
+            (a string or an integer) when it has no ``KEY.cls`` or ``KEY.txt``.
         on_error: ``skip`` (log unreadable images in the file) or ``fail``.
         shard: ``(index, count)``: embed only this contiguous part of the records, into a
             self-contained file.
@@ -111,7 +114,7 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
           "test_size": test_size, "seed": seed, "max_per_class": max_per_class,
           "on_error": on_error, "overwrite": overwrite, "commit_rows": commit_rows,
           "commit_every": commit_every, "keep_map": list(keep_map), "map_size": map_size,
-          "storage_options": storage_options}
+          "storage_options": storage_options, "label_field": label_field}
     say = _Say(progress is True)  # (every option is checked already: options.validated)
     from .data import remote
 
@@ -161,7 +164,7 @@ class Job:
 
 def prepare(source, output, *, backbone, layers, weights, weights_file, pool, token_pool, dtype,
             batch_size, device, test_size, seed, max_per_class, shard=(0, 1), say=None,
-            keep_map=(), map_size=None, storage_options=None, **_) -> Job:
+            keep_map=(), map_size=None, storage_options=None, label_field=None, **_) -> Job:
     """List the data (unless given a :class:`Source`), load the backbone, resolve the
     layers and build the provenance: everything but the forward passes."""
     say = say or _Say(False)
@@ -172,7 +175,7 @@ def prepare(source, output, *, backbone, layers, weights, weights_file, pool, to
         src, source = source, source.root
     else:
         src = open_source(source, test_size=test_size, seed=seed, max_per_class=max_per_class,
-                          storage_options=storage_options)
+                          storage_options=storage_options, label_field=label_field)
     if src.part is not None:  # one shard, cut by the cluster's client
         if tuple(shard) not in ((0, 1), src.part[:2]):
             raise OptionError(f"the source is shard {src.part[0]}/{src.part[1]} already; "
@@ -207,7 +210,7 @@ def prepare(source, output, *, backbone, layers, weights, weights_file, pool, to
         "python_version": v["python"], "device": str(dev),
         "rebuild": _rebuild_command(src.describe(), output, bb, specs, pool, token_pool, dtype,
                                     test_size, seed, max_per_class, shard, weights, weights_file,
-                                    maps, map_size, src.storage_options),
+                                    maps, map_size, src.storage_options, src.label_field),
     }
     if maps:  # part of the identity only when present (older files keep their fingerprint)
         meta.update(maps=[m.name for m in maps], map_size=map_size or 0)
@@ -324,7 +327,7 @@ def _unusable_rows(feats: dict, dtype: str) -> dict:
 
 def _rebuild_command(source, output, bb, specs, pool, token_pool, dtype, test_size, seed,
                      max_per_class, shard, weights, weights_file, maps=(), map_size=None,
-                     storage_options=None) -> str:
+                     storage_options=None, label_field=None) -> str:
     """``source``: the data's spec as the source describes itself (:meth:`Source.describe`);
     of ``storage_options`` only the public keys (an endpoint, never a key)."""
     parts = ["featurecache", "embed", source, "-o", os.path.abspath(output), "--backbone", bb.name]
@@ -348,5 +351,7 @@ def _rebuild_command(source, output, bb, specs, pool, token_pool, dtype, test_si
 
         public = public_options(storage_options)
         parts += ["--storage-options", json.dumps(public, sort_keys=True)] if public else []
+    if label_field:
+        parts += ["--label-field", label_field]
     return shlex.join(parts)
 

@@ -164,6 +164,9 @@ DATA = (
     Option("storage_options", dict, None, "fsspec options for a URL root (a table; on the "
            "CLI JSON): endpoint_url, profile, anon...; keys come from the environment and are "
            "never recorded", auto="", auto_means="none"),
+    Option("label_field", str, None, "tar shards: the field of a sample's KEY.json that holds "
+           "its label (a string or an integer) when it has no KEY.cls or KEY.txt", auto="",
+           auto_means="none"),
 )
 # [embed]
 EMBED = (
@@ -333,7 +336,8 @@ _FROM_IMAGES = _named(EMBED, "backbone", "weights", "weights_file", "device", "n
     _named(DATA, "test_size", "max_per_class")
 SIGNATURES = {
     "embed": Stage("featurecache.embedding:embed",
-                   _named(DATA, "test_size", "max_per_class", "storage_options") + EMBED
+                   _named(DATA, "test_size", "max_per_class", "storage_options",
+                          "label_field") + EMBED
                    + (_as(SEED, help="seed of the split"),
                       Option("commit_rows", int, 512, "rows between commits", low=1)),
                    inputs=("source", "output", "shard", "progress")),

@@ -213,7 +213,7 @@ def _embed_kwargs(c: dict) -> dict:
     data = _kwargs("data", c)
     return {**_kwargs("embed", c), **_kwargs("cluster", c), "test_size": data["test_size"],
             "max_per_class": data["max_per_class"], "storage_options": data["storage_options"],
-            "seed": c[""]["seed"]}
+            "label_field": data["label_field"], "seed": c[""]["seed"]}
 
 
 def _compare_kwargs(c: dict) -> dict:
@@ -234,7 +234,8 @@ def check_pipeline(plan: Plan) -> dict:
 
     kw = _embed_kwargs(plan.config)
     src = open_source(plan.config["data"]["root"], test_size=kw["test_size"], seed=kw["seed"],
-                      max_per_class=kw["max_per_class"], storage_options=kw["storage_options"])
+                      max_per_class=kw["max_per_class"], storage_options=kw["storage_options"],
+                      label_field=kw["label_field"])
     bb = load_backbone(kw["backbone"], kw["weights"], kw["weights_file"])
     specs = resolve_layers(bb, kw["layers"], pool=kw["pool"], token_pool=kw["token_pool"])
     if plan.config["finetune"]["sources"]:
@@ -287,7 +288,8 @@ def run_pipeline(plan: Plan, progress: bool = True) -> dict:
 
     kw = _embed_kwargs(plan.config)
     src = open_source(plan.config["data"]["root"], test_size=kw["test_size"], seed=kw["seed"],
-                      max_per_class=kw["max_per_class"], storage_options=kw["storage_options"])
+                      max_per_class=kw["max_per_class"], storage_options=kw["storage_options"],
+                      label_field=kw["label_field"])
     _check_data(src, plan.config["compare"]["cv"])
     out = plan.output
     out.mkdir(parents=True, exist_ok=True)

@@ -333,3 +333,99 @@ def test_a_worker_killed_mid_tar_shard_is_retried_and_resumes(same_images, tmp_p
     for part, shard in zip(parts, shards):
         assert {p.split("#")[0] for p in open_features(part).paths()} == {shard}
     assert_as_one_process(ref, out)
+
+
+def test_labels_from_a_field_of_key_json(tmp_path, tiny_backbone):
+    """``label_field``: a sample without KEY.cls / KEY.txt takes its label from that field of
+    its KEY.json (a string, or an integer as a name); KEY.cls still comes first. The same
+    images labelled by JSON embed to the rows of the same images labelled by .cls; a sample
+    whose JSON lacks the field is skipped by id, naming it; other kinds refuse the option."""
+    import json
+    import pickle
+
+    from click.testing import CliRunner
+
+    from featurecache.cli import cli
+    from featurecache.errors import OptionError
+
+    def meta(label, **more):
+        return json.dumps({"caption": "a photo", "label": label, **more}).encode()
+
+    colours = sorted(COLORS)
+    cls_samples, json_samples = [], []
+    for n in range(12):
+        c = colours[n % 3]
+        png = image_bytes(COLORS[c], n)
+        cls_samples.append((f"s{n:02d}", {"cls": c.encode(), "png": png}))
+        members = {"json": meta(c), "png": png}
+        if n == 4:  # a .cls beside the JSON wins over it
+            members = {"cls": c.encode(), "json": meta("not-this-one"), "png": png}
+        json_samples.append((f"s{n:02d}", members))
+    for split, part in (("train", slice(0, 8)), ("test", slice(8, 12))):
+        write_tar(tmp_path / "cls" / f"{split}-0.tar", cls_samples[part])
+        write_tar(tmp_path / "json" / f"{split}-0.tar", json_samples[part])
+    by_cls, by_json = (str(tmp_path / d / "{train,test}-0.tar") for d in ("cls", "json"))
+
+    src = open_source(by_json, label_field="label")
+    assert src.label_field == "label" and src.classes == colours
+    assert [src.classes[r.label] for r in src.records] == [colours[n % 3] for n in range(12)]
+    part = src.part_of(0, 2)  # what a cluster task receives, and its reader, pickled
+    assert part.label_field == "label"
+    assert pickle.loads(pickle.dumps(part.reader())).label_field == "label"
+    with pytest.warns(DataWarning, match=r"^11 tar samples have no label member \(KEY.cls, "
+                                         r"KEY.txt\) but a KEY.json: .*--label-field FIELD"), \
+            pytest.raises(DataError, match="holds a single class"):  # s04's .cls only
+        open_source(by_json)
+    a, b = tmp_path / "cls.h5", tmp_path / "json.h5"
+    embed(by_cls, a, backbone=tiny_backbone, **KW)
+    r = embed(by_json, b, backbone=tiny_backbone, label_field="label", **KW)
+    assert (r.n_rows, r.n_skipped) == (12, 0)
+    one, two = open_features(a), open_features(b)
+    assert [p.split("#")[1] for p in two.paths()] == [p.split("#")[1] for p in one.paths()]
+    assert two.classes == one.classes and two.splits() == one.splits()
+    np.testing.assert_array_equal(two.y(), one.y())
+    np.testing.assert_array_equal(two.X("avgpool"), one.X("avgpool"))
+    assert two.provenance["rebuild"].endswith(" --label-field label")
+    assert "--label-field" not in one.provenance["rebuild"]
+
+    # an integer is a class name; a JSON without the field, or with a float there, is skipped
+    odd = [(f"t{n}", {"json": meta(n % 2), "png": image_bytes(COLORS["red"], 50 + n)})
+           for n in range(6)]
+    odd += [("t6", {"json": json.dumps({"caption": "no label"}).encode(),
+                    "png": image_bytes(COLORS["red"], 56)}),
+            ("t7", {"json": meta(1.5), "png": image_bytes(COLORS["red"], 57)})]
+    shard = write_tar(tmp_path / "odd" / "train-0.tar", odd)
+    write_tar(tmp_path / "odd" / "test-0.tar", [(f"u{n}", {"json": meta(n), "png": image_bytes(
+        COLORS["blue"], 60 + n)}) for n in range(2)])
+    pattern = str(tmp_path / "odd" / "{train,test}-0.tar")
+    assert open_source(pattern, label_field="label").classes == ["0", "1"]
+    r = embed(pattern, tmp_path / "odd.h5", backbone=tiny_backbone, label_field="label", **KW)
+    assert (r.n_rows, r.n_skipped) == (8, 2)
+    why = ("the sample has no label (a {k}.cls or {k}.txt member with the class name, or a "
+           "{k}.json object whose field 'label' is a string or an integer)")
+    assert open_features(tmp_path / "odd.h5").skipped() == [
+        (f"{shard}#t6", why.format(k="t6")), (f"{shard}#t7", why.format(k="t7"))]
+
+    with pytest.raises(OptionError, match=r"label_field='label' names the field of a tar "
+                                          r"sample's KEY.json .* is not tar shards"):
+        embed(make_folder_of(tmp_path), tmp_path / "f.h5", backbone=tiny_backbone,
+              label_field="label", **KW)
+    # the CLI's flag and the pipeline's key
+    out = tmp_path / "cli.h5"
+    res = CliRunner().invoke(cli, ["embed", by_json, "-o", str(out), "--label-field", "label",
+                                   "--workers", "0", "-q", "--max-per-class", "1"])
+    assert res.exit_code == 0, res.output
+    assert open_features(out).n_rows == 6 and " --label-field label" in \
+        open_features(out).provenance["rebuild"]
+    from featurecache.pipeline import _embed_kwargs, load_pipeline
+
+    plan = load_pipeline(text=f'[data]\nroot = "{by_json}"\nlabel_field = "label"\n')
+    assert _embed_kwargs(plan.config)["label_field"] == "label"
+    plan = load_pipeline(text='[data]\nroot = "builtin:digits"\n')
+    assert _embed_kwargs(plan.config)["label_field"] is None
+
+
+def make_folder_of(tmp_path):
+    from .conftest import make_folder
+
+    return make_folder(tmp_path / "imgs", 2)

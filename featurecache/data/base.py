@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
-from ..errors import DataError
+from ..errors import DataError, OptionError, option
 
 __all__ = ["Record", "Source", "Listing", "shard_range", "IMAGE_EXTENSIONS"]
 
@@ -96,12 +96,15 @@ class Source:
     # how a remote kind reaches its store (fsspec storage options: may hold keys, so never
     # recorded; see data.remote.public_options); {} for local kinds
     storage_options: dict = field(default_factory=dict, repr=False, compare=False)
+    label_field: str | None = None  # a json_labels kind: the KEY.json field of the label
 
     prefix: ClassVar[str | tuple] = ""  # scheme(s) of its specs and record ids; "": local paths
     takes: ClassVar[Callable | None] = None  # a local-path kind: which paths, e.g. Path.is_dir
     spec_help: ClassVar[str] = ""  # how a user names this kind, e.g. "an image folder"
     example: ClassVar[str] = ""  # a spec to show in help text
     remote: ClassVar[bool] = False  # list_items(spec, storage_options) reads a store (URLs)
+    json_labels: ClassVar[bool] = False  # list_items(..., label_field=F): labels from field F
+    # of a record's JSON metadata (a tar sample's KEY.json); other kinds refuse label_field
     keeps_order: ClassVar[bool] = False  # rows in the listing's order (a tar's samples as
     # streamed, so that each tar is read once, in order), not sorted by (split, class, id)
 
@@ -143,12 +146,20 @@ class Source:
 
     @classmethod
     def open(cls, spec, test_size: float = 0.3, seed: int = 0,
-             max_per_class: int | None = None, storage_options: dict | None = None) -> "Source":
+             max_per_class: int | None = None, storage_options: dict | None = None,
+             label_field: str | None = None) -> "Source":
         """List ``spec`` and apply the shared rules (see :func:`~featurecache.data.open_source`);
-        ``storage_options`` reach a :attr:`remote` kind's ``list_items`` and its reader."""
+        ``storage_options`` reach a :attr:`remote` kind's ``list_items`` and its reader,
+        ``label_field`` a :attr:`json_labels` kind's (any other kind refuses it)."""
         spec = str(spec)
         so = dict(storage_options or {}) if cls.remote else {}
-        listing = cls.list_items(spec, so) if cls.remote else cls.list_items(spec)
+        if label_field and not cls.json_labels:
+            raise OptionError(f"{option('label_field', label_field)} names the field of a tar "
+                              f"sample's KEY.json that holds its label; {spec} is not tar "
+                              f"shards ({cls.spec_help or cls.__name__}): drop it.")
+        extra = {"label_field": label_field or None} if cls.json_labels else {}
+        listing = cls.list_items(spec, so, **extra) if cls.remote else \
+            cls.list_items(spec, **extra)
         items = [it for it in listing.items if it[1] is not None]
         # an item without a class (a tar sample without a label) stays a record, label -1: the
         # embed skips it with its reason, as an unreadable image
@@ -179,7 +190,8 @@ class Source:
             records = _limit(records, max_per_class)
         origin = "given" if given else f"seeded(test_size={test_size}, seed={seed})"
         return cls(listing.root, listing.kind, classes, records, origin, listing.ignored,
-                   spec=spec, storage_options=so)
+                   spec=spec, storage_options=so,
+                   label_field=(label_field or None) if cls.json_labels else None)
 
     # -- the instance's side: records -----------------------------------------------------
 

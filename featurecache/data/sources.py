@@ -94,7 +94,8 @@ load_image = read_record  # its older name (featurecache.data.load_image)
 
 
 def open_source(spec, test_size: float = 0.3, seed: int = 0,
-                max_per_class: int | None = None, storage_options: dict | None = None) -> Source:
+                max_per_class: int | None = None, storage_options: dict | None = None,
+                label_field: str | None = None) -> Source:
     """Resolve ``spec`` (a folder, a ``.csv`` manifest, or ``builtin:NAME``) into records.
 
     Folders: hidden entries (``.DS_Store``, AppleDouble ``._x.jpg``, ``.ipynb_checkpoints``)
@@ -109,6 +110,9 @@ def open_source(spec, test_size: float = 0.3, seed: int = 0,
             order): a quick subset for demos and tests.
         storage_options: how a URL's store is reached (fsspec options: ``endpoint_url``,
             ``profile``, ``anon``...; see :mod:`.remote`); local kinds ignore them.
+        label_field: tar shards: the field of a sample's ``KEY.json`` whose value (a string
+            or an integer) is its label when it has no ``KEY.cls`` or ``KEY.txt``; other
+            kinds refuse it.
 
     Raises:
         DataError: the source is missing or empty, has fewer than two classes, a class without
@@ -120,4 +124,5 @@ def open_source(spec, test_size: float = 0.3, seed: int = 0,
     if isinstance(spec, (list, tuple)):  # several tar shards (or patterns): one spec
         spec = "::".join(map(str, spec))
     return source_class(spec).open(str(spec), test_size=test_size, seed=seed,
-                                   max_per_class=max_per_class, storage_options=storage_options)
+                                   max_per_class=max_per_class, storage_options=storage_options,
+                                   label_field=label_field)

@@ -5,8 +5,10 @@ local paths or URLs (read through :mod:`.remote`). A sample is the members of a 
 share a key, webdataset's way: the member name up to the first dot of its base name, folders
 included (``photos/cat_0.jpg`` and ``photos/cat_0.cls`` are sample ``photos/cat_0``). Its image
 is the member ``KEY.jpg`` (``jpeg``, ``png``, ``webp``, or another image extension); its
-label the text of ``KEY.cls`` (a class name: an integer is a name too) or of ``KEY.txt``. A
-record's id is ``SHARD#KEY`` (a local shard's absolute path, or its URL).
+label the text of ``KEY.cls`` (a class name: an integer is a name too) or of ``KEY.txt``, or,
+with ``label_field`` (``--label-field``), that field of the JSON object in ``KEY.json`` (a
+string or an integer) when the sample has neither. A record's id is ``SHARD#KEY`` (a local
+shard's absolute path, or its URL).
 
 A shard whose name holds ``train``, ``val`` or ``test`` as a word (``train-0000.tar``,
 ``shards_test_01.tar``) gives its samples that split, as split folders do; otherwise the
@@ -34,11 +36,12 @@ from ..errors import DataError
 from .base import Listing, Source
 from .folders import IMAGE_EXTENSIONS, SPLIT_NAMES, is_hidden, warn
 
-__all__ = ["TarSource", "shard_urls", "split_of", "LABEL_EXTENSIONS"]
+__all__ = ["TarSource", "shard_urls", "split_of", "LABEL_EXTENSIONS", "json_label"]
 
 SEPARATOR = "::"  # between shards or patterns in one spec (webdataset's)
 IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 LABEL_EXTENSIONS = ("cls", "txt")  # the label member, first found
+JSON = "json"  # a sample's metadata, whose field ``label_field`` is the label
 LABEL_BYTES = 1 << 16  # a label member longer than this is not a label
 _SPLIT_WORD = re.compile(r"(?<![a-z0-9])(" + "|".join(sorted(SPLIT_NAMES, key=len, reverse=True))
                          + r")(?![a-z0-9])", re.IGNORECASE)
@@ -129,8 +132,9 @@ class _Sample:
     def image(self) -> _Member | None:
         return next((m for e, m in self.members.items() if e in IMAGE_EXTS), None)
 
-    def label(self) -> str | None:
-        """The label's text (``KEY.cls``, else ``KEY.txt``), or None when there is none."""
+    def label(self, label_field: str | None = None) -> str | None:
+        """The label's text (``KEY.cls``, else ``KEY.txt``, else with ``label_field`` that
+        field of ``KEY.json``), or None when there is none."""
         for ext in LABEL_EXTENSIONS:
             m = self.members.get(ext)
             if m is not None and m.data is not None and not m.error:
@@ -140,7 +144,28 @@ class _Sample:
                     continue
                 if text and "\n" not in text:
                     return text
+        m = self.members.get(JSON) if label_field else None
+        if m is not None and m.data is not None and not m.error:
+            return json_label(m.data, label_field)
         return None
+
+
+def json_label(data: bytes, field: str) -> str | None:
+    """The label ``field`` of a ``KEY.json`` member's object gives: a string (stripped, one
+    line) or an integer, as a class name; None when the member is not a JSON object, lacks the
+    field, or holds another type there (a list, a float, null, a boolean)."""
+    import json
+
+    try:
+        obj = json.loads(data.decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    value = obj.get(field) if isinstance(obj, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and value.strip() and "\n" not in value.strip():
+        return value.strip()
+    return None
 
 
 class _Scan:
@@ -149,8 +174,10 @@ class _Scan:
     as they pass; from a local file, which seeks, when :meth:`_Member.read` asks). After the
     pass, :attr:`truncated` says where the shard was cut short ("" when whole)."""
 
-    def __init__(self, url: str, storage_options=None, images: bool = False):
+    def __init__(self, url: str, storage_options=None, images: bool = False,
+                 label_field: str | None = None):
         self.url, self.storage_options, self.images = url, storage_options, images
+        self.label_field = label_field  # KEY.json members are read too
         self.size, self.stamp = None, ""
         self.truncated = ""
         self.hidden = 0
@@ -208,7 +235,8 @@ class _Scan:
             if ext in current.members:
                 continue  # the same member twice: the first counts
             member = _Member(m.name, m.size, info=m, tar=tf)
-            if ext in LABEL_EXTENSIONS and m.size <= LABEL_BYTES or \
+            if (ext in LABEL_EXTENSIONS or ext == JSON and self.label_field) and \
+                    m.size <= LABEL_BYTES or \
                     (ext in IMAGE_EXTS and self.images and self.stream):
                 try:
                     member.read()
@@ -231,6 +259,7 @@ class TarSource(Source):
     example = "train-{0000..0003}.tar"
     keeps_order = True
     remote = True  # list_items takes storage options; shards may be URLs
+    json_labels = True  # list_items takes label_field: the label from a field of KEY.json
 
     # -- specs ----------------------------------------------------------------------------
 
@@ -271,26 +300,30 @@ class TarSource(Source):
     # -- listing --------------------------------------------------------------------------
 
     @classmethod
-    def list_items(cls, spec: str, storage_options=None) -> Listing:
+    def list_items(cls, spec: str, storage_options=None, label_field: str | None = None) \
+            -> Listing:
         urls = shard_urls(spec)
         if not urls:
             raise DataError(f"data source {spec} names no tar shard.")
         seen, items, ignored, truncated = {}, [], {}, []
+        json_only = 0  # samples without a label member but with a KEY.json (no label_field)
         for url in urls:
             if url in seen:
                 raise DataError(f"data source {spec} names tar shard {url} twice; each shard "
                                 f"may appear once, or its images would count twice.")
             seen[url] = True
             split = split_of(url)
-            scan = _Scan(url, storage_options)
+            scan = _Scan(url, storage_options, label_field=label_field)
             for sample in scan:
                 image = sample.image()
                 if image is None:
                     _count(ignored, "tar samples without an image")
                     continue
                 rid = f"{url}#{sample.key}"
+                label = sample.label(label_field)
+                json_only += label is None and not label_field and JSON in sample.members
                 stamp = f"{scan.stamp}:{image.name}:{image.size}"
-                items.append((rid, sample.label(), split, stamp))
+                items.append((rid, label, split, stamp))
             if scan.hidden:
                 _count(ignored, "hidden or system entries", scan.hidden)
             if scan.truncated:
@@ -300,6 +333,10 @@ class TarSource(Source):
             warn(f"{len(truncated)} tar shard{'s' * (len(truncated) > 1)} truncated: "
                  f"{'; '.join(truncated[:3])}{' ...' if len(truncated) > 3 else ''}; the samples "
                  f"after the cut are missing, and one cut short is skipped.")
+        if json_only:
+            warn(f"{json_only} tar sample{'s have' if json_only > 1 else ' has'} no label member "
+                 f"(KEY.cls, KEY.txt) but a KEY.json: to take the label from a field of it, "
+                 f"name the field (--label-field FIELD; label_field in Python and pipelines).")
         ids = [i for i, *_ in items]
         if len(set(ids)) < len(ids):
             dup = next(i for n, i in enumerate(ids) if i in ids[:n])
@@ -322,12 +359,14 @@ class TarSource(Source):
         return ranges
 
     @classmethod
-    def read_id(cls, record_id: str, exif: bool = True, storage_options=None):
+    def read_id(cls, record_id: str, exif: bool = True, storage_options=None,
+                label_field: str | None = None):
         """One sample's image, by scanning its shard up to it."""
-        return _Reader(storage_options)(record_id, exif)
+        return _Reader(storage_options, label_field)(record_id, exif)
 
     def reader(self):
-        return _Reader(getattr(self, "storage_options", None) or None)
+        return _Reader(getattr(self, "storage_options", None) or None,
+                       getattr(self, "label_field", None) or None)
 
 
 def _shard(record_id: str) -> str:
@@ -343,20 +382,21 @@ class _Reader:
     for the samples of a shard in their order (the row order), it reads the shard once; a
     sample behind it reopens the shard. Picklable (the open shard is not carried)."""
 
-    def __init__(self, storage_options=None):
-        self.storage_options = storage_options
+    def __init__(self, storage_options=None, label_field: str | None = None):
+        self.storage_options, self.label_field = storage_options, label_field
         self._url, self._it, self._passed = None, None, set()
 
     def __getstate__(self):
-        return {"storage_options": self.storage_options}
+        return {"storage_options": self.storage_options, "label_field": self.label_field}
 
     def __setstate__(self, state):
-        self.__init__(state["storage_options"])
+        self.__init__(state["storage_options"], state.get("label_field"))
 
     def _restart(self, url: str):
         self.close()
         self._url, self._passed = url, set()
-        self._it = iter(_Scan(url, self.storage_options, images=True))
+        self._it = iter(_Scan(url, self.storage_options, images=True,
+                              label_field=self.label_field))
 
     def close(self):
         it, self._it = self._it, None
@@ -394,9 +434,11 @@ class _Reader:
                             f"({', '.join('KEY.' + e for e in IMAGE_EXTS[:4])} ...)")
         if image.error:
             raise DataError(f"{record_id}: {image.error}")
-        if sample.label() is None:
+        if sample.label(self.label_field) is None:
+            json_ = f", or a {key}.json object whose field {self.label_field!r} is a string " \
+                f"or an integer" if self.label_field else ""
             raise DataError(f"{record_id}: the sample has no label (a {key}.cls or {key}.txt "
-                            f"member with the class name)")
+                            f"member with the class name{json_})")
         try:
             data = image.read()
         except DataError as exc:

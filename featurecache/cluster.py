@@ -212,6 +212,10 @@ def embed_on_cluster(source, output, *, cluster: str, shards: int | None = None,
     t0 = time.perf_counter()
     kw = _checked(source, output, kw, cluster=cluster, shards=shards, copy=copy)
     progress, overwrite = kw.pop("progress"), kw.pop("overwrite")
+    if kw.pop("update", False):  # (the copy is local I/O; only the new images are embedded)
+        raise OptionError(f"{option('update')} runs in this process (it embeds only the new "
+                          f"and changed images and copies the rest): drop "
+                          f"{option('cluster', cluster)}.")
     del kw["shard"]  # (0, 1): the cluster cuts the shards itself
     output = Path(output)
     if not isinstance(kw["backbone"], str):

@@ -51,6 +51,9 @@ class EmbedResult:
     ignored: dict = field(default_factory=dict)  # entries the folder listing left out: {why: n}
     maps: list = field(default_factory=list)     # LayerSpec of each stored unpooled map
     retries: int = 0      # transient store errors retried (URLs; see data.remote.retry)
+    # embed --update: {new, changed, deleted, unchanged, relabelled, retried, embedded,
+    # copied, ...} (see featurecache.update); None for a plain embed
+    update: dict | None = None
 
 
 @validated("embed")
@@ -62,7 +65,7 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
           shard: tuple = (0, 1), overwrite: bool = False, progress=True,
           commit_rows: int = 512, commit_every: float = 30.0, keep_map=(),
           map_size: int | None = None, storage_options: dict | None = None,
-          label_field: str | None = None) -> EmbedResult:
+          label_field: str | None = None, update: bool = False) -> EmbedResult:
     """Embed a data set with a frozen backbone and store several layers in one HDF5 file.
 
     This is the loop in this process; ``featurecache.embed`` (:func:`featurecache.cluster.embed`)
@@ -99,6 +102,10 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
         shard: ``(index, count)``: embed only this contiguous part of the records, into a
             self-contained file.
         overwrite: start over instead of resuming or refusing a different existing file.
+        update: bring an existing complete ``output`` up to date with the data as they are
+            now (:mod:`featurecache.update`): a new file in which unchanged rows are copied,
+            new and changed images embedded, deleted ones dropped (the old file stays until
+            the new one replaces it); its :attr:`EmbedResult.update` counts them.
         progress: print the phases and a progress bar on stderr; or a function called as
             ``progress(inputs_done, inputs_total)`` after every batch (no printing).
         commit_rows, commit_every: commit the rows done so far every ``commit_rows`` rows or
@@ -119,6 +126,11 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
     from .data import remote
 
     retried = remote.retries()  # (made before the decode workers fork: they add to it)
+    if update:
+        from .update import update_file
+
+        return update_file(source, output, shard=shard, say=say, progress=progress, t0=t0,
+                           retried=retried, **kw)
     job = prepare(source, output, shard=shard, say=say, **kw)
     dev, bb, specs, records = job.device, job.backbone, job.specs, job.records
     extractor = FeatureExtractor(bb.model, specs)  # shares the model's modules: moved below
@@ -233,49 +245,64 @@ def _run(source, records, offset, bb, extractor, dev, writer, batch_size, num_wo
          progress):
     from tqdm.auto import tqdm
 
-    if num_workers is None:
-        num_workers = min(8, os.cpu_count() or 1)
-    loader = torch.utils.data.DataLoader(
-        source.dataset(records, bb.preprocess.transform(), bb.preprocess.exif), batch_size=batch_size,
-        num_workers=num_workers, collate_fn=collate, pin_memory=dev.type == "cuda",
-        persistent_workers=False, timeout=_stall_seconds() if num_workers else 0)
     report, done = (progress if callable(progress) else None), offset
     bar = tqdm(total=len(records) + offset, initial=offset, unit="img", disable=progress is not True,
                desc=f"embed {bb.name}", dynamic_ncols=True)
-    amp = torch.autocast("cuda", dtype=torch.float16) if dev.type == "cuda" else nullcontext()
     with bar:
-        for batch in _delivered(loader, num_workers):
-            if batch.failed and on_error == "fail":
-                i, reason = batch.failed[0]
-                raise DataError(f"{records[i].path}: {reason}. Use {option('on_error', 'skip')} "
-                                f"to log and skip unreadable images.")
-            feats = {}
-            if batch.images is not None:
-                images = to_layout(batch.images.to(dev, non_blocking=True))
-                with amp:
-                    out = extractor(images)
-                feats = {k: v.cpu().numpy() for k, v in out.items()}
-            rows = [records[i] for i in batch.index]
-            skipped = [(records[i].path, reason) for i, reason in batch.failed]
-            bad = _unusable_rows(feats, writer.meta["dtype"])
-            if bad:
-                j, reason = next(iter(bad.items()))
-                if on_error == "fail":
-                    raise DataError(f"{rows[j].path}: {reason}. Use {option('on_error', 'skip')} to log and "
-                                    f"skip such images.")
-                keep = [j for j in range(len(rows)) if j not in bad]
-                skipped += [(rows[j].path, r) for j, r in bad.items()]
-                feats = {k: v[keep] for k, v in feats.items()}
-                rows = [rows[j] for j in keep]
+        for rows, feats, skipped, n_inputs in _embedded(source, records, bb, extractor, dev,
+                                                        batch_size, num_workers, on_error,
+                                                        writer.meta["dtype"]):
             writer.write(feats, [r.path for r in rows], [r.label for r in rows],
-                         [r.split for r in rows], batch.n_inputs, skipped)
-            bar.update(batch.n_inputs)
-            done += batch.n_inputs
+                         [r.split for r in rows], n_inputs, skipped, [r.stamp for r in rows])
+            bar.update(n_inputs)
+            done += n_inputs
             if report is not None:
                 report(done, len(records) + offset)
             if skipped:
                 bar.set_postfix(skipped=writer.n_skipped + len(skipped), refresh=False)
     writer.flush()
+
+
+def _embedded(source, records, bb, extractor, dev, batch_size, num_workers, on_error, dtype,
+              batches=None):
+    """The forward passes over ``records``, in order, one batch at a time: ``(rows, feats,
+    skipped, n_inputs)``: the records whose features ``feats`` (``{LayerSpec.key: (B, ...)}``)
+    are usable, the ``[(id, reason)]`` of the others, and how many records the batch took.
+    ``batches``: the batches as lists of consecutive indices into ``records`` (an update
+    cuts them itself), instead of ``batch_size``."""
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1)
+    data = source.dataset(records, bb.preprocess.transform(), bb.preprocess.exif)
+    cut = {"batch_size": batch_size} if batches is None or isinstance(
+        data, torch.utils.data.IterableDataset) else {"batch_sampler": batches}
+    loader = torch.utils.data.DataLoader(
+        data, **cut, num_workers=num_workers, collate_fn=collate, pin_memory=dev.type == "cuda",
+        persistent_workers=False, timeout=_stall_seconds() if num_workers else 0)
+    amp = torch.autocast("cuda", dtype=torch.float16) if dev.type == "cuda" else nullcontext()
+    for batch in _delivered(loader, num_workers):
+        if batch.failed and on_error == "fail":
+            i, reason = batch.failed[0]
+            raise DataError(f"{records[i].path}: {reason}. Use {option('on_error', 'skip')} "
+                            f"to log and skip unreadable images.")
+        feats = {}
+        if batch.images is not None:
+            images = to_layout(batch.images.to(dev, non_blocking=True))
+            with amp:
+                out = extractor(images)
+            feats = {k: v.cpu().numpy() for k, v in out.items()}
+        rows = [records[i] for i in batch.index]
+        skipped = [(records[i].path, reason) for i, reason in batch.failed]
+        bad = _unusable_rows(feats, dtype)
+        if bad:
+            j, reason = next(iter(bad.items()))
+            if on_error == "fail":
+                raise DataError(f"{rows[j].path}: {reason}. Use {option('on_error', 'skip')} to log and "
+                                f"skip such images.")
+            keep = [j for j in range(len(rows)) if j not in bad]
+            skipped += [(rows[j].path, r) for j, r in bad.items()]
+            feats = {k: v[keep] for k, v in feats.items()}
+            rows = [rows[j] for j in keep]
+        yield rows, feats, skipped, batch.n_inputs
 
 
 STALL_SECONDS = 300  # no batch from the decode workers for this long: they cannot deliver

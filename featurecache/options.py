@@ -197,6 +197,8 @@ EMBED = (
            low=0, open=True),
     Option("overwrite", bool, False, "start over instead of resuming a file made with other "
            "settings"),
+    Option("update", bool, False, "bring an existing file up to date with the data: embed "
+           "only new and changed images, copy the unchanged rows, drop deleted ones"),
 )
 # [compare]
 COMPARE = (

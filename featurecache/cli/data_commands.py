@@ -89,7 +89,18 @@ def embed(data, output, shard, quiet, **kwargs):
     from ..cluster import embed as run_embed  # in this process, or sharded with --cluster
 
     r = run_embed(data, output, shard=_shard(shard), progress=not quiet, **kwargs)
-    if r.already_complete:
+    if r.update is not None:
+        from ..update import summary
+
+        if r.already_complete:
+            click.echo(f"{r.path} is up to date: {summary(r.update)}; nothing to do.")
+        else:
+            resumed = f", resumed after {r.resumed_from} rows" if r.resumed_from else ""
+            click.echo(f"updated {r.path}: {summary(r.update)}; embedded {r.update['embedded']} "
+                       f"images, copied {r.update['copied']} rows; {r.n_rows} rows x "
+                       f"{len(r.layers)} layers, {r.n_skipped} skipped{resumed}, "
+                       f"{r.seconds:.1f}s")
+    elif r.already_complete:
         click.echo(f"{r.path} is already complete ({r.n_rows} rows); nothing to do.")
     else:
         resumed = f", resumed after {r.resumed_from} inputs" if r.resumed_from else ""
@@ -139,6 +150,14 @@ def info(path, show_skipped, as_json):
     for name, m in d["maps"].items():
         size = f"{m['bytes'] / 2**20:.1f} MiB on disk" if m["bytes"] is not None else "unfinished"
         click.echo(f"  map {name:<16} node={m['node']:<24} shape={m['shape']} ({size})")
+    if p.get("update"):
+        from ..update import summary
+
+        u = p["update"]
+        click.echo(f"updated: from the file made {p.get('update_of_created') or '?'}: "
+                   f"{summary(u)}; {u.get('copied', 0)} rows copied as they were, "
+                   f"{u.get('embedded', 0)} embedded; a row's split never moves on update "
+                   f"(new images: the split the data give, else a seeded hash of the id)")
     click.echo(f"data: {p['data_root']} ({p['data_kind']}, split {p['split_origin']}), "
                + (f"joined from {p['joined_from']} shards ({p.get('joined_as', 'virtual')})"
                   if p.get("joined_from") else f"shard {p['shard_index']}/{p['shard_count']}"))

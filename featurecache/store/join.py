@@ -23,8 +23,8 @@ def join_shards(shards, output, overwrite: bool = False, copy: bool = False,
 
     The layers become HDF5 virtual datasets that point into the shard files (kept beside the
     output; nothing is copied; a missing shard reads as NaN and opening the file refuses,
-    naming it), or with ``copy=True`` real datasets in one self-contained file. Labels, paths
-    and splits are copied. The output records what it joined (``/joined_shards``: each
+    naming it), or with ``copy=True`` real datasets in one self-contained file. Labels, paths,
+    splits and stamps are copied. The output records what it joined (``/joined_shards``: each
     shard's path, fingerprint, creation id and row count), so that opening a virtual one
     refuses a shard that was replaced since. The output is written under a temporary name and
     renamed into place when complete (one rename: the old output or the new one, whole). The
@@ -127,6 +127,10 @@ def join_shards(shards, output, overwrite: bool = False, copy: bool = False,
         for name in ("paths", "splits"):
             col = [v for f in files for v in (f.paths() if name == "paths" else f.splits())]
             out.create_dataset(name, data=np.array(col, dtype=object), dtype=STR)
+        stamps = [f.stamps() for f in files]
+        if any(st is not None for st in stamps):  # (shards made before stamps: none)
+            col = [v for f, st in zip(files, stamps) for v in (st or [""] * f.n_rows)]
+            out.create_dataset("stamps", data=np.array(col, dtype=object), dtype=STR)
         skipped = [s for f in files for s in f.skipped()]
         sk = out.create_group("skipped")
         for j, name in enumerate(("paths", "reasons")):

@@ -13,6 +13,8 @@ Only the store package touches h5py. A complete file::
     /classes                (C,) str
     /paths                  (N,) str
     /splits                 (N,) str: train | test | val
+    /stamps                 (N,) str: each row's content stamp when listed (embed --update
+                            compares it; absent in files made before it)
     /skipped/paths          (K,) str   inputs that could not be used
     /skipped/reasons        (K,) str
     /joined_shards/<column> only in a joined file: what it joined, one row per shard (path,
@@ -169,7 +171,7 @@ def create_row_datasets(f, specs, dtype, n: int, k: int) -> None:
         for key, v in s.to_attrs().items():
             d.attrs[key] = v
     f.create_dataset("labels", shape=(n,), dtype=np.int32)
-    for name in ("paths", "splits"):
+    for name in ("paths", "splits", "stamps"):
         f.create_dataset(name, shape=(n,), dtype=STR)
     sk = f.create_group("skipped")
     for name in ("paths", "reasons"):
@@ -177,9 +179,9 @@ def create_row_datasets(f, specs, dtype, n: int, k: int) -> None:
 
 
 def write_rows(f, start: int, features: dict, labels, paths, splits, skip_start: int,
-               skipped) -> None:
+               skipped, stamps=None) -> None:
     """Write rows ``start..`` and skipped inputs ``skip_start..`` into datasets made by
-    :func:`create_row_datasets`."""
+    :func:`create_row_datasets` (``stamps``: the rows' content stamps, when known)."""
     m = len(labels)
     if m:
         for key, rows in features.items():  # LayerSpec.key: "name" or "map:name"
@@ -188,6 +190,8 @@ def write_rows(f, start: int, features: dict, labels, paths, splits, skip_start:
         f["labels"][start:start + m] = np.asarray(labels, dtype=np.int32)
         f["paths"][start:start + m] = np.array(paths, dtype=object)
         f["splits"][start:start + m] = np.array(splits, dtype=object)
+        if stamps is not None and "stamps" in f:
+            f["stamps"][start:start + m] = np.array(list(stamps), dtype=object)
     if len(skipped):
         for j, name in enumerate(("paths", "reasons")):
             f["skipped"][name][skip_start:skip_start + len(skipped)] = np.array(

@@ -193,6 +193,48 @@ class FeatureFile:
         """Split of every row."""
         return self._splits.tolist()
 
+    def stamps(self) -> list | None:
+        """Every row's content stamp as listed when it was embedded (``""`` where unknown),
+        or None for a file made before rows kept their stamps (``/stamps``)."""
+        out, known = [], False
+        try:
+            for path, _, n, _, _ in self._parts:
+                with h5py.File(path, "r") as f:
+                    if "stamps" in f:
+                        known = True
+                        out += [decode(v) for v in f["stamps"][:n]]
+                    else:
+                        out += [""] * n
+        except OSError as exc:
+            raise StoreError(f"{self.path} changed while being read ({exc}); open it again.") from None
+        return out if known else None
+
+    def read_rows(self, rows) -> dict:
+        """The stored values of the given row indices, for every layer and map, as stored
+        (the same dtype, so copied values are the same bytes): ``{LayerSpec.key: array}``.
+        Contiguous runs of rows are read as slices (an update copies long runs)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        specs = [*self.layers.values(), *self.maps.values()]
+        dtype = np.dtype(self.provenance["dtype"])
+        out = {s.key: np.empty((len(rows), *(s.shape if s.is_map else (s.dim,))), dtype=dtype)
+               for s in specs}
+        if not len(rows):
+            return out
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        cuts = np.flatnonzero(np.diff(srt) != 1) + 1  # runs of consecutive rows
+        for path, start, n, _, _ in self._parts:
+            with h5py.File(path, "r") as f:
+                for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(srt)]):
+                    lo, hi = int(srt[a]), int(srt[b - 1]) + 1
+                    lo_, hi_ = max(lo, start), min(hi, start + n)
+                    if lo_ >= hi_:
+                        continue
+                    sel = order[a + (lo_ - lo):a + (hi_ - lo)]
+                    for s in specs:
+                        out[s.key][sel] = f[s.path][lo_ - start:hi_ - start]
+        return out
+
     def skipped(self) -> list:
         """``[(path, reason)]`` of inputs that could not be used."""
         return list(zip(self._column("skipped/paths", True, skipped=True),

@@ -66,7 +66,7 @@ def assemble(path: Path, partial: Path, meta: dict, specs, classes) -> None:
             size = max(1, min(4096, (64 << 20) // row_bytes))  # rows per copy: <= 64 MiB
             for start, block in _blocks(segments, specs, size):
                 write_rows(out, start, block["features"], block["labels"], block["paths"],
-                           block["splits"], 0, [])
+                           block["splits"], 0, [], block["stamps"])
             write_rows(out, 0, {}, [], [], [], 0, _skipped(segments))
     except OSError as exc:
         if no_space(exc):
@@ -91,7 +91,9 @@ def _blocks(segments, specs, size: int):
             pending.append({"features": {s.key: seg[s.path][:m] for s in specs},
                             "labels": seg["labels"][:m],
                             "paths": [decode(v) for v in seg["paths"][:m]],
-                            "splits": [decode(v) for v in seg["splits"][:m]]})
+                            "splits": [decode(v) for v in seg["splits"][:m]],
+                            "stamps": [decode(v) for v in seg["stamps"][:m]] if "stamps" in seg
+                            else [""] * m})  # a segment of featurecache before stamps
         done += m
         while done - start >= size:
             block, pending = _take(pending, size)
@@ -119,14 +121,15 @@ def _take(parts: list, size: int):
                           for name in taken[0]["features"]},
              "labels": np.concatenate([t["labels"] for t in taken]),
              "paths": [v for t in taken for v in t["paths"]],
-             "splits": [v for t in taken for v in t["splits"]]}
+             "splits": [v for t in taken for v in t["splits"]],
+             "stamps": [v for t in taken for v in t["stamps"]]}
     return block, rest
 
 
 def _slice(part: dict, i: int, j: int) -> dict:
     return {"features": {k: v[i:j] for k, v in part["features"].items()},
             "labels": part["labels"][i:j], "paths": part["paths"][i:j],
-            "splits": part["splits"][i:j]}
+            "splits": part["splits"][i:j], "stamps": part["stamps"][i:j]}
 
 
 def _skipped(segments) -> list:

@@ -33,7 +33,7 @@ import socket
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -45,7 +45,7 @@ from .layout import (FORMAT, IDENTITY_KEYS, create_row_datasets, created_now, de
                      fingerprint, new_creation_id, partial_path, write_rows)
 from .segments import assemble, list_segments, no_space
 
-__all__ = ["Writer", "Batch"]
+__all__ = ["Writer", "Batch", "settings_differ"]
 
 _F16_TINY = float(np.finfo(np.float16).tiny)  # below this float16 is subnormal: digits are lost
 _FLUSH, _STOP, _FINISH = object(), object(), object()
@@ -54,7 +54,8 @@ _FLUSH, _STOP, _FINISH = object(), object(), object()
 @dataclass
 class Batch:
     """One queued batch: ``features[name]`` is ``(B, dim)``; ``n_inputs`` counts the inputs it
-    consumed (rows + skipped); ``skipped`` is ``[(path, reason)]``."""
+    consumed (rows + skipped); ``skipped`` is ``[(path, reason)]``; ``stamps`` the rows'
+    content stamps (``[]``: unknown, stored as ``""``)."""
 
     features: dict
     paths: list
@@ -62,6 +63,7 @@ class Batch:
     splits: list
     n_inputs: int
     skipped: list
+    stamps: list = field(default_factory=list)
 
 
 class Writer:
@@ -80,6 +82,10 @@ class Writer:
         classes: class names.
         overwrite: discard committed segments and start over (an existing complete ``NAME``
             stays until the new one replaces it).
+        update: build a new ``NAME`` beside an existing one (``embed --update``): the old file
+            stays, readable, until the new one replaces it by the final rename; committed
+            segments of this same update (same fingerprint and ``meta["update_of"]``) are
+            resumed, those of any other run are discarded (:attr:`restarted`).
 
     Raises:
         StoreMismatchError: an existing file was made with other settings (names the fields).
@@ -87,7 +93,8 @@ class Writer:
     """
 
     def __init__(self, path, meta: dict, specs: list, classes: list, overwrite: bool = False,
-                 commit_rows: int = 512, queue_size: int = 8, commit_every: float = 30.0):
+                 commit_rows: int = 512, queue_size: int = 8, commit_every: float = 30.0,
+                 update: bool = False):
         self.path = Path(path)
         self.partial = partial_path(self.path)
         self.meta = dict(meta)
@@ -95,6 +102,8 @@ class Writer:
         self.specs = list(specs)
         self.classes = list(classes)
         self.overwrite = overwrite
+        self.update = update
+        self.restarted = False  # update: the segments of another run were discarded
         self.commit_rows = commit_rows
         self.commit_every = commit_every
         self._last_commit = time.monotonic()
@@ -115,7 +124,7 @@ class Writer:
             raise StoreError(f"{self.path} exists and is not an HDF5 feature file; it is never "
                              f"replaced (not even with {option('overwrite')}): choose another "
                              f"output name.")
-        if not self.overwrite and self.path.exists():
+        if not self.overwrite and not self.update and self.path.exists():
             old = self._check_same(self._final_attrs(), self.path)
             self.already_complete = True
             self.n_done, self.n_committed, self.n_skipped = (
@@ -176,6 +185,10 @@ class Writer:
             except (OSError, ValueError) as exc:
                 raise StoreError(f"{header} is unreadable ({exc}); pass {option('overwrite')} to start "
                                  f"over.") from None
+            if self.update and (saved["meta"].get("fingerprint") != self.meta["fingerprint"]
+                                or saved["meta"].get("update_of") != self.meta.get("update_of")):
+                self._discard(header)  # another run's rows (another update, or an embed)
+                return self._open_partial()
             self._check_same(saved["meta"], self.partial)
             self.meta["created"] = saved["meta"].get("created")
             # a header written before files had an id: one derived from it, the same on
@@ -200,6 +213,13 @@ class Writer:
         self._segments = len(segments)
         fsync_dir(self.partial)
 
+    def _discard(self, header: Path) -> None:
+        for p in self.partial.glob("seg-*.h5"):
+            p.unlink()
+        header.unlink()
+        fsync_dir(self.partial)
+        self.restarted = True
+
     def _is_feature_file(self) -> bool:
         """An HDF5 file (a feature file, or a damaged one that --overwrite may replace); never
         a manifest, an image or a head given as the output by mistake."""
@@ -220,11 +240,10 @@ class Writer:
             raise StoreMismatchError(f"{path} exists and is not a featurecache file; choose "
                                      f"another output or pass {option('overwrite')}.")
         if old.get("fingerprint") != self.meta["fingerprint"]:
-            diff = [k for k in (*IDENTITY_KEYS, "maps", "map_size")  # (the maps count too)
-                    if json.dumps(old.get(k) or None, sort_keys=True, default=str)
-                    != json.dumps(self.meta.get(k) or None, sort_keys=True, default=str)]
+            diff = settings_differ(old, self.meta)
             detail = "; ".join(
-                "the images differ (files added, removed, relabelled or rewritten since)"
+                f"the images differ (files added, removed, relabelled or rewritten since; "
+                f"{option('update')} embeds only those)"
                 if k == "data_fingerprint" else
                 f"{k}: file has {old.get(k)!r}, this run has {self.meta.get(k)!r}" for k in diff[:3])
             raise StoreMismatchError(
@@ -234,11 +253,11 @@ class Writer:
 
     # -- writing -------------------------------------------------------------------------
     def write(self, features: dict, paths: list, labels: list, splits: list,
-              n_inputs: int, skipped: list = ()) -> None:
+              n_inputs: int, skipped: list = (), stamps=None) -> None:
         """Queue one batch (see :class:`Batch`)."""
         self._raise()
         self._q.put(Batch(features, list(paths), list(labels), list(splits), n_inputs,
-                          list(skipped)))
+                          list(skipped), list(stamps) if stamps is not None else []))
 
     def flush(self) -> None:
         """Block until every queued row is committed."""
@@ -310,6 +329,7 @@ class Writer:
         paths = [p for b in batches for p in b.paths]
         labels = [v for b in batches for v in b.labels]
         splits = [v for b in batches for v in b.splits]
+        stamps = [v for b in batches for v in (b.stamps or [""] * len(b.paths))]
         skipped = [s for b in batches for s in b.skipped]
         n_inputs = sum(b.n_inputs for b in batches)
         seg = self.partial / f"seg-{self._segments:06d}.h5"
@@ -317,7 +337,7 @@ class Writer:
         image = io.BytesIO()  # HDF5 never writes to disk itself, so a full disk cannot
         with h5py.File(image, "w") as f:  # leave it half-flushed: the OS write below fails cleanly
             create_row_datasets(f, self.specs, self.meta["dtype"], len(paths), len(skipped))
-            write_rows(f, 0, features, labels, paths, splits, 0, skipped)
+            write_rows(f, 0, features, labels, paths, splits, 0, skipped, stamps)
             for k, v in {"input_start": self.n_done, "input_end": self.n_done + n_inputs,
                          "row_start": self.n_committed, "n_rows": len(paths),
                          "skip_start": self.n_skipped, "n_skipped": len(skipped)}.items():
@@ -353,3 +373,32 @@ class Writer:
     def _assemble(self) -> None:
         assemble(self.path, self.partial, {**self.meta, "n_done": self.n_done}, self.specs,
                  self.classes)
+
+
+def settings_differ(old: dict, new: dict, ignore=()) -> list:
+    """The identity keys (and ``maps``, ``map_size``) on which two provenances differ, in
+    :data:`~featurecache.store.layout.IDENTITY_KEYS` order, less ``ignore``."""
+    return [k for k in (*IDENTITY_KEYS, "maps", "map_size")  # (the maps count too)
+            if k not in ignore and json.dumps(old.get(k) or None, sort_keys=True, default=str)
+            != json.dumps(new.get(k) or None, sort_keys=True, default=str)]
+
+
+def remove_finished_partial(path) -> bool:
+    """Remove ``NAME.partial/`` when it is what is left of the run that made the complete
+    ``NAME`` (a kill between the final rename and the folder's removal): its header carries
+    ``NAME``'s creation id. Returns whether it was removed; any other partial stays."""
+    import shutil
+
+    path = Path(path)
+    partial = partial_path(path)
+    try:
+        saved = json.loads((partial / "header.json").read_text())["meta"]
+        with h5py.File(path, "r") as f:
+            made = decode(f.attrs.get("creation_id", ""))
+    except (OSError, ValueError, KeyError):
+        return False
+    if not made or saved.get("creation_id") != made:
+        return False
+    shutil.rmtree(partial, ignore_errors=True)
+    fsync_dir(path.parent)
+    return True

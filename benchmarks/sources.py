@@ -4,7 +4,10 @@ on 127.0.0.1) as loose objects and as tar shards; one run, same machine, same ba
 
 Each embed is ``featurecache.embed`` end to end (listing, reading, decoding, forward passes,
 writing), with the backbone loaded once beforehand and passed in; images/s = rows / the
-embed's seconds. A warm-up embed runs first; the page cache holds every file, so the local
+embed's seconds. Beside it, ``read_img_s``: listing, reading and decoding alone (the
+source's dataset through a DataLoader with the same workers and the backbone's transform, no
+forward pass), the cost of the format itself, which a slow forward pass on a CPU hides. A
+warm-up embed runs first; the page cache holds every file, so the local
 rows measure the format, the S3 rows the HTTP round trips of the store's client (s3fs) against
 a server on the same machine (no network latency: a real store adds its own). Every file's
 rows are checked to be the same images with the same labels, splits and features as the
@@ -135,6 +138,22 @@ def spec_of(tars: list, prefix: str) -> str:
     return "::".join(parts)
 
 
+def read_rate(spec: str, bb, workers: int, batch_size: int, **extra) -> float:
+    """Images/s of listing, reading and decoding ``spec`` alone (no forward pass)."""
+    import torch
+
+    from featurecache.data import collate, open_source
+
+    t = time.perf_counter()
+    src = open_source(spec, **extra)
+    loader = torch.utils.data.DataLoader(
+        src.dataset(src.records, bb.preprocess.transform(), bb.preprocess.exif),
+        batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    n = sum(len(b.index) for b in loader)
+    assert n == len(src.records), (spec, n)
+    return n / (time.perf_counter() - t)
+
+
 def rows_of(path: Path):
     """{(split, class, name): features} of a feature file, and the row order of the keys."""
     from featurecache import open_features
@@ -197,11 +216,13 @@ def main():
             results[name] = {"spec": spec, "rows": r.n_rows, "skipped": r.n_skipped,
                              "seconds": round(r.seconds, 2),
                              "img_s": round(r.n_rows / r.seconds, 1),
-                             "retries": getattr(r, "retries", 0)}
+                             "retries": getattr(r, "retries", 0),
+                             "read_img_s": round(read_rate(spec, bb, args.workers,
+                                                           args.batch_size, **extra), 1)}
     finally:
         server.terminate()
         server.wait(10)
-    base = results["local folder (loose files)"]["img_s"]
+    base = results["local folder (loose files)"]
     sizes = [p.stat().st_size for p in folder.rglob("*.jpg")]
     report = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
@@ -216,8 +237,9 @@ def main():
     print(json.dumps(report, indent=1))
     print()
     for name, r in results.items():
-        print(f"{name:<28} {r['img_s']:>7.1f} img/s  ({r['rows']} rows, {r['seconds']:.1f} s)"
-              f"  x{r['img_s'] / base:.2f} of the local folder")
+        print(f"{name:<28} embed {r['img_s']:>6.1f} img/s ({r['seconds']:.1f} s, x"
+              f"{r['img_s'] / base['img_s']:.2f} of the local folder);  read+decode alone "
+              f"{r['read_img_s']:>6.1f} img/s (x{r['read_img_s'] / base['read_img_s']:.2f})")
 
 
 if __name__ == "__main__":

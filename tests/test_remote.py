@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from .conftest import make_folder, make_image
+from .test_tar import same_images  # noqa: F401 (a fixture)
 
 moto_server = pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
@@ -506,3 +507,31 @@ def test_the_issue_command_on_tars_in_a_bucket_equals_the_folder(server, bucket,
     assert p["data_kind"] == "tar" and p["data_root"] == pattern
     assert f"--storage-options '{{\"endpoint_url\": \"{server}\"}}'" in p["rebuild"]
     assert "testing" not in json.dumps(p)  # the key from the environment is not recorded
+
+
+@pytest.mark.slow
+def test_a_clustered_embed_of_tars_in_a_bucket_resumes_after_a_killed_worker(
+        server, bucket, same_images, tmp_path):  # noqa: F811
+    """``--cluster local:2`` over tar shards on the local server: one task per tar (each
+    output shard holds one input tar, streamed by its worker from the store), a worker
+    SIGKILLed in the middle of a tar, its task run again from the committed rows; the joined
+    file equals a one-process embed of the same URLs."""
+    from featurecache import embed, open_features
+    from featurecache.cluster import shard_paths
+
+    from .test_cluster import assert_as_one_process
+    from .test_tar import CLUSTER_KW, kill_a_worker_mid_tar
+
+    name, c = bucket
+    _, pattern = same_images
+    for tar in sorted(Path(pattern).parent.glob("*.tar")):
+        c.upload_file(str(tar), name, f"shards/{tar.name}")
+    url = f"s3://{name}/shards/{{test,train}}-{{0000..0001}}.tar"
+    kw = {**CLUSTER_KW, "batch_size": 1, "storage_options": {"endpoint_url": server}}
+    ref, out = tmp_path / "one.h5", tmp_path / "cluster.h5"
+    embed(url, ref, **kw)
+    assert kill_a_worker_mid_tar(url, out, (3, 3, 6, 6), **kw).n_rows == 18
+    shards = [f"s3://{name}/shards/{s}-{n:04d}.tar" for s in ("test", "train") for n in range(2)]
+    for part, shard in zip(shard_paths(out, 4), shards):
+        assert {p.split("#")[0] for p in open_features(part).paths()} == {shard}
+    assert_as_one_process(ref, out)

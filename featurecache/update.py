@@ -234,7 +234,8 @@ def update_file(source, output, *, shard=(0, 1), say, progress, t0, retried, ove
         if max_per_class is not None:  # the whole listing: the limit comes after the splits
             spec = src.spec or src.root
             src = type(src).open(spec, test_size=test_size, seed=seed, max_per_class=None,
-                                 storage_options=src.storage_options)
+                                 storage_options=src.storage_options,
+                                 label_field=src.label_field)
         plan = plan_update(old, src, max_per_class, test_size, seed)
         whole = dataclasses.replace(src, records=plan.records, split_origin=plan.split_origin,
                                     whole_fingerprint="", part=None)

@@ -466,24 +466,12 @@ def test_the_issue_command_on_tars_in_a_bucket_equals_the_folder(server, bucket,
     process runs in whatever torch state earlier tests left)."""
     from featurecache import open_features
 
-    from .test_tar import image_bytes, write_tar
+    from .test_tar import split_folder_and_tars
 
     name, c = bucket
-    folder, rows = tmp_path / "folder", {"train": [], "test": []}
-    for ci, (cls, color) in enumerate(sorted({"red": (220, 30, 30), "green": (30, 200, 40),
-                                              "blue": (30, 40, 220)}.items())):
-        for i in range(4):
-            split = "test" if i < 2 else "train"
-            fmt = "jpg" if (ci, i) == (1, 3) else "png"
-            data = image_bytes(color, ci * 100 + i, "jpeg" if fmt == "jpg" else "png")
-            path = folder / split / cls / f"{cls}_{i}.{fmt}"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-            rows[split].append((f"{cls}/{cls}_{i}", {"cls": cls.encode(), fmt: data}))
-    for split, samples in rows.items():  # each split in two shards, in the folder's order
-        for n, part in enumerate((samples[:3], samples[3:])):
-            tar = write_tar(tmp_path / "shards" / f"{split}-{n:04d}.tar", part)
-            c.upload_file(str(tar), name, f"shards/{tar.name}")
+    folder, tars = split_folder_and_tars(tmp_path, per_class=4)  # 3 images a shard
+    for tar in tars:
+        c.upload_file(str(tar), name, f"shards/{tar.name}")
 
     pattern = f"s3://{name}/shards/{{train,test}}-{{0000..0001}}.tar"
     r = _cli("embed", pattern, "--storage-options", json.dumps({"endpoint_url": server}),

@@ -50,15 +50,15 @@ def image_bytes(color, seed: int, fmt: str = "png") -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture
-def same_images(tmp_path):
-    """The same 3 x 6 colour images as a split folder (DATA/<split>/<class>/<image>) and as
-    4 tar shards ``{test,train}-{0000..0001}.tar`` whose samples come in the folder's row
-    order (split, class, name); one image is a JPEG. Returns (folder, pattern, key of id)."""
-    folder, shards = tmp_path / "folder", tmp_path / "shards"
+def split_folder_and_tars(root, per_class: int = 6):
+    """The same 3 x ``per_class`` colour images as a split folder ``root/folder``
+    (<split>/<class>/<image>; the first 2 of each class in test) and as 4 tar shards
+    ``root/shards/{test,train}-{0000..0001}.tar`` whose samples come in the folder's row order
+    (split, class, name), each split halved; one image is a JPEG. Returns (folder, the tars)."""
+    folder, shards = root / "folder", root / "shards"
     rows = {"test": [], "train": []}
     for ci, (name, color) in enumerate(sorted(COLORS.items())):
-        for i in range(6):
+        for i in range(per_class):
             split = "test" if i < 2 else "train"
             fmt = "jpg" if (ci, i) == (1, 3) else "png"
             data = image_bytes(color, ci * 100 + i, "jpeg" if fmt == "jpg" else "png")
@@ -66,11 +66,19 @@ def same_images(tmp_path):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
             rows[split].append((f"{name}/{name}_{i}", {"cls": name.encode(), fmt: data}))
+    tars = []
     for split, samples in rows.items():
         half = len(samples) // 2
-        write_tar(shards / f"{split}-0000.tar", samples[:half])
-        write_tar(shards / f"{split}-0001.tar", samples[half:])
-    return folder, str(shards / "{test,train}-{0000..0001}.tar")
+        tars.append(write_tar(shards / f"{split}-0000.tar", samples[:half]))
+        tars.append(write_tar(shards / f"{split}-0001.tar", samples[half:]))
+    return folder, tars
+
+
+@pytest.fixture
+def same_images(tmp_path):
+    """:func:`split_folder_and_tars` of 3 x 6 images. Returns (folder, pattern)."""
+    folder, _ = split_folder_and_tars(tmp_path)
+    return folder, str(tmp_path / "shards" / "{test,train}-{0000..0001}.tar")
 
 
 def test_a_brace_pattern_of_tars_embeds_as_the_same_images_in_a_folder(same_images, tmp_path,

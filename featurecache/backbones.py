@@ -48,7 +48,8 @@ _NONE_SEED = 0  # untrained weights are drawn with this seed, so they are reprod
 @dataclass(frozen=True)
 class Preprocess:
     """How an image becomes the backbone's input: apply its EXIF orientation, resize the short
-    side, center-crop, normalise."""
+    side, center-crop, normalise; or, with ``whole`` (dense data: a mask describes every
+    pixel), resize the whole image to ``crop`` x ``crop`` and crop nothing."""
 
     resize: int
     crop: int
@@ -56,25 +57,36 @@ class Preprocess:
     std: tuple = IMAGENET_STD
     interpolation: str = "bilinear"
     exif: bool = True  # files written before featurecache applied EXIF orientation: False
+    whole: bool = False  # resize the whole image to crop x crop (dense data), no center crop
 
     def transform(self):
         """A callable PIL RGB image -> float tensor (3, crop, crop)."""
         from torchvision import transforms as T
 
         mode = T.InterpolationMode(self.interpolation)
-        return T.Compose([T.Resize(self.resize, interpolation=mode, antialias=True),
-                          T.CenterCrop(self.crop), T.ToTensor(),
-                          T.Normalize(list(self.mean), list(self.std))])
+        size = [T.Resize((self.crop, self.crop), interpolation=mode, antialias=True)] \
+            if self.whole else [T.Resize(self.resize, interpolation=mode, antialias=True),
+                                T.CenterCrop(self.crop)]
+        return T.Compose([*size, T.ToTensor(), T.Normalize(list(self.mean), list(self.std))])
+
+    def dense(self) -> "Preprocess":
+        """This preprocessing for dense data: the whole image resized to crop x crop."""
+        return dataclasses.replace(self, whole=True)
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
+        """As recorded in a file (``whole`` only when set: the files made before it keep
+        their fingerprint)."""
+        d = {k: list(v) if isinstance(v, tuple) else v
+             for k, v in dataclasses.asdict(self).items()}
+        if not self.whole:
+            del d["whole"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
         return cls(resize=int(d["resize"]), crop=int(d["crop"]), mean=tuple(d["mean"]),
                    std=tuple(d["std"]), interpolation=d["interpolation"],
-                   exif=bool(d.get("exif", False)))
+                   exif=bool(d.get("exif", False)), whole=bool(d.get("whole", False)))
 
 
 @dataclass

@@ -226,7 +226,7 @@ def embed_on_cluster(source, output, *, cluster: str, shards: int | None = None,
     # the whole data set's fingerprint, computed once: every shard's file records it
     src = dataclasses.replace(job.source, whole_fingerprint=job.source.fingerprint())
     n = len(job.records)
-    layers = [s for s in job.specs if not s.is_map]
+    layers = [s for s in job.specs if s.group == "layers"]
     maps = [s for s in job.specs if s.is_map]
     if output.exists() and not (output.is_file() and is_hdf5(output)):
         raise StoreMismatchError(f"{output} exists and is not a feature file; choose another "

@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import sys
@@ -147,7 +148,7 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
             w.close(complete=True)
         return EmbedResult(Path(output), w.n_committed, w.n_skipped, resumed,
                            time.perf_counter() - t0, was_complete,
-                           [s for s in specs if not s.is_map], job.source.ignored,
+                           [s for s in specs if s.group == "layers"], job.source.ignored,
                            [s for s in specs if s.is_map], remote.retries() - retried)
 
 
@@ -204,11 +205,16 @@ def prepare(source, output, *, backbone, layers, weights, weights_file, pool, to
     if not isinstance(backbone, Backbone):
         say(f"loading {backbone} (weights {weights_file or weights}) ...")
     bb = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, weights, weights_file)
+    if src.dense:  # a mask describes every pixel: the whole image is resized, nothing cropped
+        bb = dataclasses.replace(bb, preprocess=bb.preprocess.dense())
     specs = resolve_layers(bb, layers, pool=pool, token_pool=token_pool)
     maps = resolve_maps(bb, keep_map, map_size)
+    targets = src.target_specs(bb.preprocess.crop) if src.dense else []
     say(f"{len(specs)} layer{'s' * (len(specs) > 1)}: "
         f"{', '.join(f'{s.name}[{s.dim}]' for s in specs)}, {dtype}, on {dev}"
-        + "".join(f"; map {m.name}{list(m.shape)}" for m in maps))
+        + "".join(f"; map {m.name}{list(m.shape)}" for m in maps)
+        + "".join(f"; {t.name} {'x'.join(map(str, t.shape))}" if t.shape else f"; {t.name}"
+                  for t in targets))
     v = versions("torch", "torchvision", "python")
     meta = {
         **bb.provenance(), "pool": pool, "token_pool": token_pool, "dtype": dtype,
@@ -226,7 +232,9 @@ def prepare(source, output, *, backbone, layers, weights, weights_file, pool, to
     }
     if maps:  # part of the identity only when present (older files keep their fingerprint)
         meta.update(maps=[m.name for m in maps], map_size=map_size or 0)
-    return Job(src, records, bb, specs + maps, meta, dev,
+    if targets:  # (the data fingerprint covers the masks' and boxes' content)
+        meta["dense"] = {"targets": [t.name for t in targets], "ignore_index": src.ignore_index}
+    return Job(src, records, bb, specs + maps + targets, meta, dev,
                batch_size or (64 if dev.type == "cuda" else 16))
 
 
@@ -280,6 +288,10 @@ def _embedded(source, records, bb, extractor, dev, batch_size, num_workers, on_e
         persistent_workers=False, timeout=_stall_seconds() if num_workers else 0)
     amp = torch.autocast("cuda", dtype=torch.float16) if dev.type == "cuda" else nullcontext()
     for batch in _delivered(loader, num_workers):
+        if batch.fatal:  # a wrong mask or box: the data set needs fixing, not skipping
+            i, reason = batch.fatal[0]
+            raise DataError(f"{reason}. Fix the data and run the same command again (the rows "
+                            f"committed so far are kept).")
         if batch.failed and on_error == "fail":
             i, reason = batch.failed[0]
             raise DataError(f"{records[i].path}: {reason}. Use {option('on_error', 'skip')} "
@@ -290,9 +302,12 @@ def _embedded(source, records, bb, extractor, dev, batch_size, num_workers, on_e
             with amp:
                 out = extractor(images)
             feats = {k: v.cpu().numpy() for k, v in out.items()}
+            bad = _unusable_rows(feats, dtype)
+            feats.update({f"target:{k}": v for k, v in (batch.targets or {}).items()})
+        else:
+            bad = {}
         rows = [records[i] for i in batch.index]
         skipped = [(records[i].path, reason) for i, reason in batch.failed]
-        bad = _unusable_rows(feats, dtype)
         if bad:
             j, reason = next(iter(bad.items()))
             if on_error == "fail":

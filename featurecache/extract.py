@@ -207,7 +207,7 @@ class FeatureExtractor(nn.Module):
 
     def __init__(self, model: nn.Module, specs, method: str = "auto"):
         super().__init__()
-        self.specs = list(specs)
+        self.specs = [s for s in specs if not s.is_target]  # (a dense file's masks, boxes)
         nodes = list(dict.fromkeys(s.node for s in self.specs))
         self.body, self.method = raw_extractor(model, nodes, method)
 

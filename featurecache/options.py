@@ -23,7 +23,7 @@ __all__ = ["Option", "DATA", "EMBED", "COMPARE", "CLUSTER", "FINETUNE", "TOP", "
            "Stage", "SIGNATURES", "validated", "declared", "PREDICT", "SCORE", "LAYERS", "JOIN",
            "SEED", "OVERWRITE", "KIND",
            "reference_toml", "class_weight", "FIT_HEAD", "FIT_HEAD_SHARED", "DEFAULT_BACKBONE", "POOLS", "TOKEN_POOLS", "DTYPES", "ON_ERROR",
-           "HEAD_KINDS", "KERNELS", "SCORINGS", "SELECT", "CLASS_WEIGHTS"]
+           "HEAD_KINDS", "DENSE", "DENSE_HEADS", "KERNELS", "SCORINGS", "SELECT", "CLASS_WEIGHTS"]
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 POOLS = ("avg", "max", "avgmax")
@@ -225,6 +225,19 @@ COMPARE = (
            "cores", excluded=(0,)),
     Option("n_boot", int, 1000, "bootstrap resamples for the 95% intervals", low=1),
 )
+# segment / detect: the dense probes (not pipeline tables)
+DENSE_HEADS = ("logreg", "knn")  # featurecache.dense.heads' registry (a test keeps them equal)
+DENSE = (
+    Option("layers", list, [], "stored maps to probe (empty: every stored map)", nullable=True),
+    Option("hypercolumn", list, ["auto"], "hypercolumns, each its own row: a+b+c (maps "
+           "upsampled to the finest grid and concatenated); auto: the deepest two and the "
+           "deepest three maps together; none: no hypercolumn", example=["stage3+stage4+stage5"]),
+    Option("heads", list, list(DENSE_HEADS), "cell heads", choices=DENSE_HEADS, noun="head",
+           error=HeadOptionError),
+    Option("n_cells", int, 30000, "training cells sampled per probe (the same number from "
+           "each image, seeded)", low=100),
+    Option("cv", int, 3, "CV folds grouped by image on the training images", low=2),
+)
 # [cluster]: where embed (sharded) and compare (the CV fits) run; absent: in this process
 CLUSTER = (
     Option("cluster", str, None, "Dask cluster: local, local:N (N worker processes), local-cuda "
@@ -375,6 +388,18 @@ SIGNATURES = {
     "write_predictions": Stage("featurecache.predict:write_predictions",
                                _named(PREDICT, "fmt"), inputs=("rows", "dest")),
     "score": Stage("featurecache.predict:score", SCORE, inputs=("head", "features")),
+    "segment": Stage("featurecache.dense.segment:segment",
+                     DENSE + _named(COMPARE, "n_jobs", "n_boot")
+                     + (_as(SEED, help="seeds the cell sample and the bootstrap"),
+                        _as(OVERWRITE, help="replace an existing report folder")),
+                     inputs=("features", "out_dir", "progress")),
+    "detect": Stage("featurecache.dense.detect:detect",
+                    _named(DENSE, "layers", "hypercolumn")
+                    + (_as(_named(DENSE, "heads")[0], default=["logreg"]),)
+                    + _named(DENSE, "n_cells", "cv") + _named(COMPARE, "n_jobs")
+                    + (_as(SEED, help="seeds the cell sample"),
+                       _as(OVERWRITE, help="replace an existing report folder")),
+                    inputs=("features", "out_dir", "progress")),
     "layers": Stage("featurecache.layers:describe_layers", LAYERS),
     "join": Stage("featurecache.store:join_shards", JOIN,
                   inputs=("shards", "output", "rebuild")),

@@ -253,6 +253,10 @@ def load_head(path) -> Head:
         raise HeadError(f"{path} is a file of the fine-tune in {p.parent}; give the folder "
                         f"({p.parent}) or {p.parent / 'model.pt'}.")
     data = load_head_dict(path)
+    if data.get("task", "classify") != "classify":  # a dense head (segment, detect)
+        from .dense.model import DenseHead
+
+        return DenseHead.from_dict(data, path)
     required = [k for k, f in Head.__dataclass_fields__.items()
                 if f.default is MISSING and f.default_factory is MISSING]
     missing = [k for k in required if k not in data]

@@ -253,7 +253,7 @@ def update_file(source, output, *, shard=(0, 1), say, progress, t0, retried, ove
                 say(f"removed {output}.partial, left by the run that made {output}")
             return EmbedResult(output, old.n_rows, int(old.provenance["n_skipped"]), 0,
                                time.perf_counter() - t0, True,
-                               [s for s in job.specs if not s.is_map], job.source.ignored,
+                               [s for s in job.specs if s.group == "layers"], job.source.ignored,
                                [s for s in job.specs if s.is_map], remote.retries() - retried,
                                {**plan.counts, "embedded": 0, "copied": 0, "notes": plan.notes})
         meta["update"] = {**plan.counts, "embedded": plan.n_embed,
@@ -280,7 +280,7 @@ def update_file(source, output, *, shard=(0, 1), say, progress, t0, retried, ove
     counts = {**plan.counts, "embedded": plan.n_embed, "copied": len(plan.records) - plan.n_embed,
               "notes": plan.notes}
     return EmbedResult(output, w.n_committed, w.n_skipped, resumed, time.perf_counter() - t0,
-                       False, [s for s in job.specs if not s.is_map], job.source.ignored,
+                       False, [s for s in job.specs if s.group == "layers"], job.source.ignored,
                        [s for s in job.specs if s.is_map], remote.retries() - retried, counts)
 
 
@@ -315,8 +315,7 @@ def _run_update(source, plan: Plan, start: int, old, bb, extractor, dev, writer,
 
     records, copy_from = plan.records, plan.copy_from
     dtype = np.dtype(writer.meta["dtype"])
-    row_bytes = sum(int(np.prod(s.shape)) if s.is_map else s.dim for s in writer.specs) \
-        * dtype.itemsize
+    row_bytes = sum(int(np.prod(s.row_shape)) for s in writer.specs) * dtype.itemsize
     window = batch_size * max(1, min(4096, (64 << 20) // max(1, row_bytes)) // batch_size)
     embed_at = [k for k, j in enumerate(copy_from) if j < 0]
     windows: dict = {}
@@ -340,7 +339,8 @@ def _run_update(source, plan: Plan, start: int, old, bb, extractor, dev, writer,
         got = old.read_rows([copy_from[k] for k in copied]) if copied else {}
         feats = {}
         for s in writer.specs:
-            out = np.empty((len(rows), *(s.shape if s.is_map else (s.dim,))), dtype=dtype)
+            out = np.empty((len(rows), *s.row_shape), dtype=object if s.kind == "boxes"
+                           else s.stored_dtype(dtype))
             at = {k: i for i, k in enumerate(rows)}
             if copied:
                 out[[at[k] for k in copied]] = got[s.key]

@@ -18,6 +18,7 @@ from PIL import Image
 from featurecache.data import sources
 from featurecache.data import SOURCES, Source, open_source, resolve_spec, source_class
 from featurecache.data.builtin import BuiltinSource
+from featurecache.data.dense import DenseSource
 from featurecache.data.folders import FolderSource
 from featurecache.data.manifest import ManifestSource
 from featurecache.data.tar import TarSource
@@ -188,7 +189,23 @@ def manifest_url(tmp_path: Path) -> Example:
                    lambda i: _grow(_local(i)))
 
 
-EXAMPLES = {FolderSource: [class_folders, split_folders], ManifestSource: [manifest],
+def dense_scenes(tmp_path: Path) -> Example:
+    """Images with masks per split and classes.txt (the layout of clipart_scenes); every
+    record's label is 0 (dense data have no image class): ``background``."""
+    root, expected = tmp_path / "scenes", {}
+    root.mkdir()
+    (root / "classes.txt").write_text("background\nsun\n")
+    for split in ("train", "test"):
+        for i in range(3):
+            p = root / split / "images" / f"s{i}.png"
+            _png(p, 70 + i + 10 * (split == "test"))
+            (root / split / "masks").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.eye(4, 5, dtype=np.uint8)).save(root / split / "masks" / f"s{i}.png")
+            expected[str(p)] = ("background", split)
+    return Example(str(root), expected, _by_pil, None)  # (a new size: its mask would not fit)
+
+
+EXAMPLES = {DenseSource: [dense_scenes], FolderSource: [class_folders, split_folders], ManifestSource: [manifest],
             BuiltinSource: [digits], TarSource: [tar_shards, tar_list],
             UrlFolderSource: [folder_url], UrlManifestSource: [manifest_url]}
 CASES = [pytest.param(cls, make, id=make.__name__) for cls in SOURCES
@@ -214,7 +231,10 @@ def test_source_contract(cls, make, tmp_path, monkeypatch):
     assert len(set(sources.same_ids(ids))) == len(ids)
     again = open_source(ex.spec)
     assert again.records == src.records and again.classes == src.classes
-    assert src.classes == sorted({c for c, _ in ex.expected.values()})
+    if cls.dense:  # classes.txt's names, in id order; every record's label 0
+        assert src.classes == ["background", "sun"]
+    else:
+        assert src.classes == sorted({c for c, _ in ex.expected.values()})
     for r in src.records:
         name, split = ex.expected[r.id]
         assert src.classes[r.label] == name
@@ -236,12 +256,15 @@ def test_source_contract(cls, make, tmp_path, monkeypatch):
         img = src.open_record(r)
         assert img.mode == "RGB"
         np.testing.assert_array_equal(np.asarray(img), ex.pixels(r.id))
-    data = src.dataset(src.records[:3], transform=lambda im: np.asarray(im))
+    dense = {"size": 4} if cls.dense else {}  # the input size targets are resized to
+    data = src.dataset(src.records[:3], transform=lambda im: np.asarray(im), **dense)
     assert len(data) == 3
     for i in range(3):
-        arr, index, reason = data[i]
+        arr, index, reason, *targets = data[i]
         assert index == i and reason is None
         np.testing.assert_array_equal(arr, ex.pixels(src.records[i].id))
+        if cls.dense:  # the mask resized (nearest) to the input size, beside the image
+            assert targets[0]["mask"].shape == (4, 4) and targets[0]["mask"].dtype == np.uint8
 
     # fingerprint: stable across listings; changed by one image's bytes
     assert again.fingerprint() == src.fingerprint()

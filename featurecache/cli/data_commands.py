@@ -140,7 +140,10 @@ def info(path, show_skipped, as_json):
     click.echo(f"backbone: {p['backbone']}  weights: {p['weights']}  dtype: {p['dtype']}  "
                f"extraction: {p['extraction_method']}")
     pre = p["preprocess"]
-    click.echo(f"preprocess: resize {pre['resize']}, crop {pre['crop']}, {pre['interpolation']}, "
+    click.echo(f"preprocess: "
+               + (f"whole image resized to {pre['crop']}x{pre['crop']} (dense data), " if pre.get(
+                   "whole") else f"resize {pre['resize']}, crop {pre['crop']}, ")
+               + f"{pre['interpolation']}, "
                f"mean {pre['mean']}, std {pre['std']}, EXIF orientation "
                f"{'applied' if pre.get('exif') else 'not applied'}")
     click.echo("layers:")
@@ -150,6 +153,11 @@ def info(path, show_skipped, as_json):
     for name, m in d["maps"].items():
         size = f"{m['bytes'] / 2**20:.1f} MiB on disk" if m["bytes"] is not None else "unfinished"
         click.echo(f"  map {name:<16} node={m['node']:<24} shape={m['shape']} ({size})")
+    for name, t in d.get("targets", {}).items():
+        shape = "x".join(map(str, t["shape"])) + " uint8 class ids" if t["shape"] else \
+            "[[class, x, y, w, h], ...] per image, input pixels"
+        click.echo(f"  target {name:<13} {shape}"
+                   + (f" ({p['dense']['ignore_index']} = ignore)" if t["shape"] else ""))
     if p.get("update"):
         from ..update import summary
 

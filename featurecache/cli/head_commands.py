@@ -119,7 +119,9 @@ Examples:
   featurecache predict reports/run1/best.joblib photos/ -o preds.csv
   featurecache predict ft/ photos/ -o preds.csv          # a fine-tuned model
   featurecache predict heads/avgpool-logreg.joblib 'shots/*.jpg' --format json
-  featurecache predict --imagenet cat.jpg""")
+  featurecache predict --imagenet cat.jpg
+  featurecache predict reports/seg/best.joblib scenes/ -o masks/    # a segmentation head
+  featurecache predict reports/det/best.joblib scenes/ -o boxes.json  # a detection head""")
 @click.argument("args", nargs=-1, required=True)
 @click.option("--imagenet", is_flag=True, help="Use the backbone's own 1000-class ImageNet head; "
               "then every argument is an image.")
@@ -131,6 +133,8 @@ def predict(args, imagenet, backbone, weights, output, fmt, top_k, batch_size):
     """Classify images: HEAD IMAGES... (files, folders or globs), or --imagenet IMAGES...
 
     HEAD is a head file (.joblib, .skops) or a fine-tuned model (ft/ or ft/model.pt).
+    A dense head (from `segment` or `detect`) writes one mask PNG per image into the -o
+    folder (named by the image's stem, pixel = class id) or the boxes into one COCO JSON.
 
     Unreadable images get a row with the reason; the others are still predicted.
     """
@@ -150,7 +154,18 @@ def predict(args, imagenet, backbone, weights, output, fmt, top_k, batch_size):
     else:
         if len(args) < 2:
             raise click.UsageError("give a head file and at least one image (or use --imagenet).")
-        rows = run_predict(args[0], args[1:], top_k=top_k, batch_size=batch_size)
+        from ..saved import load_model
+
+        model = load_model(args[0])
+        if getattr(model, "dense", False):  # masks (a folder of PNGs) or boxes (COCO JSON)
+            if not output:
+                raise click.UsageError(f"{model.describe()} writes files: give -o (a folder "
+                                       f"for the mask PNGs, a .json for the COCO boxes).")
+            message, failed = model.predict_to(args[1:], output, batch_size=batch_size)
+            click.echo(message + (f" ({len(failed)} unreadable, e.g. {failed[0][1]})"
+                                  if failed else ""))
+            return
+        rows = run_predict(model, args[1:], top_k=top_k, batch_size=batch_size)
     if output:
         write_predictions(rows, output, fmt)
         bad = sum(1 for r in rows if r["error"])

@@ -105,6 +105,8 @@ class Source:
     remote: ClassVar[bool] = False  # list_items(spec, storage_options) reads a store (URLs)
     json_labels: ClassVar[bool] = False  # list_items(..., label_field=F): labels from field F
     # of a record's JSON metadata (a tar sample's KEY.json); other kinds refuse label_field
+    dense: ClassVar[bool] = False  # images with masks/boxes (data.dense): the embed resizes
+    # them whole and stores the targets; records have no class (label 0)
     keeps_order: ClassVar[bool] = False  # rows in the listing's order (a tar's samples as
     # streamed, so that each tar is read once, in order), not sorted by (split, class, id)
 

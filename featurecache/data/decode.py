@@ -119,6 +119,8 @@ class Batch:
     images: torch.Tensor | None
     index: list
     failed: list  # [(index, reason)]
+    targets: dict = None  # a dense source's: {"mask": (B, S, S) uint8, "boxes": (B,) JSON}
+    fatal: list = ()  # [(index, reason)] of bad targets (a wrong mask): the embed stops
 
     @property
     def n_inputs(self) -> int:
@@ -126,7 +128,15 @@ class Batch:
 
 
 def collate(items) -> Batch:
-    good = [(t, i) for t, i, _ in items if t is not None]
-    failed = [(i, reason) for t, i, reason in items if t is None]
+    """Items ``(tensor or None, i, reason or None[, targets])`` -> a :class:`Batch`; a dense
+    item's fourth field is its targets (a dict), or ``"fatal"`` for a bad one."""
+    good = [(it[0], it[1]) for it in items if it[0] is not None]
+    failed = [(it[1], it[2]) for it in items if it[0] is None and it[3:4] != ("fatal",)]
+    fatal = [(it[1], it[2]) for it in items if it[0] is None and it[3:4] == ("fatal",)]
     images = torch.stack([t for t, _ in good]) if good else None
-    return Batch(images, [i for _, i in good], failed)
+    targets = None
+    kept = [it[3] for it in items if it[0] is not None and len(it) > 3]
+    if kept:
+        targets = {k: np.stack([t[k] for t in kept]) if k == "mask" else
+                   np.array([t[k] for t in kept], dtype=object) for k in kept[0]}
+    return Batch(images, [i for _, i in good], failed, targets, fatal)

@@ -2,6 +2,9 @@
 
 Registered sources (:data:`SOURCES`, in the order help text names them):
 
+* ``SCENES/<split>/images/`` with ``masks/`` and/or ``annotations.json`` and a
+  ``SCENES/classes.txt``: dense data (segmentation masks, COCO boxes;
+  :class:`~.dense.DenseSource`), checked before a plain folder.
 * ``DATA/<class>/<image>``: an ImageFolder tree; a seeded, stratified train/test split is
   drawn (``test_size``, ``seed``) and recorded. ``DATA/<split>/<class>/<image>`` with splits
   ``train``, ``test`` and optionally ``val`` (:class:`~.folders.FolderSource`).
@@ -28,6 +31,7 @@ from __future__ import annotations
 from ..errors import DataError
 from .base import IMAGE_EXTENSIONS, Record, Source, seeded_split, shard_range
 from .builtin import BUILTINS, BuiltinSource
+from .dense import DenseSource
 from .folders import FolderSource
 from .manifest import ManifestSource
 from .urls import UrlFolderSource, UrlManifestSource
@@ -38,7 +42,7 @@ __all__ = ["SOURCES", "BUILTINS", "IMAGE_EXTENSIONS", "Record", "Source", "open_
            "shard_range"]
 
 # the one registry of source kinds; prefixed kinds are matched first, then local paths in order
-SOURCES: tuple = (FolderSource, TarSource, ManifestSource, BuiltinSource, UrlManifestSource,
+SOURCES: tuple = (DenseSource, FolderSource, TarSource, ManifestSource, BuiltinSource, UrlManifestSource,
                   UrlFolderSource)
 
 _seeded_split = seeded_split  # the name tests and benchmarks import

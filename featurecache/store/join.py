@@ -97,30 +97,35 @@ def join_shards(shards, output, overwrite: bool = False, copy: bool = False,
                 joined.create_dataset(name, data=np.array(col, dtype=object), dtype=STR)
         grp = out.create_group("layers")
         dtype = np.dtype(first["dtype"])
-        for spec in [*files[0].layers.values(), *files[0].maps.values()]:
-            shape = (total, *spec.shape) if spec.is_map else (total, spec.dim)
-            dest = out.require_group("maps") if spec.is_map else grp
-            if copy:
-                chunk = (1, *spec.shape) if spec.is_map else \
+        for spec in [*files[0].layers.values(), *files[0].maps.values(),
+                     *files[0].targets.values()]:
+            shape = (total, *spec.row_shape)
+            dest = out.require_group(spec.group) if spec.group != "layers" else grp
+            sdtype = spec.stored_dtype(dtype)
+            if copy or spec.kind == "boxes":  # (strings are copied: no virtual fill value)
+                chunk = (1, *spec.shape) if spec.group != "layers" else \
                     (max(1, min(total, (1 << 20) // (spec.dim * dtype.itemsize))), spec.dim)
-                d = dest.create_dataset(spec.name, shape=shape, dtype=dtype, chunks=chunk)
+                d = dest.create_dataset(spec.name, shape=shape, dtype=sdtype,
+                                        chunks=chunk if total else None,
+                                        compression="gzip" if spec.is_target and total else None)
                 start = 0
                 for f, n in zip(files, sizes):
                     with h5py.File(f.path, "r") as src_file:
-                        step = 64 if spec.is_map else 4096  # bounded memory
+                        step = 64 if spec.group != "layers" else 4096  # bounded memory
                         for s in range(0, n, step):
                             e = min(n, s + step)
                             d[start + s:start + e] = src_file[spec.path][s:e]
                     start += n
             else:
-                layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+                layout = h5py.VirtualLayout(shape=shape, dtype=sdtype)
                 start = 0
                 for f, n in zip(files, sizes):
                     rel = os.path.relpath(f.path, output.parent)
                     layout[start:start + n] = h5py.VirtualSource(rel, spec.path,
                                                                  shape=(n, *shape[1:]))[:n]
                     start += n
-                d = _virtual_dataset(dest, spec.name, layout, fillvalue=np.nan)
+                d = _virtual_dataset(dest, spec.name, layout,
+                                     fillvalue=255 if spec.kind == "mask" else np.nan)
             for k, v in spec.to_attrs().items():
                 d.attrs[k] = v
         out.create_dataset("labels", data=np.concatenate([f.y() for f in files]).astype(np.int32))
@@ -163,7 +168,7 @@ def _virtual_dataset(group, name: str, layout, fillvalue):
     from h5py import h5d, h5s, h5t
 
     dcpl = layout._get_dcpl(group.file.filename)
-    dcpl.set_fill_value(np.array([fillvalue]))
+    dcpl.set_fill_value(np.array([fillvalue], dtype=layout.dtype))
     dcpl.set_obj_track_times(False)
     space = h5s.create_simple(layout.shape)
     tid = h5t.py_create(np.dtype(layout.dtype), logical=1)

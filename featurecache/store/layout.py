@@ -9,6 +9,10 @@ Only the store package touches h5py. A complete file::
                             creation_id), progress (n_inputs, n_done, n_committed, n_skipped, complete)
     /layers/<name>          (N, dim) float16 (or float32), chunked; attrs = its LayerSpec
     /maps/<name>            (N, C, S, S) unpooled maps (embed keep_map), one row per chunk
+    /targets/mask           (N, H, W) uint8 a dense source's segmentation masks, at the input
+                            size (class id per pixel, 255 = ignore), gzip, one row per chunk
+    /targets/boxes          (N,) str  a dense source's boxes: JSON [[class, x, y, w, h], ...]
+                            in input pixels
     /labels                 (N,) int32 class index
     /classes                (C,) str
     /paths                  (N,) str
@@ -72,14 +76,39 @@ class LayerSpec:
         return self.pool == "map"
 
     @property
+    def is_target(self) -> bool:
+        """A dense target stored beside the maps (``pool == "target"``): the segmentation
+        mask (kind ``mask``, uint8 ``(H, W)``) or the boxes (kind ``boxes``, one JSON string
+        per row), under ``/targets``."""
+        return self.pool == "target"
+
+    @property
+    def group(self) -> str:
+        """Its group in the file: ``layers``, ``maps`` or ``targets``."""
+        return "targets" if self.is_target else "maps" if self.is_map else "layers"
+
+    @property
     def key(self) -> str:
         """The name of its rows in a batch: a layer and a map of the same name differ."""
-        return f"map:{self.name}" if self.is_map else self.name
+        return f"{self.group[:-1]}:{self.name}" if self.group != "layers" else self.name
 
     @property
     def path(self) -> str:
-        """Its dataset in the file: ``maps/<name>`` or ``layers/<name>``."""
-        return f"{'maps' if self.is_map else 'layers'}/{self.name}"
+        """Its dataset in the file: ``maps/<name>``, ``targets/<name>`` or ``layers/<name>``."""
+        return f"{self.group}/{self.name}"
+
+    @property
+    def row_shape(self) -> tuple:
+        """The shape of one row as stored: ``(dim,)`` for a layer, ``shape`` for a map or a
+        mask, ``()`` for the boxes."""
+        return tuple(self.shape) if self.group != "layers" else (self.dim,)
+
+    def stored_dtype(self, dtype):
+        """The dtype of its dataset: the file's ``dtype`` for features, uint8 for a mask, a
+        string for the boxes."""
+        if self.kind == "mask":
+            return np.dtype(np.uint8)
+        return STR if self.kind == "boxes" else np.dtype(dtype)
 
     def to_attrs(self) -> dict:
         d = asdict(self)
@@ -161,7 +190,12 @@ def create_row_datasets(f, specs, dtype, n: int, k: int) -> None:
     dtype = np.dtype(dtype)
     grp = f.create_group("layers")
     for s in specs:
-        if s.is_map:  # one image per chunk: training reads maps in shuffled batches of rows
+        if s.is_target:  # one row per chunk, compressed (a mask is mostly runs of one id)
+            d = f.require_group("targets").create_dataset(
+                s.name, shape=(n, *s.row_shape), dtype=s.stored_dtype(dtype),
+                chunks=(1, *s.row_shape) if n and s.row_shape else None,
+                compression="gzip" if n and s.row_shape else None)
+        elif s.is_map:  # one image per chunk: training reads maps in shuffled batches of rows
             d = f.require_group("maps").create_dataset(
                 s.name, shape=(n, *s.shape), dtype=dtype, chunks=(1, *s.shape) if n else None)
         else:
@@ -184,9 +218,9 @@ def write_rows(f, start: int, features: dict, labels, paths, splits, skip_start:
     :func:`create_row_datasets` (``stamps``: the rows' content stamps, when known)."""
     m = len(labels)
     if m:
-        for key, rows in features.items():  # LayerSpec.key: "name" or "map:name"
-            path = f"maps/{key[4:]}" if key.startswith("map:") else f"layers/{key}"
-            f[path][start:start + m] = rows
+        for key, rows in features.items():  # LayerSpec.key: "name", "map:name", "target:name"
+            group, _, name = key.rpartition(":")
+            f[f"{group or 'layer'}s/{name}"][start:start + m] = rows
         f["labels"][start:start + m] = np.asarray(labels, dtype=np.int32)
         f["paths"][start:start + m] = np.array(paths, dtype=object)
         f["splits"][start:start + m] = np.array(splits, dtype=object)

@@ -43,8 +43,9 @@ class FeatureFile:
             raise StoreError(f"cannot read {self.path} as a feature file ({exc}); it may be "
                              f"damaged: rebuild it with its embed command and {option('overwrite')}.") from None
         ordered = sorted(self._specs, key=lambda s: (s.depth, s.name))
-        self.layers = {s.name: s for s in ordered if not s.is_map}
+        self.layers = {s.name: s for s in ordered if s.group == "layers"}
         self.maps = {s.name: s for s in ordered if s.is_map}
+        self.targets = {s.name: s for s in ordered if s.is_target}
         self._splits = np.array(self._column("splits", decode_strings=True), dtype=object)
 
     def _open_file(self) -> None:
@@ -59,11 +60,13 @@ class FeatureFile:
             n, k = int(self.provenance["n_committed"]), int(self.provenance["n_skipped"])
             check_structure(f, self.path, n, k)
             self._specs = [LayerSpec.from_attrs(d.attrs) for d in f["layers"].values()] + \
-                [LayerSpec.from_attrs(d.attrs) for d in f.get("maps", {}).values()]
+                [LayerSpec.from_attrs(d.attrs) for d in f.get("maps", {}).values()] + \
+                [LayerSpec.from_attrs(d.attrs) for d in f.get("targets", {}).values()]
             self._map_bytes = {name: int(d.id.get_storage_size())
                                for name, d in f.get("maps", {}).items()}
             missing = _missing_sources(self.path, [*f["layers"].values(),
-                                                   *f.get("maps", {}).values()])
+                                                   *f.get("maps", {}).values(),
+                                                   *f.get("targets", {}).values()])
             self.classes = [decode(c) for c in f["classes"][()]]
             record = _joined_record(f)
         if missing:
@@ -181,6 +184,32 @@ class FeatureFile:
                     out[sel] = f[spec.path][rows[sel] - start]
         return out
 
+    def target_rows(self, name: str, rows) -> np.ndarray | list:
+        """A dense target of the given rows: ``mask`` as uint8 ``(len(rows), H, W)``, or
+        ``boxes`` as a list of ``[[class, x, y, w, h], ...]`` (input pixels) per row.
+
+        Raises:
+            StoreError: the file stores no such target (not made from dense data).
+        """
+        spec = self.targets.get(name)
+        if spec is None:
+            have = f"it stores {', '.join(self.targets)}" if self.targets else \
+                "it was not embedded from dense data (a folder with <split>/images/, " \
+                "<split>/masks/ or <split>/annotations.json, and classes.txt)"
+            raise StoreError(f"{self.path} holds no {name} targets ({have}).")
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), *spec.row_shape),
+                       dtype=np.uint8 if spec.kind == "mask" else object)
+        order = np.argsort(rows, kind="stable")
+        for path, start, n, _, _ in self._parts:
+            sel = order[(rows[order] >= start) & (rows[order] < start + n)]
+            if len(sel):
+                with h5py.File(path, "r") as f:
+                    out[sel] = f[spec.path][rows[sel] - start]
+        if spec.kind == "boxes":
+            return [b if isinstance(b := decode(v), list) else json.loads(b) for v in out]
+        return out
+
     def y(self, split: str | None = None) -> np.ndarray:
         """Class indices of the rows of ``split`` (all rows when None)."""
         return np.asarray(self._column("labels"))[self._mask(split)].astype(np.int64)
@@ -214,10 +243,10 @@ class FeatureFile:
         (the same dtype, so copied values are the same bytes): ``{LayerSpec.key: array}``.
         Contiguous runs of rows are read as slices (an update copies long runs)."""
         rows = np.asarray(rows, dtype=np.int64)
-        specs = [*self.layers.values(), *self.maps.values()]
-        dtype = np.dtype(self.provenance["dtype"])
-        out = {s.key: np.empty((len(rows), *(s.shape if s.is_map else (s.dim,))), dtype=dtype)
-               for s in specs}
+        specs = [*self.layers.values(), *self.maps.values(), *self.targets.values()]
+        dtype = self.provenance["dtype"]
+        out = {s.key: np.empty((len(rows), *s.row_shape), dtype=s.stored_dtype(dtype)
+                               if s.kind != "boxes" else object) for s in specs}
         if not len(rows):
             return out
         order = np.argsort(rows, kind="stable")
@@ -253,6 +282,7 @@ class FeatureFile:
                 "layers": {k: v.to_attrs() for k, v in self.layers.items()}, "provenance": p,
                 "maps": {k: {**v.to_attrs(), "bytes": self._map_bytes.get(k)}
                          for k, v in self.maps.items()},
+                "targets": {k: v.to_attrs() for k, v in self.targets.items()},
                 "skipped": self.skipped() if skipped else p["n_skipped"]}
 
     def layer_provenance(self, layer: str) -> dict:

@@ -62,7 +62,8 @@ def assemble(path: Path, partial: Path, meta: dict, specs, classes) -> None:
         with hdf5_output(path) as out:
             write_header(out, attrs, classes)  # attrs carry the run's "created"
             create_row_datasets(out, specs, meta["dtype"], n, k)
-            row_bytes = sum(s.dim for s in specs) * np.dtype(meta["dtype"]).itemsize
+            row_bytes = sum(s.dim for s in specs if not s.is_target) * np.dtype(
+                meta["dtype"]).itemsize + sum(s.dim for s in specs if s.is_target)
             size = max(1, min(4096, (64 << 20) // row_bytes))  # rows per copy: <= 64 MiB
             for start, block in _blocks(segments, specs, size):
                 write_rows(out, start, block["features"], block["labels"], block["paths"],
@@ -88,7 +89,8 @@ def _blocks(segments, specs, size: int):
         if not m:
             continue
         with h5py.File(p, "r") as seg:
-            pending.append({"features": {s.key: seg[s.path][:m] for s in specs},
+            pending.append({"features": {s.key: seg[s.path][:m] for s in specs},  # (boxes:
+                            # bytes, as h5py reads strings; written back the same)
                             "labels": seg["labels"][:m],
                             "paths": [decode(v) for v in seg["paths"][:m]],
                             "splits": [decode(v) for v in seg["splits"][:m]],

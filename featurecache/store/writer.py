@@ -325,7 +325,7 @@ class Writer:
         if not self._buffer:
             return
         batches, self._buffer = self._buffer, []
-        features = {s.key: self._rows(s.key, batches) for s in self.specs}
+        features = {s.key: self._rows(s, batches) for s in self.specs}
         paths = [p for b in batches for p in b.paths]
         labels = [v for b in batches for v in b.labels]
         splits = [v for b in batches for v in b.splits]
@@ -356,10 +356,12 @@ class Writer:
         self.n_skipped += len(skipped)
         self.n_done += n_inputs
 
-    def _rows(self, name: str, batches) -> np.ndarray:
-        dtype = np.dtype(self.meta["dtype"])
+    def _rows(self, spec, batches) -> np.ndarray:
+        name, dtype = spec.key, spec.stored_dtype(self.meta["dtype"])
         parts = [b.features[name] for b in batches if b.paths]
-        rows = np.concatenate(parts) if parts else np.zeros((0, 1))
+        rows = np.concatenate(parts) if parts else np.zeros((0, *spec.row_shape))
+        if spec.is_target:
+            return rows.astype(object) if spec.kind == "boxes" else rows.astype(dtype)
         if dtype == np.float16 and rows.size:
             top = float(np.abs(rows).max())
             if 0 < top < _F16_TINY and name not in self._warned:

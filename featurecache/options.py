@@ -389,14 +389,18 @@ SIGNATURES = {
                                _named(PREDICT, "fmt"), inputs=("rows", "dest")),
     "score": Stage("featurecache.predict:score", SCORE, inputs=("head", "features")),
     "segment": Stage("featurecache.dense.segment:segment",
-                     DENSE + _named(COMPARE, "n_jobs", "n_boot")
+                     DENSE + (_as(_named(COMPARE, "n_jobs")[0], help="parallel CV fits "
+                                  "(class weights x folds): a count, or -1 for all cores"),)
+                     + _named(COMPARE, "n_boot")
                      + (_as(SEED, help="seeds the cell sample and the bootstrap"),
                         _as(OVERWRITE, help="replace an existing report folder")),
                      inputs=("features", "out_dir", "progress")),
     "detect": Stage("featurecache.dense.detect:detect",
                     _named(DENSE, "layers", "hypercolumn")
                     + (_as(_named(DENSE, "heads")[0], default=["logreg"]),)
-                    + _named(DENSE, "n_cells", "cv") + _named(COMPARE, "n_jobs")
+                    + _named(DENSE, "n_cells", "cv")
+                    + (_as(_named(COMPARE, "n_jobs")[0], help="parallel CV fits (class "
+                           "weights x folds): a count, or -1 for all cores"),)
                     + (_as(SEED, help="seeds the cell sample"),
                        _as(OVERWRITE, help="replace an existing report folder")),
                     inputs=("features", "out_dir", "progress")),

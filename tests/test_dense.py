@@ -99,6 +99,35 @@ def test_a_dense_folder_is_embedded_whole_with_its_masks_and_boxes(tmp_path, tin
                                rtol=2e-3, atol=2e-3)
 
 
+def test_targets_resume_and_join_to_what_one_run_stores(tmp_path, tiny_backbone):
+    """A run killed in the middle resumes to the same masks and boxes; shards joined
+    (virtual or copied) hold the same targets as one file."""
+    from featurecache.store import join_shards
+
+    from .conftest import forward_fails_at
+
+    root = _scenes(tmp_path / "scenes", n=5)
+    kw = {"backbone": tiny_backbone, "layers": ["avgpool"], "keep_map": ["stage4"],
+          "num_workers": 0, "progress": False, "batch_size": 2, "commit_rows": 2}
+    ref = open_features(embed(root, tmp_path / "ref.h5", **kw).path)
+    n = ref.n_rows
+    want_m, want_b = ref.target_rows("mask", range(n)), ref.target_rows("boxes", range(n))
+    with forward_fails_at(3, "boom"):
+        with pytest.raises(RuntimeError, match="boom"):
+            embed(root, tmp_path / "cut.h5", **kw)
+    r = embed(root, tmp_path / "cut.h5", **kw)
+    assert r.resumed_from > 0
+    cut = open_features(r.path)
+    np.testing.assert_array_equal(cut.target_rows("mask", range(n)), want_m)
+    assert cut.target_rows("boxes", range(n)) == want_b
+    parts = [embed(root, tmp_path / f"p{i}.h5", shard=(i, 2), **kw).path for i in range(2)]
+    for copy in (False, True):
+        j = open_features(join_shards(parts, tmp_path / f"j{copy}.h5", copy=copy))
+        assert set(j.targets) == {"mask", "boxes"}
+        np.testing.assert_array_equal(j.target_rows("mask", range(n)), want_m)
+        assert j.target_rows("boxes", range(n)) == want_b
+
+
 @pytest.fixture(scope="module")
 def scenes_h5(tmp_path_factory):
     """30 train + 30 test scenes of clipart_scenes embedded by the console script, as a user

@@ -140,7 +140,7 @@ def info(path, show_skipped, as_json):
     click.echo(f"backbone: {p['backbone']}  weights: {p['weights']}  dtype: {p['dtype']}  "
                f"extraction: {p['extraction_method']}")
     pre = p["preprocess"]
-    click.echo(f"preprocess: "
+    click.echo("preprocess: "
                + (f"whole image resized to {pre['crop']}x{pre['crop']} (dense data), " if pre.get(
                    "whole") else f"resize {pre['resize']}, crop {pre['crop']}, ")
                + f"{pre['interpolation']}, "

@@ -123,6 +123,23 @@ class Finetuned:
             return self.scores(to_layout(maps)), True
         return ImageScorer(self.backbone, score, self.classes, (self.backbone.model, self.model))
 
+    def exportable(self):
+        """An :class:`~featurecache.export.Exportable`: images -> the frozen bottom's map
+        (pooled and rounded as the training maps were) -> the fine-tuned top."""
+        import copy
+
+        from .export import Exportable, FinetuneGraph
+        from .extract import raw_extractor
+
+        p = self.provenance
+        bottom, _ = raw_extractor(self.backbone.model, [p["from_node"]])
+        graph = FinetuneGraph(bottom, p["from_node"], p["from_kind"], p["map_shape"][1:],
+                              p["map_dtype"], copy.deepcopy(self.model).eval())
+        return Exportable(graph.eval(), ("logits", "probabilities"), list(self.classes),
+                          self.backbone, {"from_layer": p["from_layer"],
+                                          "final_layer": p.get("final_layer", p["final_node"]),
+                                          "map_dtype": p["map_dtype"], "head": "finetuned"})
+
     def maps_of(self, ff):
         """The feed of a feature file's stored map of the ``--from`` layer, after checking it
         was made as the training maps were."""

@@ -12,7 +12,7 @@ import re
 __all__ = ["option", "render",
     "FeaturecacheError", "UnknownBackboneError", "UnknownLayerError", "WeightsError",
     "DataError", "StoreError", "StoreMismatchError", "HeadError", "PipelineError", "OptionError",
-    "HeadOptionError", "PipelineOptionError",
+    "HeadOptionError", "PipelineOptionError", "ExportError",
     "FeaturecacheWarning", "DataWarning",
 ]
 
@@ -72,6 +72,10 @@ class UnknownLayerError(FeaturecacheError, ValueError):
 
 class OptionError(FeaturecacheError, ValueError):
     """An option outside its choices or range (the same type wherever the option is given)."""
+
+
+class ExportError(FeaturecacheError):
+    """A model that cannot be exported as asked (the reason, and what to do instead)."""
 
 
 class WeightsError(FeaturecacheError):

@@ -213,6 +213,10 @@ class FeatureExtractor(nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> dict:
+        return self.outputs(images)
+
+    def outputs(self, images: torch.Tensor) -> dict:
+        """:meth:`forward` outside inference mode (what ``torch.export`` traces)."""
         raw = self.body(images)
         return {s.key: (stored_map(raw[s.node], s.kind, s.shape[1:]) if s.is_map
                         else pool_output(raw[s.node], s.kind, s.pool)).float() for s in self.specs}

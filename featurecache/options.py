@@ -23,7 +23,7 @@ __all__ = ["Option", "DATA", "EMBED", "COMPARE", "CLUSTER", "FINETUNE", "TOP", "
            "Stage", "SIGNATURES", "validated", "declared", "PREDICT", "SCORE", "LAYERS", "JOIN",
            "SEED", "OVERWRITE", "KIND",
            "reference_toml", "class_weight", "FIT_HEAD", "FIT_HEAD_SHARED", "DEFAULT_BACKBONE", "POOLS", "TOKEN_POOLS", "DTYPES", "ON_ERROR",
-           "HEAD_KINDS", "DENSE", "DENSE_HEADS", "KERNELS", "SCORINGS", "SELECT", "CLASS_WEIGHTS"]
+           "HEAD_KINDS", "EXPORT", "DENSE", "DENSE_HEADS", "KERNELS", "SCORINGS", "SELECT", "CLASS_WEIGHTS"]
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 POOLS = ("avg", "max", "avgmax")
@@ -322,6 +322,13 @@ LAYERS = (
            cli="all"),
     _as(_named(EMBED, "pool")[0], help="pooling the widths are computed for"),
 )
+# export: a saved model with its backbone as one file
+EXPORT = (
+    Option("opset", int, None, "ONNX opset version (auto: the exporter's default)", low=18,
+           auto=0),
+    Option("skip_check", bool, False, "do not run the written file on random images "
+           "against the model"),
+)
 JOIN = (
     _as(_named(CLUSTER, "copy")[0], help="copy the layers into OUTPUT: one self-contained file"),
     _as(OVERWRITE, help="replace an existing output file"),
@@ -404,6 +411,7 @@ SIGNATURES = {
                     + (_as(SEED, help="seeds the cell sample"),
                        _as(OVERWRITE, help="replace an existing report folder")),
                     inputs=("features", "out_dir", "progress")),
+    "export": Stage("featurecache.export:export", EXPORT, inputs=("model", "output")),
     "layers": Stage("featurecache.layers:describe_layers", LAYERS),
     "join": Stage("featurecache.store:join_shards", JOIN,
                   inputs=("shards", "output", "rebuild")),

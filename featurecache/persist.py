@@ -212,8 +212,24 @@ class Head:
         Raises:
             HeadError: the rebuilt backbone does not match the head's training (the field).
         """
+        from .extract import ImageScorer
+
+        bb, extractor, dtype = self._extractor()
+
+        def score(images):
+            out = extractor(images)  # rounded to the stored dtype, as the head saw in training
+            X = np.concatenate([out[s.name].cpu().numpy().astype(dtype) for s in extractor.specs], axis=1)
+            proba = self.predict_proba(X)
+            return (proba, True) if proba is not None else (self.scores(X), False)
+
+        # score columns follow the fitted estimator's classes, which index self.classes
+        return ImageScorer(bb, score, self.column_classes, (bb.model,))
+
+    def _extractor(self):
+        """``(backbone, FeatureExtractor of the head's layers, stored dtype)``: the backbone
+        rebuilt from the provenance and checked against it."""
         from .backbones import backbone_for
-        from .extract import FeatureExtractor, ImageScorer
+        from .extract import FeatureExtractor
         from .layers import LayerSpec
 
         prov = self.provenance
@@ -221,16 +237,25 @@ class Head:
         specs = [LayerSpec.from_attrs(s) for s in prov["specs"]]
         self.check_compatible({**prov, **bb.provenance(), "specs": prov["specs"]}, "the images")
         extractor = FeatureExtractor(bb.model, specs)  # shares the model's modules
-        dtype = prov.get("dtype") or "float32"
+        return bb, extractor, prov.get("dtype") or "float32"
 
-        def score(images):
-            out = extractor(images)  # rounded to the stored dtype, as the head saw in training
-            X = np.concatenate([out[s.name].cpu().numpy().astype(dtype) for s in specs], axis=1)
-            proba = self.predict_proba(X)
-            return (proba, True) if proba is not None else (self.scores(X), False)
+    def exportable(self):
+        """An :class:`~featurecache.export.Exportable`: images -> the layers, pooled and
+        rounded as in training -> the head as torch layers (its kind's ``torch_head``).
 
-        # score columns follow the fitted estimator's classes, which index self.classes
-        return ImageScorer(bb, score, self.column_classes, (bb.model,))
+        Raises:
+            ExportError: the head's kind (or its fitted estimator) cannot be exported.
+        """
+        from . import kinds
+        from .export import Exportable, HeadGraph
+
+        head = kinds.get(self.kind).torch_head(self.pipeline_)
+        bb, extractor, dtype = self._extractor()
+        return Exportable(HeadGraph(extractor, dtype, head.eval()).eval(), head.outputs,
+                          self.column_classes, bb,
+                          {"layer": self.layer, "head": self.kind, "kernel": self.kernel,
+                           "params": self.params_, "feature_dtype": dtype,
+                           "cv_score": self.cv_score_, "scoring": self.scoring})
 
     def save(self, path) -> Path:
         """Save as joblib (any suffix) or skops (``.skops``: safe to load from others)."""

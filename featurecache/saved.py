@@ -52,6 +52,10 @@ class SavedModel(Protocol):
     def image_scorer(self):
         """An :class:`~featurecache.extract.ImageScorer` that scores batches of images."""
 
+    def exportable(self):
+        """An :class:`~featurecache.export.Exportable` (images -> class scores, as torch
+        modules), or :class:`~featurecache.errors.ExportError` saying why it cannot be."""
+
     def describe(self) -> str:
         """What it is, in a phrase (``logreg head on avgpool``)."""
 

@@ -326,6 +326,9 @@ def test_segment_and_detect_reports_and_their_heads_predict_new_images(scenes_h5
     paths = [ff.paths()[i] for i in test]
     res = _cli(["predict", rep / "best.joblib", *paths, "-o", tmp_path / "masks"])
     assert res.returncode == 0, res.stderr[-2000:]
+    res = _cli(["export", rep / "best.joblib", "-o", tmp_path / "seg.onnx"])  # refused, one line
+    assert res.returncode == 1 and "dense heads are not exported" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "seg.onnx").exists()
     head = load_model(rep / "best.joblib")
     probe = cells.Probe(tuple(head.layers), head.grid, sum(ff.maps[n].shape[0] for n in
                                                            head.layers), 0)

@@ -350,3 +350,21 @@ def _complete(path) -> bool:
         return open_features(path).n_rows == 18
     lines = path.read_text().splitlines()
     return len(lines) == 19 and lines[0].startswith("path,")
+
+
+def test_outputs_get_the_umask_mode_not_the_temporary_files_0600(tmp_path):
+    """A file written through atomic_output is readable as any file the user writes
+    (mkstemp's 0600 once made every head, prediction and feature file private)."""
+    from featurecache.files import atomic_output
+
+    old = os.umask(0o022)
+    try:
+        with atomic_output(tmp_path / "a.txt") as tmp:
+            tmp.write_text("x")
+        os.umask(0o077)
+        with atomic_output(tmp_path / "b.txt") as tmp:
+            tmp.write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o600

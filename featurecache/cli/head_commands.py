@@ -175,3 +175,51 @@ def predict(args, imagenet, backbone, weights, output, fmt, top_k, batch_size):
     if all(r["error"] for r in rows):
         raise click.ClickException("no image could be read.")
 
+
+
+@cli.command(epilog="""\b
+Examples:
+  featurecache export reports/run1/best.joblib -o clip.onnx      # onnxruntime, no torch
+  featurecache export heads/concat.skops -o concat.onnx          # an a+b head: both taps
+  featurecache export ft/ -o ft.onnx                             # a fine-tuned model
+  featurecache export reports/run1/best.joblib -o clip.pt2       # torch.export.load(...)
+The input is RGB uint8 (N, crop, crop, 3), resized and center-cropped as the file's
+`preprocess` metadata says; the README has a ten-line onnxruntime script.""")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Model file: .onnx (ONNX, onnxruntime) or .pt2 (torch.export).")
+@options.click_options(options.SIGNATURES["export"].options)
+@_friendly
+def export(model, output, **kwargs):
+    """Export a saved head or fine-tune with its backbone as one self-contained model file.
+
+    MODEL is a head file (.joblib, .skops) or a fine-tuned model (ft/ or ft/model.pt). The
+    file holds one graph from uint8 RGB images through the normalisation, the frozen backbone
+    up to the layer(s), the pooling as embed does it and the head (a linear head's scaler
+    folded into its linear layer); its outputs are in the head's class order, the last one
+    the class probabilities (an SVM fitted without --probability: its decision scores).
+    The class names, the preprocessing and the provenance are in the file's metadata. The
+    written file is run on random images against the model before it is kept.
+    """
+    from ..export import export as run_export
+    from ..files import require_folder, same_file
+
+    require_folder(output)
+    if same_file(output, model):
+        raise click.ClickException(f"-o {output} is the model itself; give the export "
+                                   f"another name (.onnx or .pt2).")
+    res = run_export(model, output, **kwargs)
+    pre, prov = res["preprocess"], res["provenance"]
+    version = f", opset {prov['onnx_opset']}" if "onnx_opset" in prov else ""
+    check = ("not checked" if res["max_difference"] is None
+             else f"checked against the model: max difference {res['max_difference']:.1e}")
+    click.echo(f"wrote {res['output']} ({res['bytes'] / 1e6:.1f} MB, {res['format']}{version}): "
+               f"{len(res['classes'])} classes; {check}")
+    click.echo(f"input 'images': uint8 RGB (N, {pre['crop_size']}, {pre['crop_size']}, 3), "
+               + ("the whole image resized to that square"
+                  if pre["whole"] else f"short side resized to {pre['resize_size']} "
+                  f"({pre['interpolation']}) then center-cropped")
+               + f"; outputs: {', '.join(res['outputs'])}")
+    if res["outputs"][-1] == "scores":
+        click.echo("note: the last output is the SVM's decision scores (argmax = the class); "
+                   "refit with --probability for probabilities.")

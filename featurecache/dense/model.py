@@ -165,6 +165,14 @@ class DenseHead:
         raise HeadError(f"{self.describe()}: give -o (a folder for the mask PNGs, a .json "
                         f"for the COCO boxes) to `featurecache predict`.")
 
+    def exportable(self):
+        from ..errors import ExportError
+
+        raise ExportError(f"{self.describe()}: dense heads are not exported (their masks and "
+                          f"boxes are upsampled, peak-picked and suppressed outside a graph); "
+                          f"export a classification head or fine-tune, and predict masks or "
+                          f"boxes with `featurecache predict`.")
+
     def save(self, path) -> Path:
         from ..persist import dump_head
 

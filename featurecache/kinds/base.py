@@ -10,6 +10,7 @@ A kind is one object (a :class:`HeadKind`) that says, from one settings record o
   :meth:`~HeadKind.fold_scores` for a kind that scores its whole grid at once;
 * its saved estimator: :meth:`~HeadKind.estimator` (the ``clf`` step after the scaler) and
   :meth:`~HeadKind.fit_params` (keyword arguments of its ``fit``);
+* its export: :meth:`~HeadKind.torch_head` (the fitted pipeline as a torch module);
 * ``name``, ``cost`` (rank for the one-standard-error rule, cheaper first), ``default`` (in
   compare's default heads), ``skops_types`` (types beyond skops' defaults a saved head of this
   kind holds), ``dtype`` (the features' dtype in the CV and the refit).
@@ -150,6 +151,18 @@ class HeadKind:
     def fit_params(self, fit: Fit) -> dict:
         """Keyword arguments of the estimator's ``fit`` (e.g. sample weights)."""
         return {}
+
+    def torch_head(self, pipeline):
+        """The fitted pipeline (scaler, estimator) as a torch module from the unscaled
+        features to the head's outputs (see :mod:`featurecache.torch_heads`), for export.
+
+        Raises:
+            ExportError: this kind (or this fitted estimator) cannot be exported, and why.
+        """
+        from ..errors import ExportError
+
+        raise ExportError(f"a {self.name} head cannot be exported (its kind defines no torch "
+                          f"version).")
 
     def pipeline(self, params: dict, fit: Fit):
         """``Pipeline([("scale", StandardScaler()), ("clf", estimator)])``, unfitted."""

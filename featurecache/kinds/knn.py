@@ -73,5 +73,18 @@ class Knn(HeadKind, name="knn", cost=0, default=True, settings=SETTINGS,
         return KNeighborsClassifier(n_neighbors=max(1, min(params["k"], fit.n_rows)),
                                     metric="cosine", algorithm="brute", weights=temperature_weights)
 
+    def torch_head(self, pipeline):
+        """The training rows go into the graph (``rows x width x 4`` bytes)."""
+        from ..errors import ExportError
+        from ..estimators import temperature_weights
+        from ..torch_heads import KnnHead
+
+        scaler, clf = pipeline.named_steps["scale"], pipeline.named_steps["clf"]
+        if clf.weights is not temperature_weights or clf.metric != "cosine":
+            raise ExportError(f"this k-NN head (metric {clf.metric!r}, weights {clf.weights!r}) "
+                              f"is not featurecache's cosine k-NN; it cannot be exported.")
+        return KnnHead(scaler, clf._fit_X, clf._y, clf.n_neighbors, len(clf.classes_),
+                       self.settings.temperature)
+
 
 KIND = Knn()

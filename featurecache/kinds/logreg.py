@@ -49,5 +49,14 @@ class LogReg(HeadKind, name="logreg", cost=1, default=True, settings=SETTINGS, d
     def estimator(self, params, fit):
         return self._model(fit, C=params["C"])
 
+    def torch_head(self, pipeline):
+        from ..torch_heads import LinearHead, binary_logits
+
+        scaler, clf = pipeline.named_steps["scale"], pipeline.named_steps["clf"]
+        W, b = clf.coef_, clf.intercept_
+        if len(clf.classes_) == 2:  # sigmoid(z) = softmax(-z/2, z/2)
+            W, b = binary_logits(W, b)
+        return LinearHead(scaler, W, b, softmax=True)
+
 
 KIND = LogReg()

@@ -71,6 +71,11 @@ class Mlp(HeadKind, name="mlp", cost=3, default=False, settings=SETTINGS,
     def estimator(self, params, fit):
         return classifier(params, seed=fit.seed, y=fit.y)
 
+    def torch_head(self, pipeline):
+        from ..torch_heads import MlpHead
+
+        return MlpHead(pipeline.named_steps["scale"], pipeline.named_steps["clf"])
+
     def fit_params(self, fit):
         from ..solvers import sample_weights
 

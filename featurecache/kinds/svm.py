@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import option
 from ..estimator_defaults import LIBSVM_MAX_ITER
 from .base import HeadKind, c_fine_grid, c_grid
 
@@ -44,7 +45,10 @@ def _use_gram(fit, n_features) -> bool:
 
 
 class Svm(HeadKind, name="svm", cost=2, default=True, settings=SETTINGS,
-          skops_types=("featurecache.estimators.GramLinearSVC",)):
+          skops_types=("featurecache.estimators.GramLinearSVC",
+                       # --probability: the calibrated wrapper's own parts
+                       "sklearn.calibration._CalibratedClassifier",
+                       "sklearn.calibration._SigmoidCalibration")):
 
     def coarse_grid(self, n_features, kernel="linear", **options):
         if kernel == "rbf":
@@ -116,6 +120,44 @@ class Svm(HeadKind, name="svm", cost=2, default=True, settings=SETTINGS,
                 min(self.settings.calibration_folds, int(np.unique(fit.y, return_counts=True)[1].min()))
             clf = CalibratedClassifierCV(clf, ensemble=False, cv=folds)
         return clf
+
+    def torch_head(self, pipeline):
+        """Linear kernels only: an rbf SVM's decision needs every support vector and
+        libsvm's kernel sums (not exported; a linear SVM or logreg head exports exactly)."""
+        from sklearn.calibration import CalibratedClassifierCV
+
+        from ..errors import ExportError
+        from ..torch_heads import CalibratedHead
+
+        scaler, clf = pipeline.named_steps["scale"], pipeline.named_steps["clf"]
+        n_classes = len(clf.classes_)
+        if not isinstance(clf, CalibratedClassifierCV):
+            return _decision_module(scaler, clf, n_classes)
+        if clf.method != "sigmoid":
+            raise ExportError(f"an SVM calibrated by {clf.method!r} cannot be exported "
+                              f"(sigmoid calibration can).")
+        cals = clf.calibrated_classifiers_
+        return CalibratedHead([_decision_module(scaler, c.estimator, n_classes) for c in cals],
+                              [c.calibrators for c in cals], n_classes)
+
+
+def _decision_module(scaler, clf, n_classes: int):
+    """The torch module of a fitted SVM's decision values (as ``Head.scores`` gives them)."""
+    from sklearn.svm import LinearSVC
+
+    from ..errors import ExportError
+    from ..estimators import GramLinearSVC
+    from ..torch_heads import LinearHead, OvoHead
+
+    if isinstance(clf, GramLinearSVC):
+        return OvoHead(scaler, clf.coef_, clf.intercept_, n_classes)
+    if isinstance(clf, LinearSVC):
+        return LinearHead(scaler, clf.coef_, clf.intercept_, softmax=False,
+                          two_sided=n_classes == 2)
+    raise ExportError(f"an SVM with the {getattr(clf, 'kernel', type(clf).__name__)!r} kernel "
+                      f"cannot be exported: its decision needs every support vector and "
+                      f"libsvm's kernel sums. Fit a linear SVM ({option('kernel', 'linear')}) "
+                      f"or a logreg head, which export exactly.")
 
 
 KIND = Svm()

@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shlex
@@ -66,7 +67,8 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
           shard: tuple = (0, 1), overwrite: bool = False, progress=True,
           commit_rows: int = 512, commit_every: float = 30.0, keep_map=(),
           map_size: int | None = None, storage_options: dict | None = None,
-          label_field: str | None = None, update: bool = False) -> EmbedResult:
+          label_field: str | None = None, update: bool = False,
+          compile: bool = False) -> EmbedResult:  # noqa: A002 - the option's name
     """Embed a data set with a frozen backbone and store several layers in one HDF5 file.
 
     This is the loop in this process; ``featurecache.embed`` (:func:`featurecache.cluster.embed`)
@@ -112,6 +114,10 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
         commit_rows, commit_every: commit the rows done so far every ``commit_rows`` rows or
             ``commit_every`` seconds, whichever comes first (a kill loses at most that much).
 
+        compile: ``torch.compile`` the backbone's forward first (its cost is reported; the
+            features are the eager ones up to float rounding; see BENCHMARKS.md for when it
+            pays on the CPU).
+
     Raises:
         FeaturecacheError: for any bad input; nothing is created before all inputs are checked.
     """
@@ -136,9 +142,15 @@ def embed(source, output, *, backbone: str | Backbone = DEFAULT_BACKBONE, layers
     dev, bb, specs, records = job.device, job.backbone, job.specs, job.records
     extractor = FeatureExtractor(bb.model, specs)  # shares the model's modules: moved below
     job.meta["extraction_method"] = extractor.method
-    with on_device(bb.model, dev), Writer(output, job.meta, specs, job.source.classes,
-                                         overwrite=overwrite, commit_rows=commit_rows,
-                                         commit_every=commit_every) as w:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(on_device(bb.model, dev))
+        if compile:  # before the writer: a model that cannot be compiled leaves no file
+            say(f"compiling the forward for batches of {job.batch_size} ...")
+            seconds = extractor.compile(_example(bb, job.batch_size, dev), _amp(dev))
+            say(f"compiled in {seconds:.1f} s (inductor's cache: a later run reuses it)")
+        w = stack.enter_context(Writer(output, job.meta, specs, job.source.classes,
+                                       overwrite=overwrite, commit_rows=commit_rows,
+                                       commit_every=commit_every))
         resumed, was_complete = w.n_done, w.already_complete  # (a final file already there)
         if resumed and not w.already_complete:
             say(f"resuming after {resumed:,} of {len(records):,} inputs committed earlier")
@@ -271,6 +283,17 @@ def _run(source, records, offset, bb, extractor, dev, writer, batch_size, num_wo
     writer.flush()
 
 
+def _amp(dev):
+    """The autocast the forward runs under: float16 on CUDA, none on the CPU."""
+    return torch.autocast("cuda", dtype=torch.float16) if dev.type == "cuda" else nullcontext()
+
+
+def _example(bb, batch_size: int, dev) -> torch.Tensor:
+    """A batch shaped as the loop's (zeros, in its layout), to compile for."""
+    crop = bb.preprocess.crop
+    return to_layout(torch.zeros(batch_size, 3, crop, crop, device=dev))
+
+
 def _embedded(source, records, bb, extractor, dev, batch_size, num_workers, on_error, dtype,
               batches=None):
     """The forward passes over ``records``, in order, one batch at a time: ``(rows, feats,
@@ -286,7 +309,7 @@ def _embedded(source, records, bb, extractor, dev, batch_size, num_workers, on_e
     loader = torch.utils.data.DataLoader(
         data, **cut, num_workers=num_workers, collate_fn=collate, pin_memory=dev.type == "cuda",
         persistent_workers=False, timeout=_stall_seconds() if num_workers else 0)
-    amp = torch.autocast("cuda", dtype=torch.float16) if dev.type == "cuda" else nullcontext()
+    amp = _amp(dev)
     for batch in _delivered(loader, num_workers):
         if batch.fatal:  # a wrong mask or box: the data set needs fixing, not skipping
             i, reason = batch.fatal[0]

@@ -215,8 +215,43 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> dict:
         return self.outputs(images)
 
+    def compile(self, example: torch.Tensor, amp=None) -> float:
+        """Replace the backbone's forward by ``torch.compile`` of it for batches shaped as
+        ``example`` (a smaller batch is padded to it, so the last batch never recompiles);
+        compile now, on ``example`` (under ``amp``, as the loop will run); the seconds it took.
+        Inductor's cache (``TORCHINDUCTOR_CACHE_DIR``, default under the temp folder) makes a
+        second run, or another shard on the same machine, reuse the compiled code.
+
+        Raises:
+            OptionError: the model cannot be compiled (the compiler's first line).
+        """
+        import time
+        from contextlib import nullcontext
+
+        from .errors import OptionError
+
+        t0 = time.perf_counter()
+        body = torch.compile(self.body, dynamic=False)
+        try:
+            with torch.inference_mode(), amp or nullcontext():
+                body(example)
+        except Exception as exc:  # noqa: BLE001 - the compiler fails in many ways
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise OptionError(f"--compile: torch.compile cannot compile this model "
+                              f"({type(exc).__name__}: {first}); run without --compile "
+                              f"(the eager forward gives the same features).") from None
+        self.body, self._batch = body, example.shape[0]
+        return time.perf_counter() - t0
+
     def outputs(self, images: torch.Tensor) -> dict:
         """:meth:`forward` outside inference mode (what ``torch.export`` traces)."""
+        n = images.shape[0]
+        if getattr(self, "_batch", n) > n:  # compiled for full batches: pad with zeros
+            pad = images.new_zeros((self._batch - n, *images.shape[1:]))
+            fmt = torch.channels_last if images.dim() == 4 and images.is_contiguous(
+                memory_format=torch.channels_last) else torch.contiguous_format
+            images = torch.cat([images, pad]).contiguous(memory_format=fmt)
+            return {k: v[:n] for k, v in self.outputs(images).items()}
         raw = self.body(images)
         return {s.key: (stored_map(raw[s.node], s.kind, s.shape[1:]) if s.is_map
                         else pool_output(raw[s.node], s.kind, s.pool)).float() for s in self.specs}

@@ -191,6 +191,8 @@ EMBED = (
     Option("num_workers", int, None, "decode workers (auto: CPU count, at most 8)", low=0,
            auto=-1, key="workers"),
     Option("device", str, None, "cpu or cuda (auto: cuda when present)", auto=""),
+    Option("compile", bool, False, "torch.compile the forward first (a one-off cost, "
+           "reported; cached for later runs)"),
     Option("on_error", str, "skip", "unreadable images: skip (log them in the file) or fail",
            choices=ON_ERROR),
     Option("commit_every", float, 30.0, "seconds between commits (also every 512 rows)",

@@ -338,3 +338,41 @@ def test_a_rerun_that_assembles_the_final_file_says_so(image_folder, tiny_backbo
     r = embed(image_folder, out, **kw)
     assert out.is_file() and not r.already_complete and r.resumed_from == r.n_rows + r.n_skipped
     assert embed(image_folder, out, **kw).already_complete
+
+
+@pytest.mark.slow  # compiles Lite0 (about a minute on 2 cores)
+def test_compiled_embed_stores_the_eager_features_up_to_float16_rounding(image_folder,
+                                                                         tiny_backbone, tmp_path):
+    """embed --compile: 18 images in batches of 8 (the last one padded, never recompiled),
+    every stored value within one float16 step of a plain eager embed's."""
+    from featurecache import embed, open_features
+
+    kw = dict(backbone=tiny_backbone, layers=["stem", "blocks.5", "avgpool"], batch_size=8,
+              num_workers=0, progress=False)
+    embed(image_folder, tmp_path / "eager.h5", **kw)
+    embed(image_folder, tmp_path / "compiled.h5", compile=True, **kw)
+    a, b = open_features(tmp_path / "eager.h5"), open_features(tmp_path / "compiled.h5")
+    assert a.paths() == b.paths() and len(a.paths()) == 18
+    for layer in ("stem", "blocks.5", "avgpool"):
+        x, y = a.X(layer).astype(np.float32), b.X(layer).astype(np.float32)
+        np.testing.assert_allclose(y, x, rtol=2 ** -10, atol=1e-3)
+        assert np.abs(x).max() > 0.1  # real activations, not zeros
+
+
+def test_a_model_that_cannot_be_compiled_is_refused_before_any_file(image_folder,
+                                                                    tiny_backbone, tmp_path,
+                                                                    monkeypatch):
+    import torch
+
+    from featurecache import embed
+    from featurecache.errors import OptionError
+
+    def fails(*a, **k):
+        raise RuntimeError("Unsupported: an operator inductor has no lowering for\nmore")
+
+    monkeypatch.setattr(torch, "compile", lambda m, **k: fails)
+    with pytest.raises(OptionError, match="cannot compile this model .*Unsupported.*without "
+                                          "--compile"):
+        embed(image_folder, tmp_path / "f.h5", backbone=tiny_backbone, compile=True,
+              num_workers=0, progress=False)
+    assert list(tmp_path.iterdir()) == [image_folder]

@@ -298,6 +298,11 @@ def export(model, output, *, opset: int | None = None, skip_check: bool = False)
                           f"{why} is not one; use .onnx (ONNX, for onnxruntime) or .pt2 "
                           f"(torch.export).")
     require_folder(path)
+    from .files import same_file
+
+    if isinstance(model, (str, Path)) and (same_file(path, model)
+                                           or same_file(path, Path(model) / "model.pt")):
+        raise ExportError(f"-o {output} is the model itself; give the export another name.")
     fmt.require()
     saved = load_model(model)
     ex = saved.exportable()  # ExportError: the reason this one cannot be exported
@@ -321,7 +326,13 @@ def export(model, output, *, opset: int | None = None, skip_check: bool = False)
     with atomic_output(path) as tmp:
         with torch.no_grad():
             extra = fmt.write(graph, example, tmp, meta, opset)
+            if opset is not None and extra.get("opset") not in (None, opset):
+                raise ExportError(f"--opset {opset}: the exporter wrote opset {extra['opset']} "
+                                  f"instead (it cannot convert at {opset}); give an opset "
+                                  f"from 18 to {extra['opset']}, or leave it out.")
             difference = None if skip_check else _check(fmt, tmp, graph, sample)
+            if not skip_check:
+                _check_reference(saved, graph, sample)
         size = tmp.stat().st_size
     meta["provenance"].update({"onnx_opset": extra["opset"]} if "opset" in extra else {})
     return {"output": str(path), "format": fmt.suffix.lstrip("."), "bytes": size,
@@ -330,12 +341,42 @@ def export(model, output, *, opset: int | None = None, skip_check: bool = False)
             "max_difference": difference}
 
 
+REFERENCE_TOLERANCE = 1e-3  # torch graph vs the saved model's own scoring (float16 steps)
+
+
+def _check_reference(saved, graph, images) -> None:
+    """The torch graph against the saved model's own scoring (what ``predict`` runs: the
+    scikit-learn pipeline, or the fine-tune's scorer) on ``images``: a conversion mistake
+    (a class order, an estimator variant) is refused here, not shipped. The tolerance allows
+    a stored feature rounded to the neighbouring float16 step in another memory layout."""
+    import numpy as np
+
+    x = ((images.permute(0, 3, 1, 2).float() / 255) - graph.mean) / graph.std
+    scorer = saved.image_scorer()
+    with scorer.on(torch.device("cpu")):
+        from .extract import to_layout
+
+        want, _ = scorer.score(to_layout(x))
+    got = graph(images)[-1].numpy()
+    want = np.asarray(want, dtype=np.float64)
+    diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
+    if not diff <= REFERENCE_TOLERANCE * max(1.0, float(np.abs(want).max())):
+        raise ExportError(f"the exported graph differs from the saved model's own scores by "
+                          f"{diff:.2g} on random images; not written. Please report this "
+                          f"model (its kind and estimator).")
+
+
 def _check(fmt, path, graph, images) -> float | None:
     """The largest difference between the written file's last output and the torch model's
     on ``images``; raises when they disagree (nothing is left under the final name)."""
     import numpy as np
 
-    got = fmt.run(path, images)
+    try:
+        got = fmt.run(path, images)
+    except Exception as exc:  # noqa: BLE001 - the runtime refuses the file in many ways
+        raise ExportError(f"the written {fmt.suffix} file does not run here "
+                          f"({_first_line(exc)}); try a lower --opset, a newer onnxruntime, "
+                          f"the other format, or --skip-check to keep it unchecked.") from None
     if got is None:
         return None
     want = [o.numpy() for o in graph(images)]

@@ -6,8 +6,9 @@ order of :attr:`featurecache.persist.Head.column_classes`), computing what the p
 computes, up to float32 rounding:
 
 * :class:`LinearHead`: ``StandardScaler`` folded into one ``nn.Linear`` (logistic regression,
-  the primal linear SVM), logits or decision values, then the softmax when they are
-  probabilities;
+  the primal linear SVM; the mean subtracted first, the scale folded into the weights, so
+  float32 keeps the precision of small logits over large means), logits or decision values,
+  then the softmax when they are probabilities;
 * :class:`OvoHead`: a one-vs-one linear SVM (:class:`~featurecache.estimators.GramLinearSVC`):
   the pairwise hyperplanes in one ``nn.Linear``, then scikit-learn's votes plus confidences;
 * :class:`CalibratedHead`: sigmoid calibration (``CalibratedClassifierCV``) of either;
@@ -28,7 +29,7 @@ from torch import nn
 from .errors import ExportError
 
 __all__ = ["LinearHead", "OvoHead", "CalibratedHead", "MlpHead", "KnnHead", "fold_scaler",
-           "binary_logits"]
+           "ScaledLinear", "binary_logits"]
 
 
 def _t(a) -> torch.Tensor:
@@ -36,13 +37,27 @@ def _t(a) -> torch.Tensor:
 
 
 def fold_scaler(scaler, W, b) -> tuple:
-    """``(W', b')`` with ``x @ W'.T + b' == scaler.transform(x) @ W.T + b`` (float64)."""
+    """``(W', b, mean)`` with ``(x - mean) @ W'.T + b == scaler.transform(x) @ W.T + b``
+    (float64). The mean stays a subtraction: folded into the bias it would make small
+    logits the difference of large numbers in float32."""
     W, b = np.asarray(W, dtype=np.float64), np.asarray(b, dtype=np.float64)
     d = W.shape[1]
     mean = scaler.mean_ if scaler.with_mean else np.zeros(d)
     s = scaler.scale_ if scaler.with_std else np.ones(d)
-    Ws = W / s
-    return Ws, b - Ws @ mean
+    return W / s, b, np.asarray(mean, dtype=np.float64)
+
+
+class ScaledLinear(nn.Module):
+    """``x -> (x - mean) @ W.T + b``: a scaler and a linear layer in one (see
+    :func:`fold_scaler`)."""
+
+    def __init__(self, W, b, mean):
+        super().__init__()
+        self.register_buffer("mean", _t(mean))
+        self.fc = _linear(W, b)
+
+    def forward(self, x):
+        return self.fc(x - self.mean)
 
 
 def binary_logits(W, b) -> tuple:
@@ -66,10 +81,10 @@ class LinearHead(nn.Module):
 
     def __init__(self, scaler, W, b, softmax: bool, two_sided: bool = False):
         super().__init__()
-        W, b = fold_scaler(scaler, np.atleast_2d(W), np.atleast_1d(b))
+        W, b, mean = fold_scaler(scaler, np.atleast_2d(W), np.atleast_1d(b))
         if two_sided:
             W, b = np.vstack([-W, W]), np.concatenate([-b, b])
-        self.fc = _linear(W, b)
+        self.fc = ScaledLinear(W, b, mean)
         self.softmax = softmax
         self.outputs = ("logits", "probabilities") if softmax else ("scores",)
 
@@ -97,9 +112,8 @@ class OvoHead(nn.Module):
 
     def __init__(self, scaler, coef, intercept, n_classes: int):
         super().__init__()
-        W, b = fold_scaler(scaler, coef, intercept)
         self.binary = n_classes == 2
-        self.fc = _linear(W, b)
+        self.fc = ScaledLinear(*fold_scaler(scaler, coef, intercept))
         plus, minus = ovo_matrices(n_classes)
         self.register_buffer("plus", _t(plus))
         self.register_buffer("minus", _t(minus))
@@ -165,12 +179,12 @@ class MlpHead(nn.Module):
                               f"{mlp.out_activation_!r} cannot be exported.")
         layers = []
         for n, (W, b) in enumerate(zip(mlp.coefs_, mlp.intercepts_)):
-            W, b = np.asarray(W).T, np.asarray(b)
+            W, b, mean = np.asarray(W).T, np.asarray(b), None
             if n == 0:
-                W, b = fold_scaler(scaler, W, b)
+                W, b, mean = fold_scaler(scaler, W, b)
             if n == len(mlp.coefs_) - 1 and mlp.out_activation_ == "logistic":
                 W, b = binary_logits(W, b)
-            layers.append(_linear(W, b))
+            layers.append(_linear(W, b) if mean is None else ScaledLinear(W, b, mean))
         self.layers = nn.ModuleList(layers)
         self.activation = mlp.activation
 

@@ -269,3 +269,62 @@ def test_a_file_that_disagrees_with_the_model_is_not_kept(feats_path, tmp_path, 
     with pytest.raises(ExportError, match="differs from the model"):
         ex.export(head, tmp_path / "m.onnx")
     assert sorted(os.listdir(tmp_path)) == ["f.h5", "h.joblib", "imgs"]
+
+
+def test_torch_heads_equal_the_pipelines_on_features_with_large_means(tmp_path):
+    """Every exportable estimator the kinds make, as torch layers, against scikit-learn's own
+    predict_proba / decision_function (float64) on features whose means dwarf their spread
+    (the scaler's mean folded into the bias lost 6.8e-4 of a logit in float32 there); the
+    primal LinearSVC branch (narrow layers), binary and multi-class, calibrated or not."""
+    import torch
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    from featurecache import kinds
+    from featurecache.estimators import GramLinearSVC
+
+    rng = np.random.default_rng(0)
+    for n_classes in (2, 4):
+        y = np.repeat(np.arange(n_classes), 40)
+        X = 10 + rng.normal(0, 3e-3, (len(y), 24)) + 3e-3 * np.eye(n_classes)[y] @ \
+            rng.normal(0, 1, (n_classes, 24))
+        X = X.astype(np.float32)
+        cases = [("logreg", LogisticRegression(C=100, max_iter=5000)),
+                 ("svm", LinearSVC(C=1, max_iter=20000)),
+                 ("svm", GramLinearSVC(C=1)),
+                 ("svm", CalibratedClassifierCV(LinearSVC(C=1, max_iter=20000), cv=3)),
+                 ("mlp", MLPClassifier((16,), max_iter=2000, random_state=0))]
+        for kind, est in cases:
+            pipe = Pipeline([("scale", StandardScaler()), ("clf", est)]).fit(X, y)
+            head = kinds.get(kind).torch_head(pipe).eval()
+            with torch.no_grad():
+                got = head(torch.from_numpy(X))[-1].numpy()
+            X64 = X.astype(np.float64)
+            if hasattr(pipe, "predict_proba") and head.outputs[-1] == "probabilities":
+                want = pipe.predict_proba(X64)
+            else:
+                d = pipe.decision_function(X64)
+                want = np.stack([-d, d], 1) if d.ndim == 1 else d
+            err = np.abs(got - want).max() / max(1.0, np.abs(want).max())
+            assert err < 5e-5, (n_classes, type(est).__name__, err)  # old fold: 7.9e-5
+
+
+def test_export_refuses_to_write_over_its_model_and_a_file_it_cannot_run(feats_path, tmp_path,
+                                                                         monkeypatch):
+    from featurecache import export as ex
+
+    head = fit_head(feats_path, "avgpool", "logreg", n_jobs=1).save(tmp_path / "h.onnx")
+    with pytest.raises(ExportError, match="is the model itself"):
+        ex.export(head, head)  # a joblib head under any name: never replaced by its export
+
+    def broken(self, path, images):
+        raise RuntimeError("ONNX Runtime: opset 28 is not supported\nmore")
+
+    monkeypatch.setattr(ex.Onnx, "run", broken)
+    with pytest.raises(ExportError, match="does not run here .*opset 28.*--skip-check"):
+        ex.export(head, tmp_path / "m.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["f.h5", "h.onnx", "imgs"]

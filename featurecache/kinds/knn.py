@@ -84,7 +84,7 @@ class Knn(HeadKind, name="knn", cost=0, default=True, settings=SETTINGS,
             raise ExportError(f"this k-NN head (metric {clf.metric!r}, weights {clf.weights!r}) "
                               f"is not featurecache's cosine k-NN; it cannot be exported.")
         return KnnHead(scaler, clf._fit_X, clf._y, clf.n_neighbors, len(clf.classes_),
-                       self.settings.temperature)
+                       KNN_TEMPERATURE)  # what temperature_weights uses
 
 
 KIND = Knn()

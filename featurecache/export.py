@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from .errors import ExportError, option
-from .files import atomic_output, require_folder
+from .files import atomic_output, require_folder, same_file
 from .options import validated
 
 __all__ = ["export", "Exportable", "HeadGraph", "FinetuneGraph", "ImageGraph", "FORMATS",
@@ -112,9 +112,13 @@ class ImageGraph(nn.Module):
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
 
-    def forward(self, images):
+    def normalise(self, images):
+        """``uint8 (N, H, W, 3)`` -> the normalised ``(N, 3, H, W)`` float batch."""
         x = images.permute(0, 3, 1, 2).to(torch.float32).div(255)
-        return self.inner((x - self.mean) / self.std)
+        return (x - self.mean) / self.std
+
+    def forward(self, images):
+        return self.inner(self.normalise(images))
 
 
 class Format:
@@ -298,8 +302,6 @@ def export(model, output, *, opset: int | None = None, skip_check: bool = False)
                           f"{why} is not one; use .onnx (ONNX, for onnxruntime) or .pt2 "
                           f"(torch.export).")
     require_folder(path)
-    from .files import same_file
-
     if isinstance(model, (str, Path)) and (same_file(path, model)
                                            or same_file(path, Path(model) / "model.pt")):
         raise ExportError(f"-o {output} is the model itself; give the export another name.")
@@ -330,9 +332,11 @@ def export(model, output, *, opset: int | None = None, skip_check: bool = False)
                 raise ExportError(f"--opset {opset}: the exporter wrote opset {extra['opset']} "
                                   f"instead (it cannot convert at {opset}); give an opset "
                                   f"from 18 to {extra['opset']}, or leave it out.")
-            difference = None if skip_check else _check(fmt, tmp, graph, sample)
+            difference = None
             if not skip_check:
-                _check_reference(saved, graph, sample)
+                want = [o.numpy() for o in graph(sample)]  # the torch graph, run once
+                difference = _check(fmt, tmp, want, sample)
+                _check_reference(saved, graph, want[-1], sample)
         size = tmp.stat().st_size
     meta["provenance"].update({"onnx_opset": extra["opset"]} if "opset" in extra else {})
     return {"output": str(path), "format": fmt.suffix.lstrip("."), "bytes": size,
@@ -344,20 +348,19 @@ def export(model, output, *, opset: int | None = None, skip_check: bool = False)
 REFERENCE_TOLERANCE = 1e-3  # torch graph vs the saved model's own scoring (float16 steps)
 
 
-def _check_reference(saved, graph, images) -> None:
+def _check_reference(saved, graph, got, images) -> None:
     """The torch graph against the saved model's own scoring (what ``predict`` runs: the
     scikit-learn pipeline, or the fine-tune's scorer) on ``images``: a conversion mistake
     (a class order, an estimator variant) is refused here, not shipped. The tolerance allows
-    a stored feature rounded to the neighbouring float16 step in another memory layout."""
+    a stored feature rounded to the neighbouring float16 step in another memory layout.
+    ``got``: the graph's last output on ``images``."""
     import numpy as np
 
-    x = ((images.permute(0, 3, 1, 2).float() / 255) - graph.mean) / graph.std
+    from .extract import to_layout
+
     scorer = saved.image_scorer()
     with scorer.on(torch.device("cpu")):
-        from .extract import to_layout
-
-        want, _ = scorer.score(to_layout(x))
-    got = graph(images)[-1].numpy()
+        want, _ = scorer.score(to_layout(graph.normalise(images)))
     want = np.asarray(want, dtype=np.float64)
     diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
     if not diff <= REFERENCE_TOLERANCE * max(1.0, float(np.abs(want).max())):
@@ -366,9 +369,10 @@ def _check_reference(saved, graph, images) -> None:
                           f"model (its kind and estimator).")
 
 
-def _check(fmt, path, graph, images) -> float | None:
+def _check(fmt, path, want, images) -> float | None:
     """The largest difference between the written file's last output and the torch model's
-    on ``images``; raises when they disagree (nothing is left under the final name)."""
+    (``want``: its outputs on ``images``, as numpy); raises when they disagree (nothing is
+    left under the final name)."""
     import numpy as np
 
     try:
@@ -379,7 +383,6 @@ def _check(fmt, path, graph, images) -> float | None:
                           f"the other format, or --skip-check to keep it unchecked.") from None
     if got is None:
         return None
-    want = [o.numpy() for o in graph(images)]
     if len(got) != len(want) or got[-1].shape != want[-1].shape:
         raise ExportError(f"the written {fmt.suffix} file returns {len(got)} outputs of shape "
                           f"{getattr(got[-1], 'shape', None)}, not the model's; please report "

@@ -202,13 +202,8 @@ def export(model, output, **kwargs):
     written file is run on random images against the model before it is kept.
     """
     from ..export import export as run_export
-    from ..files import require_folder, same_file
 
-    require_folder(output)
-    if same_file(output, model):
-        raise click.ClickException(f"-o {output} is the model itself; give the export "
-                                   f"another name (.onnx or .pt2).")
-    res = run_export(model, output, **kwargs)
+    res = run_export(model, output, **kwargs)  # checks the output's folder and name first
     pre, prov = res["preprocess"], res["provenance"]
     version = f", opset {prov['onnx_opset']}" if "onnx_opset" in prov else ""
     check = ("not checked" if res["max_difference"] is None

@@ -8,6 +8,9 @@ below by this module's path, so they stay here, below the kinds (their fixed num
 
 * :class:`GramLinearSVC`: a linear-kernel SVM solved by libsvm on the precomputed Gram matrix,
   saved as one weight vector per pair of classes (the linear SVM head for wide features).
+* :class:`PrimalLinearSVC`: ``LinearSVC``'s own problem (squared hinge, one-vs-rest) solved
+  by Newton-CG on BLAS matrix products (:func:`~featurecache.solvers.squared_hinge_ovr`): the
+  linear SVM head beyond the Gram matrix's rows and for narrow features.
 * :func:`temperature_weights`: DINOv2's temperature-weighted k-NN votes (the cosine k-NN head).
 """
 
@@ -15,13 +18,14 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.svm import LinearSVC
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .estimator_defaults import KNN_TEMPERATURE, LIBSVM_MAX_ITER
-from .solvers import gram
+from .solvers import gram, squared_hinge_ovr
 
-__all__ = ["GramLinearSVC", "temperature_weights"]
+__all__ = ["GramLinearSVC", "PrimalLinearSVC", "temperature_weights"]
 
 
 def temperature_weights(distances):
@@ -106,3 +110,46 @@ class GramLinearSVC(ClassifierMixin, BaseEstimator):
             return self.classes_[(dec.ravel() > 0).astype(int)]
         return self.classes_[self._votes(dec)[0].argmax(1)]
 
+
+
+class PrimalLinearSVC(LinearSVC):
+    """``LinearSVC`` whose fit solves liblinear's primal problem with BLAS.
+
+    The same problem as ``LinearSVC(dual=False)`` (L2 penalty, squared hinge, one-vs-rest,
+    the intercept a penalised feature of value ``intercept_scaling``, liblinear's class
+    weights) and the same stopping rule at ``tol``, solved by
+    :func:`~featurecache.solvers.squared_hinge_ovr` on the dense float32 rows: at 40,000 x
+    1,280 one fit takes seconds where liblinear takes minutes. ``decision_function`` and
+    ``predict`` are ``LinearSVC``'s. Settings the solver does not cover (another penalty or
+    loss, ``crammer_singer``, no intercept, sparse input) fit by liblinear.
+    """
+
+    def _own_problem(self, X, sample_weight) -> bool:
+        import scipy.sparse as sp
+
+        return (self.penalty == "l2" and self.loss == "squared_hinge"
+                and self.multi_class == "ovr" and self.fit_intercept
+                and self.intercept_scaling == 1 and not sp.issparse(X))
+
+    def fit(self, X, y, sample_weight=None):
+        if not self._own_problem(X, sample_weight):
+            return super().fit(X, y, sample_weight=sample_weight)
+        from sklearn.utils.class_weight import compute_class_weight
+        from sklearn.utils.validation import _check_sample_weight
+
+        self._validate_params()
+        X, y = validate_data(self, X, y, dtype=[np.float32, np.float64], order="C")
+        check_classification_targets(y)
+        self.classes_, yi = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"This solver needs samples of at least 2 classes in the data, "
+                             f"but the data contains only one class: {self.classes_[0]!r}")
+        cw = None if self.class_weight is None else \
+            compute_class_weight(self.class_weight, classes=self.classes_, y=y)
+        sw = None if sample_weight is None else _check_sample_weight(sample_weight, X)
+        W, self.n_iter_ = squared_hinge_ovr(X, yi, len(self.classes_), self.C, class_weight=cw,
+                                            sample_weight=sw, tol=self.tol,
+                                            max_iter=self.max_iter)
+        self.coef_ = np.ascontiguousarray(W[:-1].T)
+        self.intercept_ = W[-1].copy()
+        return self

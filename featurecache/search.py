@@ -170,7 +170,7 @@ def _fold_task(X, y, train, test, spec: _Spec, grids: dict) -> dict:
     """
     from sklearn.exceptions import ConvergenceWarning
 
-    Xtr, Xte = standardise(X[train], X[test])
+    Xtr, Xte = standardise(X, X, rows=train, other_rows=test)
     fold = Fold(Xtr, y[train], Xte, y[test], int(y.max()) + 1)
     out = {}
     with warnings.catch_warnings():

@@ -79,12 +79,19 @@ def test_the_registry_refuses_what_is_not_a_kind():
     assert "nocost" not in kinds.names()
 
 
-def test_gram_linear_svc_passes_sklearns_estimator_checks():
+@pytest.mark.parametrize("name", ["GramLinearSVC", "PrimalLinearSVC"])
+def test_the_projects_estimators_pass_sklearns_estimator_checks(name):
     from sklearn.utils.estimator_checks import check_estimator
 
-    from featurecache.estimators import GramLinearSVC
+    from featurecache import estimators
 
-    failed = [r for r in check_estimator(GramLinearSVC(), on_fail=None) if r["status"] == "failed"]
+    # LinearSVC fails this one too (scikit-learn lists it as expected): a solver stopped at
+    # tol does not give repeated rows and weighted rows the same answer to 1e-7
+    xfail = {f"check_sample_weight_equivalence_on_{d}_data": "stops at tol, as LinearSVC"
+             for d in ("dense", "sparse")} if name == "PrimalLinearSVC" else {}
+    failed = [r for r in check_estimator(getattr(estimators, name)(), on_fail=None,
+                                         expected_failed_checks=xfail)
+              if r["status"] == "failed"]
     assert not failed, [(r["check_name"], r["exception"]) for r in failed]
 
 

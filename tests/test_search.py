@@ -145,6 +145,76 @@ def test_linear_svm_head_is_gram_based_for_wide_features_until_the_row_limit(mon
     assert isinstance(few[-1], LinearSVC)
 
 
+def _squared_hinge_objective(clf, X, y, C, class_weight=None):
+    """LinearSVC's primal objective of a fitted model, computed here by hand (liblinear's
+    one-vs-rest weights: a problem's positives weigh their class's weight, the rest 1)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    classes = np.unique(y)
+    cw = np.ones(len(classes)) if class_weight is None else \
+        compute_class_weight(class_weight, classes=classes, y=y)
+    yi = np.searchsorted(classes, y)
+    W = np.vstack([clf.coef_.T, clf.intercept_[None]])
+    M = X @ W[:-1] + W[-1]
+    if len(classes) == 2:
+        S, Cm = np.where(yi == 1, 1.0, -1.0)[:, None], (C * cw[yi])[:, None]
+    else:
+        S = np.where(yi[:, None] == np.arange(len(classes)), 1.0, -1.0)
+        Cm = np.where(S > 0, C * cw, C)
+    return 0.5 * (W * W).sum() + (Cm * np.maximum(1 - S * M, 0) ** 2).sum()
+
+
+@pytest.mark.parametrize("classes,C,class_weight", [(2, 0.1, None), (5, 0.01, None),
+                                                    (5, 1.0, "balanced"), (3, 100.0, None)])
+def test_primal_svm_solves_liblinears_problem(classes, C, class_weight):
+    """PrimalLinearSVC (Newton-CG on BLAS) reaches liblinear's optimum (LinearSVC, primal, tol
+    1e-8) of the same objective, and predicts like it."""
+    import warnings
+
+    from featurecache.estimators import PrimalLinearSVC
+
+    rng = np.random.default_rng(classes)
+    y = rng.choice(classes, 1200, p=np.linspace(1, 3, classes) / np.linspace(1, 3, classes).sum())
+    X = rng.normal(0, 0.1, (classes, 150))[y] + rng.normal(size=(1200, 150))
+    mine = PrimalLinearSVC(C=C, dual=False, class_weight=class_weight).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = LinearSVC(C=C, dual=False, tol=1e-8, max_iter=100_000,
+                        class_weight=class_weight).fit(X, y)
+    ours, theirs = (_squared_hinge_objective(c, X, y, C, class_weight) for c in (mine, ref))
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    Xn = rng.normal(0, 0.1, (classes, 150))[y[:400]] + rng.normal(size=(400, 150))
+    assert (mine.predict(Xn) == ref.predict(Xn)).mean() >= 0.99
+    assert mine.coef_.shape == ref.coef_.shape and mine.intercept_.shape == ref.intercept_.shape
+
+
+def test_primal_svm_cv_scores_are_those_of_fresh_fits():
+    """The primal CV (narrow features, or beyond the Gram matrix's rows) walks C
+    warm-started: each fold's score at each C is a fresh LinearSVC's (liblinear, tight tol)."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = noisy_classes(n=400, d=60)
+    folds = make_folds(y, 3, 0)
+    res = search_layers({"X": X}, y, ["svm"], folds=folds, n_jobs=1)[("X", "svm")]
+    checked = 0
+    for row in res.table:  # C > 10: ill-conditioned, liblinear's own answer depends on its tol
+        for (train, test), got in zip(folds, row["folds"]):
+            if got is None or row["params"]["C"] > 10:
+                continue
+            sc = StandardScaler().fit(X[train])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref = LinearSVC(C=row["params"]["C"], dual=False, tol=1e-8,
+                                max_iter=100_000).fit(sc.transform(X[train]), y[train])
+            want = balanced_accuracy_score(y[test], ref.predict(sc.transform(X[test])))
+            assert got == pytest.approx(want, abs=1.5 / len(test)), row["params"]
+            checked += 1
+    assert checked >= 15
+
+
 def test_knn_matches_a_hand_computation():
     Xtr = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [-1, 0.2]], dtype=np.float32)
     ytr = np.array([0, 0, 1, 1, 2])

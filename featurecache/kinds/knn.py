@@ -23,11 +23,13 @@ SETTINGS = Settings()
 
 
 def vote_scores(X_train, y_train, X_test, ks, n_classes: int,
-                temperature: float = SETTINGS.temperature, chunk: int = 1024) -> dict:
+                temperature: float = SETTINGS.temperature, chunk: int | None = None) -> dict:
     """Temperature-weighted k-NN class scores for every ``k`` from one similarity pass.
 
     Cosine similarity between L2-normalised rows; the top ``k`` neighbours vote with weight
-    ``exp(sim / T)``. Returns ``{k: (n_test, n_classes) votes}``.
+    ``exp(sim / T)``. Returns ``{k: (n_test, n_classes) votes}``. The test rows go in blocks
+    of ``chunk`` (by default as many as keep a block's similarities near 4M values, 16 MB,
+    whatever the training rows: never an ``n_test x n_train`` matrix).
     """
     import numpy as np
 
@@ -36,6 +38,8 @@ def vote_scores(X_train, y_train, X_test, ks, n_classes: int,
 
     tr, te = unit(X_train), unit(X_test)
     kmax = max(ks)
+    if chunk is None:
+        chunk = max(16, min(1024, (1 << 22) // max(len(tr), 1)))
     out = {k: np.zeros((len(te), n_classes)) for k in ks}
     for s in range(0, len(te), chunk):
         sim = te[s:s + chunk] @ tr.T

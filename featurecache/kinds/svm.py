@@ -2,7 +2,8 @@
 
 Linear kernel: libsvm on the precomputed Gram matrix (:class:`~featurecache.estimators.GramLinearSVC`
 in the saved head) for wide features up to :data:`~featurecache.solvers.GRAM_MAX_ROWS` rows,
-``LinearSVC`` (liblinear, primal) otherwise; :func:`~featurecache.solvers.use_gram` decides
+``LinearSVC``'s primal problem otherwise, solved with BLAS
+(:class:`~featurecache.estimators.PrimalLinearSVC`; its CV walks C warm-started); :func:`~featurecache.solvers.use_gram` decides
 from the refit's rows, in the CV folds too, so a C means the same. rbf: ``SVC``, C walked for
 each of four gammas around 1/n_features. ``probability``: sigmoid calibration by CV
 (``CalibratedClassifierCV``, scikit-learn's replacement for ``SVC(probability=True)``).
@@ -46,6 +47,7 @@ def _use_gram(fit, n_features) -> bool:
 
 class Svm(HeadKind, name="svm", cost=2, default=True, settings=SETTINGS,
           skops_types=("featurecache.estimators.GramLinearSVC",
+                       "featurecache.estimators.PrimalLinearSVC",
                        # --probability: the calibrated wrapper's own parts
                        "sklearn.calibration._CalibratedClassifier",
                        "sklearn.calibration._SigmoidCalibration")):
@@ -74,9 +76,9 @@ class Svm(HeadKind, name="svm", cost=2, default=True, settings=SETTINGS,
                    max_iter=self.settings.libsvm_max_iter, **params)
 
     def _primal(self, fit, **params):
-        from sklearn.svm import LinearSVC
+        from ..estimators import PrimalLinearSVC
 
-        return LinearSVC(class_weight=fit.class_weight, random_state=fit.seed,
+        return PrimalLinearSVC(class_weight=fit.class_weight, random_state=fit.seed,
                          **self.settings.primal(), **params)
 
     def fold_fitter(self, fit, fold):
@@ -97,9 +99,7 @@ class Svm(HeadKind, name="svm", cost=2, default=True, settings=SETTINGS,
                 return fit.score(yte, self._svc(fit, "precomputed", **p).fit(K, ytr).predict(Kte))
             return fit_score
 
-        def fit_score(p):
-            return fit.score(yte, self._primal(fit, **p).fit(Xtr, ytr).predict(Xte))
-        return fit_score
+        return _primal_path(fit, fold, self.settings)
 
     def estimator(self, params, fit):
         if fit.kernel == "rbf":
@@ -139,6 +139,32 @@ class Svm(HeadKind, name="svm", cost=2, default=True, settings=SETTINGS,
         cals = clf.calibrated_classifiers_
         return CalibratedHead([_decision_module(scaler, c.estimator, n_classes) for c in cals],
                               [c.calibrators for c in cals], n_classes)
+
+
+def _primal_path(fit, fold, settings):
+    """The primal fold scorer: :class:`~featurecache.estimators.PrimalLinearSVC`'s problem
+    at each C, warm-started from the previous C's solution (the refit's problem exactly)."""
+    import numpy as np
+
+    from ..solvers import squared_hinge_ovr
+
+    classes, yi = np.unique(fold.ytr, return_inverse=True)
+    cw = None
+    if fit.class_weight is not None:
+        from sklearn.utils.class_weight import compute_class_weight
+
+        cw = compute_class_weight(fit.class_weight, classes=classes, y=fold.ytr)
+    state = {"W": None}
+
+    def fit_score(p):
+        W, _ = squared_hinge_ovr(fold.Xtr, yi, len(classes), p["C"], class_weight=cw,
+                                 W0=state["W"], tol=settings.primal_tol,
+                                 max_iter=settings.primal_max_iter)
+        state["W"] = W
+        dec = fold.Xte @ W[:-1].astype(np.float32) + W[-1]
+        pred = (dec[:, 0] > 0).astype(int) if len(classes) == 2 else dec.argmax(1)
+        return fit.score(fold.yte, classes[pred])
+    return fit_score
 
 
 def _decision_module(scaler, clf, n_classes: int):

@@ -9,7 +9,13 @@ and the peak RSS of (b) at N and 10*N images.
 
 Targets (issue 3): b/a >= 0.9, b/c >= 2 for 4 layers, RSS(10N) / RSS(N) <= 1.2.
 
+``--compile`` (issue 27) instead times ``embed`` eager (channels_last, the CPU default)
+against ``embed(compile=True)`` at N and 10N images, each in a fresh process, end to end
+(process start, backbone load, compile, decode, forward, file): the compiled run at N starts
+from an empty inductor cache (the first run's cost), the one at 10N reuses it (a later run's).
+
     python benchmarks/embed_throughput.py [--data ../shared/data/clipart10] [--n 200]
+    python benchmarks/embed_throughput.py --compile --n 500
 """
 
 from __future__ import annotations
@@ -81,7 +87,7 @@ from featurecache.malloc import tune
 if sys.argv[4] == "1":
     tune()  # as the featurecache command does
 r = embed(sys.argv[1], sys.argv[2], layers=%r, num_workers=int(sys.argv[3]), batch_size=%d,
-          progress=False, overwrite=True)
+          progress=False, overwrite=True, compile=sys.argv[5] == "1")
 me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 print(json.dumps({"rows": r.n_rows, "rss_mib": me / 1024, "worker_rss_mib": kids / 1024,
@@ -89,11 +95,42 @@ print(json.dumps({"rows": r.n_rows, "rss_mib": me / 1024, "worker_rss_mib": kids
 """ % (LAYERS, BATCH)
 
 
-def peak_rss(src: Path, out: Path, workers: int) -> dict:
+def peak_rss(src: Path, out: Path, workers: int, compiled: bool = False, env=None) -> dict:
+    t = time.perf_counter()
     res = subprocess.run([sys.executable, "-c", RSS_CHILD, str(src), str(out), str(workers),
-                          "1" if TUNE else "0"],
-                         capture_output=True, text=True, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+                          "1" if TUNE else "0", "1" if compiled else "0"],
+                         capture_output=True, text=True, check=True, env=env)
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out["wall_seconds"] = time.perf_counter() - t
+    return out
+
+
+def compile_case(src, n: int, workers: int, tmp: Path) -> None:
+    """Eager vs compiled embed at N and 10N, end to end, each in a fresh process."""
+    small = manifest(src.records, src.classes, n, tmp / "small.csv")
+    big = manifest(src.records, src.classes, 10 * n, tmp / "big.csv")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"))  # empty at first
+    report = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+                         f"{os.cpu_count()} cores, torch {torch.__version__}",
+              "date": time.strftime("%Y-%m-%d"), "layers": LAYERS, "batch": BATCH}
+    for label, manifest_path in ((n, small), (10 * n, big)):
+        row = {}
+        for mode in ("eager", "compiled"):
+            r = peak_rss(manifest_path, tmp / f"{mode}.h5", workers, mode == "compiled", env)
+            row[mode] = {"rows": r["rows"], "wall_s": round(r["wall_seconds"], 1),
+                         "embed_s": round(r["seconds"], 1),
+                         "img_s_end_to_end": round(r["rows"] / r["wall_seconds"], 1),
+                         "rss_mib": round(r["rss_mib"])}
+            print(label, mode, row[mode], flush=True)
+        row["compiled_over_eager_end_to_end"] = round(row["eager"]["wall_s"] / row["compiled"]["wall_s"], 3)
+        report[f"N={label}"] = row
+    from featurecache import open_features
+
+    a, b = open_features(tmp / "eager.h5"), open_features(tmp / "compiled.h5")
+    report["max_abs_difference_10N"] = {
+        name: float(np.abs(a.X(name).astype(np.float32) - b.X(name).astype(np.float32)).max())
+        for name in LAYERS}
+    print(json.dumps(report, indent=1))
 
 
 def main():
@@ -103,14 +140,17 @@ def main():
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--no-tune", action="store_true",
                     help="keep glibc's malloc defaults (the command tunes them; see malloc.py)")
+    ap.add_argument("--compile", action="store_true", help="eager vs compiled embed, N and 10N")
     args = ap.parse_args()
     global TUNE
     TUNE = not args.no_tune
     if TUNE:  # (a) and (c) run in this process, (b) in its own: all with the same allocator
         tune()
     src = open_source(args.data)
-    bb = load_backbone()
     tmp = Path(tempfile.mkdtemp(prefix="fc-bench-"))
+    if args.compile:
+        return compile_case(src, args.n, args.workers, tmp)
+    bb = load_backbone()
     small = manifest(src.records, src.classes, args.n, tmp / "small.csv")
     big = manifest(src.records, src.classes, 10 * args.n, tmp / "big.csv")
     records = open_source(small).records

@@ -296,3 +296,16 @@ def test_gram_matrix_of_many_float64_rows_does_not_crash():
             "i = [0, 7, 15999]; print(np.allclose(K[np.ix_(i, i)], X[i] @ X[i].T))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-500:]
+
+
+def test_knn_votes_in_blocks_equal_sklearns_neighbours():
+    """The CV's blocked votes (any block size) are the saved KNeighborsClassifier's."""
+    rng = np.random.default_rng(3)
+    Xtr = rng.normal(size=(300, 16)).astype(np.float32)
+    ytr = rng.integers(0, 4, 300)
+    Xte = rng.normal(size=(97, 16)).astype(np.float32)
+    knn = make_estimator("knn", {"k": 10}, n_rows=300)[-1].fit(Xtr, ytr)
+    want = knn.predict_proba(Xte)
+    for chunk in (None, 7, 1000):
+        votes = knn_vote_scores(Xtr, ytr, Xte, [10], 4, chunk=chunk)[10]
+        np.testing.assert_allclose(votes / votes.sum(1, keepdims=True), want, rtol=1e-4, atol=1e-7)

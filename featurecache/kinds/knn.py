@@ -33,16 +33,19 @@ def vote_scores(X_train, y_train, X_test, ks, n_classes: int,
     """
     import numpy as np
 
-    def unit(a):
-        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    def inverse_norms(a):  # the rows' 1/|x| (no normalised copy of the training rows)
+        return (1.0 / np.maximum(np.linalg.norm(a, axis=1), 1e-12)).astype(a.dtype)
 
-    tr, te = unit(X_train), unit(X_test)
+    tr, te = X_train, X_test
+    inv_tr, inv_te = inverse_norms(tr), inverse_norms(te)
     kmax = max(ks)
     if chunk is None:
         chunk = max(16, min(1024, (1 << 22) // max(len(tr), 1)))
     out = {k: np.zeros((len(te), n_classes)) for k in ks}
     for s in range(0, len(te), chunk):
         sim = te[s:s + chunk] @ tr.T
+        sim *= inv_te[s:s + chunk, None]
+        sim *= inv_tr[None, :]
         top = np.argpartition(-sim, kmax - 1, axis=1)[:, :kmax] if kmax < sim.shape[1] else \
             np.broadcast_to(np.arange(sim.shape[1]), sim.shape).copy()
         top_sim = np.take_along_axis(sim, top, 1)

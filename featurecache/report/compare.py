@@ -231,9 +231,12 @@ def compare(features, out_dir, *, heads=("logreg", "svm", "knn"), layers=(), ext
             f"classes {[first.classes[i] for i in unscored]} have no test images: the test "
             f"scores say nothing about them, and balanced accuracy averages over the others."))
     X_test = {key: ff.X(layer, "test") for key, (ff, layer) in jobs.items()}
-    preds = np.stack([tuned_pred[r.origin.folder] if r.tuned else
-                      fitted[((r.backbone, r.layer), r.head)].predict(X_test[(r.backbone, r.layer)])
-                      for r in rows])
+    import sklearn
+
+    with sklearn.config_context(working_memory=128):  # a k-NN head's distance blocks: 128 MB, not 1 GB
+        preds = np.stack([tuned_pred[r.origin.folder] if r.tuned else
+                          fitted[((r.backbone, r.layer), r.head)].predict(X_test[(r.backbone, r.layer)])
+                          for r in rows])
     metric = SCORING_METRIC[scoring]
     picked = [rows.index(winner), rows.index(best_frozen),
               rows.index(runner) if runner is not None else None]

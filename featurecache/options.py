@@ -226,6 +226,10 @@ COMPARE = (
     Option("n_jobs", int, -1, "parallel CV tasks (layers x folds): a count, or -1 for all "
            "cores", excluded=(0,)),
     Option("n_boot", int, 1000, "bootstrap resamples for the 95% intervals", low=1),
+    Option("max_head_minutes", float, 10.0, "skip a head on a layer where its search is "
+           "estimated above this many minutes on 2 cores (rbf svm, mlp and knn: cost models "
+           "measured by benchmarks/head_costs.py; the linear heads are never skipped); 0: "
+           "never skip", low=0),
 )
 # segment / detect: the dense probes (not pipeline tables)
 DENSE_HEADS = ("logreg", "knn")  # featurecache.dense.heads' registry (a test keeps them equal)

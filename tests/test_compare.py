@@ -169,3 +169,48 @@ def test_files_of_the_same_images_compare_by_resolved_path_and_name_the_seed(
     embed(image_folder, tmp_path / "c.h5", seed=1, **kw)
     with pytest.raises(FeaturecacheError, match=r"not of the same images.*--seed 1 \(the other: 0\)"):
         compare([tmp_path / "a.h5", tmp_path / "c.h5"], tmp_path / "r2", progress=False)
+
+
+def test_a_head_estimated_above_the_budget_is_skipped_with_its_reason(feats_path, tmp_path):
+    """knn's estimate on each layer (its own cost model, counted here from the file) against a
+    budget between the layers' estimates: skipped where above, run where below, said in the
+    warning, results.json and report.md; a budget every head exceeds is refused, by the
+    console script too (one line, exit 1, no report folder)."""
+    from featurecache import kinds
+
+    ff = open_features(feats_path)
+    rows = int(np.sum(np.asarray(ff.splits()) == "train"))
+    est = {layer: kinds.get("knn").search_minutes(rows, ff.layers[layer].dim)
+           for layer in ("stem", "avgpool")}
+    assert est["stem"] < est["avgpool"]  # knn's time grows with the features too
+    budget = float(np.sqrt(est["stem"] * est["avgpool"]))
+    with pytest.warns(UserWarning, match=r"knn on avgpool: skipped") as caught:
+        res = compare(feats_path, tmp_path / "r", heads=["logreg", "knn"],
+                      layers=["stem", "avgpool"], max_head_minutes=budget, progress=False,
+                      n_boot=50, n_jobs=1)
+    assert sorted((r["layer"], r["head"]) for r in res.rows) == \
+        [("avgpool", "logreg"), ("stem", "knn"), ("stem", "logreg")]
+    assert not [w for w in caught if "knn on stem" in str(w.message)]
+    summary = json.loads((tmp_path / "r" / "results.json").read_text())
+    (skip,) = summary["settings"]["skipped"]
+    assert (skip["layer"], skip["head"], skip["train_rows"], skip["features"]) == \
+        ("avgpool", "knn", rows, ff.layers["avgpool"].dim)
+    assert skip["estimated_minutes"] == est["avgpool"]
+    assert "Not run: knn on avgpool" in (tmp_path / "r" / "report.md").read_text()
+    # the same heads and layers with the default budget: every row (these are tiny)
+    full = compare(feats_path, tmp_path / "full", heads=["logreg", "knn"],
+                   layers=["stem", "avgpool"], progress=False, n_boot=50, n_jobs=1)
+    assert len(full.rows) == 4
+    same = {(r["layer"], r["head"]): r["cv_score"] for r in full.rows}
+    assert all(same[(r["layer"], r["head"])] == r["cv_score"] for r in res.rows)
+
+    with pytest.raises(FeaturecacheError, match="every head asked"):
+        compare(feats_path, tmp_path / "none", heads=["knn"], max_head_minutes=1e-12,
+                progress=False)
+    assert not (tmp_path / "none").exists()
+    r = subprocess.run([sys.executable, "-m", "featurecache.cli", "compare", str(feats_path),
+                        "--heads", "knn", "--max-head-minutes", "1e-12", "-o",
+                        str(tmp_path / "cli")], capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and "--max-head-minutes" in r.stderr
+    assert not (tmp_path / "cli").exists()

@@ -11,6 +11,8 @@ A kind is one object (a :class:`HeadKind`) that says, from one settings record o
 * its saved estimator: :meth:`~HeadKind.estimator` (the ``clf`` step after the scaler) and
   :meth:`~HeadKind.fit_params` (keyword arguments of its ``fit``);
 * its export: :meth:`~HeadKind.torch_head` (the fitted pipeline as a torch module);
+* its size: :meth:`~HeadKind.search_minutes` (an estimate of what it costs compare, for a
+  kind that is costly at scale; compare skips it above ``max_head_minutes``);
 * ``name``, ``cost`` (rank for the one-standard-error rule, cheaper first), ``default`` (in
   compare's default heads), ``skops_types`` (types beyond skops' defaults a saved head of this
   kind holds), ``dtype`` (the features' dtype in the CV and the refit).
@@ -142,6 +144,19 @@ class HeadKind:
             got = walk(path, fit_score)
             scores.extend(got + [None] * (len(path) - len(got)))
         return scores
+
+    # its size
+    def search_minutes(self, n_rows: int, n_features: int, kernel: str = "linear", *,
+                       folds: int = 5, **options):
+        """An estimate of what this kind costs compare on one layer of ``n_rows`` training rows
+        x ``n_features``: its search (``folds``-fold CV, both sweeps, the refit; ``options``:
+        the search's grid options, as :meth:`coarse_grid` takes them) and its predictions of
+        a quarter as many test rows, in minutes on 2 cores, from a cost model fitted to
+        ``benchmarks/head_costs.py``; None (the default) for a kind whose time grows linearly
+        in its rows (measured to 100,000 rows by ``benchmarks/heads.py --scale``), which is
+        never skipped. :func:`featurecache.report.compare`
+        skips a kind on a layer where this exceeds its ``max_head_minutes``, and says why."""
+        return None
 
     # the saved head
     def estimator(self, params: dict, fit: Fit):

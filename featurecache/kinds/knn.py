@@ -17,6 +17,11 @@ from .base import HeadKind
 class Settings:
     ks: tuple = (10, 20, 50)
     temperature: float = KNN_TEMPERATURE  # DINOv2's k-NN evaluation protocol (the saved head's)
+    # what it costs compare on 2 cores, 5 folds (benchmarks/head_costs.py, 2026-12-06: 10,000
+    # to 40,000 rows x 1,280): seconds = 2 + a rows x features + b rows^2 x features (every
+    # test row of a fold, and of the test split, meets every training row)
+    seconds_per_row_feature: float = 1.17e-8
+    seconds_per_row2_feature: float = 1.91e-11
 
 
 SETTINGS = Settings()
@@ -71,6 +76,12 @@ class Knn(HeadKind, name="knn", cost=0, default=True, settings=SETTINGS,
         votes = vote_scores(fold.Xtr, fold.ytr, fold.Xte, ks, fold.n_classes,
                             self.settings.temperature)
         return [fit.score(fold.yte, votes[min(p["k"], n)].argmax(1)) for p in grid]
+
+    def search_minutes(self, n_rows, n_features, kernel="linear", *, folds=5, **options):
+        st = self.settings
+        seconds = n_features * n_rows * (st.seconds_per_row_feature +
+                                         st.seconds_per_row2_feature * n_rows)
+        return (2 + seconds * folds / 5) / 60
 
     def estimator(self, params, fit):
         from sklearn.neighbors import KNeighborsClassifier

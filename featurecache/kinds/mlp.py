@@ -21,6 +21,13 @@ class Settings:
                                          # one Adam step per epoch, and early stopping ends it
                                          # before it learns
     early_share: float = 0.1             # the rows early stopping holds out
+    # what the search costs compare on 2 cores, 5 folds (benchmarks/head_costs.py, 2026-12-06:
+    # 1,000 to 4,000 rows x 1,280 and 1,000 x 80, widths 256 + 1024): seconds = (rows / 1000)
+    # ** power x (base_seconds + seconds_per_feature_unit x features x the widths' sum); rough, as
+    # early stopping decides the epochs
+    power: float = 1.16
+    base_seconds: float = 6.07
+    seconds_per_feature_unit: float = 5.10e-5
 
 
 SETTINGS = Settings()
@@ -56,6 +63,12 @@ class Mlp(HeadKind, name="mlp", cost=3, default=False, settings=SETTINGS,
         for p in grid:
             paths.setdefault(p["hidden"], []).append(p)
         return list(paths.values())
+
+    def search_minutes(self, n_rows, n_features, kernel="linear", *, folds=5, **options):
+        st, units = self.settings, sum(options.get("mlp_widths") or self.settings.widths)
+        seconds = (n_rows / 1000) ** st.power * (st.base_seconds + st.seconds_per_feature_unit *
+                                                 n_features * units)
+        return seconds * folds / 5 / 60
 
     def fold_fitter(self, fit, fold):
         from ..solvers import sample_weights

@@ -29,6 +29,13 @@ class Settings:
     primal_tol: float = 1e-4
     gamma_decades: tuple = (-2, -1, 0, 1)  # rbf: gamma = 10^e / n_features
     calibration_folds: int = 5             # at most (fewer when a class has fewer rows)
+    # what the rbf search costs compare on 2 cores, 5 folds (benchmarks/head_costs.py,
+    # 2026-12-06: 1,000 and 2,000 rows x 1,280, 1,000 x 80): seconds = (rows / 1000) **
+    # rbf_power x (rbf_seconds + rbf_seconds_per_feature x features); libsvm's kernel solver,
+    # whose C paths also grow longer with the rows
+    rbf_power: float = 2.95
+    rbf_seconds: float = 9.65
+    rbf_seconds_per_feature: float = 0.0293
 
     def primal(self) -> dict:
         return {"dual": self.primal_dual, "max_iter": self.primal_max_iter, "tol": self.primal_tol}
@@ -68,6 +75,15 @@ class Svm(HeadKind, name="svm", cost=2, default=True, settings=SETTINGS,
         for p in grid:
             paths.setdefault(p["gamma"], []).append(p)
         return list(paths.values())
+
+    def search_minutes(self, n_rows, n_features, kernel="linear", *, folds=5, **options):
+        """rbf only: the linear kernel grows linearly in its rows (never skipped)."""
+        if kernel != "rbf":
+            return None
+        st = self.settings
+        seconds = (n_rows / 1000) ** st.rbf_power * (st.rbf_seconds +
+                                                     st.rbf_seconds_per_feature * n_features)
+        return seconds * folds / 5 / 60
 
     def _svc(self, fit, kernel, **params):
         from sklearn.svm import SVC

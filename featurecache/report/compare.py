@@ -50,7 +50,7 @@ from .fewshot import check_shots, feasible_shots, refit_few_shot
 from .rows import FROZEN, FrozenHead, Row
 from .select import select_winner
 from .evaluate import score_on_test
-from .verdict import build_verdict, strategy_verdict
+from .verdict import build_verdict, format_minutes, strategy_verdict
 from .writers import ReportData, markdown_table, own_files, write_report
 
 __all__ = ["compare", "CompareResult", "SELECT", "select_winner"]
@@ -128,7 +128,7 @@ def compare(features, out_dir, *, heads=("logreg", "svm", "knn"), layers=(), ext
             select: str = "cv", class_weight: str | None = "none", seed: int = 0, n_jobs=-1,
             n_boot: int = 1000, shots=(), repeats: int = 3, overwrite: bool = False,
             progress: bool = True, cluster: str | None = None,
-            mlp_widths=(256, 1024), finetuned=()) -> CompareResult:
+            mlp_widths=(256, 1024), finetuned=(), max_head_minutes: float = 10.0) -> CompareResult:
     """Fit every head on every layer (of every file), pick a winner by CV, write the report.
 
     Args:
@@ -148,10 +148,15 @@ def compare(features, out_dir, *, heads=("logreg", "svm", "knn"), layers=(), ext
         finetuned: fine-tune folders (``featurecache finetune``) of the same images: each
             is a row (strategy ``fine-tune (cache|images)``) selected by its validation score
             beside the frozen heads' CV scores, with its margin over the best frozen head.
+        max_head_minutes: skip a head on a layer where its kind estimates its search above
+            this many minutes on 2 cores (:meth:`~featurecache.kinds.base.HeadKind.search_minutes`:
+            rbf svm, mlp and knn have cost models; the linear heads are never skipped), with a
+            warning and a line in the report that say why; 0: never skip.
 
     Raises:
         FeaturecacheError: the folder exists, a layer or head is unknown, the files are not
             of the same images, or there is no test split.
+        HeadError: every head asked is estimated above ``max_head_minutes`` on every layer.
     """
     from ..heads import Progress, fit_heads
 
@@ -187,6 +192,8 @@ def compare(features, out_dir, *, heads=("logreg", "svm", "knn"), layers=(), ext
     if len(set(folders)) < len(folders):
         raise FeaturecacheError(f"a fine-tune folder is given twice ({', '.join(map(str, finetuned))}"
                                 f"); give each once.")
+    groups, skipped = _within_budget(jobs, heads, kernel, cv, max_head_minutes,
+                                     mlp_widths=mlp_widths)
     from ..files import output_folder
 
     output_folder(out_dir, overwrite, "report")
@@ -195,10 +202,15 @@ def compare(features, out_dir, *, heads=("logreg", "svm", "knn"), layers=(), ext
         from ..distribute import connect
     t_fit = time.perf_counter()
     bar = Progress(progress, "compare (CV folds)")
+    fitted = {}
     with connect(cluster) if cluster is not None else contextlib.nullcontext() as client:
-        fitted = fit_heads(jobs, heads, kernel=kernel, cv=cv, scoring=scoring,
-                           class_weight=class_weight, seed=seed, n_jobs=n_jobs,
-                           progress=bar.update, client=client, mlp_widths=mlp_widths)
+        for i, (kinds, keys) in enumerate(groups.items()):  # one group unless a head is skipped
+            def step(done, total, i=i):
+                bar.update(i * total + done, len(groups) * total)
+            fitted.update(fit_heads({key: jobs[key] for key in keys}, kinds, kernel=kernel,
+                                    cv=cv, scoring=scoring, class_weight=class_weight,
+                                    seed=seed, n_jobs=n_jobs, progress=step, client=client,
+                                    mlp_widths=mlp_widths))
     bar.close()
     frozen_seconds = time.perf_counter() - t_fit
     rows = [_row(name, layer, kind, head, jobs) for ((name, layer), kind), head in fitted.items()]
@@ -261,6 +273,7 @@ def compare(features, out_dir, *, heads=("logreg", "svm", "knn"), layers=(), ext
     settings = {"scoring": scoring, "select": select, "cv": fitted[next(iter(fitted))].meta["cv"],
                 "heads": heads, "kernel": kernel, "class_weight": class_weight, "seed": seed,
                 "n_boot": n_boot, "shots": [str(s) for s in shots], "repeats": repeats,
+                "max_head_minutes": max_head_minutes, "skipped": skipped,
                 "seconds": round(time.perf_counter() - t0, 1)}
     data = ReportData(files=files, names=names, rows=rows, winner=winner, verdict=verdict,
                       confusion=cm, settings=settings, y_test=y_test, preds=preds,
@@ -274,6 +287,64 @@ def compare(features, out_dir, *, heads=("logreg", "svm", "knn"), layers=(), ext
 
     publish_folder(out_dir, write, legacy=own_files(out_dir))
     return CompareResult(rows, winner, verdict.markdown(), out_dir, verdict)
+
+
+def _within_budget(jobs, heads, kernel, cv, max_minutes, **grid_options):
+    """The heads each job (backbone, layer) runs, grouped as ``{kinds: [job keys]}``, and the
+    skipped ones: ``[{backbone, layer, head, estimated_minutes, train_rows, features}]``, each
+    warned about. A kind is skipped on a layer where its estimate of its search exceeds
+    ``max_minutes`` (0: none is).
+
+    Raises:
+        HeadError: every head is skipped on every layer.
+    """
+    import warnings
+
+    from .. import kinds as _kinds
+    from ..errors import DataWarning, option
+
+    groups, skipped = {}, []
+    for key, (ff, layer) in jobs.items():
+        splits = ff.splits()
+        val = splits.count("val")
+        rows, folds = splits.count("train") + val, 1 if val else cv
+        dim = sum(ff.layers[p].dim for p in layer.split("+"))
+        kept = []
+        for kind in heads:
+            minutes = _kinds.get(kind).search_minutes(rows, dim, kernel, folds=folds,
+                                                       **grid_options)
+            if not max_minutes or minutes is None or minutes <= max_minutes:
+                kept.append(kind)
+                continue
+            skipped.append({"backbone": key[0], "layer": layer, "head": kind,
+                            "estimated_minutes": minutes, "train_rows": rows,
+                            "features": dim})
+            name = f"{kind} ({kernel} kernel)" if kind == "svm" else kind
+            warnings.warn(DataWarning(
+                f"{name} on {layer}: skipped, it is estimated at {format_minutes(minutes)} on "
+                f"2 cores for {rows:,} training rows x {dim:,} features, above "
+                f"{option('max_head_minutes', max_minutes)}. To run it anyway, raise "
+                f"{option('max_head_minutes', _round_up(minutes))} (0: never skip)."),
+                stacklevel=4)
+        if kept:
+            groups.setdefault(tuple(kept), []).append(key)
+    if not groups:
+        worst = max(skipped, key=lambda s: s["estimated_minutes"])
+        raise HeadError(f"every head asked ({', '.join(heads)}) is estimated above "
+                        f"{option('max_head_minutes', max_minutes)} on every layer (up to "
+                        f"{format_minutes(worst['estimated_minutes'])} for {worst['head']}). Add a "
+                        f"linear head ({option('heads', ['logreg', 'svm'])}, never skipped), "
+                        f"or raise {option('max_head_minutes', _round_up(worst['estimated_minutes']))}.")
+    return groups, skipped
+
+
+def _round_up(minutes: float) -> int:
+    """A budget above an estimate, in round minutes (1.5x, then 2 significant digits)."""
+    import math
+
+    m = 1.5 * minutes
+    step = 10 ** max(int(math.log10(m)) - 1, 0)
+    return int(math.ceil(m / step) * step)
 
 
 def _head_file(r, several: bool) -> str:

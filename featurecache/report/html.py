@@ -163,7 +163,7 @@ def render(data) -> str:
 
     from ..plots import confusion_figure, depth_figure, few_shot_figure, recall_figure
     from .evaluate import per_class_recall
-    from .verdict import how_to_read
+    from .verdict import how_to_read, skipped_heads
 
     rows, winner, metric = data.rows, data.winner, data.metric
     n_train, n_test = data.split_counts
@@ -201,6 +201,7 @@ def render(data) -> str:
         f"<p>Features: {src}; {n_train} train / {n_test} test rows, {len(data.classes)} "
         f"classes.</p>",
         f'<p class="verdict">{verdict.html()}</p>',
+        *(f'<p class="note">{html.escape(line)}</p>' for line in skipped_heads(data.settings)),
         "<h2>Results</h2>",
         '<p class="note">Click a column to sort; the winner (chosen before the test split was '
         "read) is starred.</p>",

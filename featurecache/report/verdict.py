@@ -182,6 +182,19 @@ def verdict_text(rows, w, runner, scoring, select, several) -> str:
     return build_verdict(rows, w, runner, scoring, select, several).markdown()
 
 
+def format_minutes(minutes: float) -> str:
+    """``"12 min"``, ``"1,500 min"``; ``"40 s"`` below a minute."""
+    return f"{minutes:,.0f} min" if minutes >= 1 else f"{minutes * 60:.0f} s"
+
+
+def skipped_heads(settings) -> list:
+    """One sentence per head compare did not run on a layer (``max_head_minutes``)."""
+    return [f"Not run: {s['head']} on {s['layer']} (estimated at "
+            f"{format_minutes(s['estimated_minutes'])} on 2 cores for {s['train_rows']:,} "
+            f"training rows x {s['features']:,} features, above max_head_minutes "
+            f"{settings['max_head_minutes']:g})." for s in settings.get("skipped", ())]
+
+
 def how_to_read(data) -> str:
     """The paragraph under the table: what was chosen how, what the intervals are."""
     settings = data.settings

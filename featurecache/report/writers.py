@@ -16,7 +16,7 @@ from pathlib import Path
 from .data import ReportData
 from .rows import format_params
 from .html import Html
-from .verdict import how_to_read
+from .verdict import how_to_read, skipped_heads
 
 __all__ = ["write_report", "own_files", "markdown_table", "ReportData", "WRITERS",
            "REPORT_FILES"]
@@ -106,8 +106,9 @@ class Markdown:
         plots = "![score vs depth](layer_depth.png)\n\n"
         if settings["shots"]:
             plots += "![score vs labelled images per class](few_shot.png)\n\n"
+        skipped = "".join(f"{line}\n\n" for line in skipped_heads(settings))
         md = (f"# Layer-depth comparison\n\nFeatures: {src}; {n_train} train / {n_test} test "
-              f"rows, {len(data.classes)} classes.\n\n{data.verdict.markdown()}\n\n"
+              f"rows, {len(data.classes)} classes.\n\n{data.verdict.markdown()}\n\n{skipped}"
               f"{markdown_table(rows, winner)}\n{how_to_read(data)}"
               f"\n\n{plots}![confusion matrix of the winner](confusion.png)\n")
         (folder / "report.md").write_text(md)

@@ -149,7 +149,8 @@ class HeadKind:
     def search_minutes(self, n_rows: int, n_features: int, kernel: str = "linear", *,
                        folds: int = 5, **options):
         """An estimate of what this kind costs compare on one layer of ``n_rows`` training rows
-        x ``n_features``: its search (``folds``-fold CV, both sweeps, the refit; ``options``:
+        x ``n_features``: its search (``folds``-fold CV, both sweeps, the refit, which costs
+        about as much as a fold; ``options``:
         the search's grid options, as :meth:`coarse_grid` takes them) and its predictions of
         a quarter as many test rows, in minutes on 2 cores, from a cost model fitted to
         ``benchmarks/head_costs.py``; None (the default) for a kind whose time grows linearly

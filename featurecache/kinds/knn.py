@@ -81,7 +81,7 @@ class Knn(HeadKind, name="knn", cost=0, default=True, settings=SETTINGS,
         st = self.settings
         seconds = n_features * n_rows * (st.seconds_per_row_feature +
                                          st.seconds_per_row2_feature * n_rows)
-        return (2 + seconds * folds / 5) / 60
+        return (2 + seconds * (folds + 1) / 6) / 60
 
     def estimator(self, params, fit):
         from sklearn.neighbors import KNeighborsClassifier

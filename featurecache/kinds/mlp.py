@@ -68,7 +68,7 @@ class Mlp(HeadKind, name="mlp", cost=3, default=False, settings=SETTINGS,
         st, units = self.settings, sum(options.get("mlp_widths") or self.settings.widths)
         seconds = (n_rows / 1000) ** st.power * (st.base_seconds + st.seconds_per_feature_unit *
                                                  n_features * units)
-        return seconds * folds / 5 / 60
+        return seconds * (folds + 1) / 6 / 60
 
     def fold_fitter(self, fit, fold):
         from ..solvers import sample_weights

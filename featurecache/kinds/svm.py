@@ -83,7 +83,7 @@ class Svm(HeadKind, name="svm", cost=2, default=True, settings=SETTINGS,
         st = self.settings
         seconds = (n_rows / 1000) ** st.rbf_power * (st.rbf_seconds +
                                                      st.rbf_seconds_per_feature * n_features)
-        return seconds * folds / 5 / 60
+        return seconds * (folds + 1) / 6 / 60
 
     def _svc(self, fit, kernel, **params):
         from sklearn.svm import SVC

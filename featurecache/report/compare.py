@@ -204,9 +204,11 @@ def compare(features, out_dir, *, heads=("logreg", "svm", "knn"), layers=(), ext
     bar = Progress(progress, "compare (CV folds)")
     fitted = {}
     with connect(cluster) if cluster is not None else contextlib.nullcontext() as client:
-        for i, (kinds, keys) in enumerate(groups.items()):  # one group unless a head is skipped
-            def step(done, total, i=i):
-                bar.update(i * total + done, len(groups) * total)
+        before, n_keys = 0, sum(map(len, groups.values()))
+        for kinds, keys in groups.items():  # one group unless a head is skipped on some layers
+            def step(done, total, before=before, n=len(keys)):  # tasks scale with the jobs
+                bar.update(round((before * total / n) + done), round(n_keys * total / n))
+            before += len(keys)
             fitted.update(fit_heads({key: jobs[key] for key in keys}, kinds, kernel=kernel,
                                     cv=cv, scoring=scoring, class_weight=class_weight,
                                     seed=seed, n_jobs=n_jobs, progress=step, client=client,
@@ -304,10 +306,12 @@ def _within_budget(jobs, heads, kernel, cv, max_minutes, **grid_options):
     from ..errors import DataWarning, option
 
     groups, skipped = {}, []
+    several = len({key[0] for key in jobs}) > 1
     for key, (ff, layer) in jobs.items():
         splits = ff.splits()
         val = splits.count("val")
-        rows, folds = splits.count("train") + val, 1 if val else cv
+        smallest = int(np.unique(ff.y("train"), return_counts=True)[1].min())  # as make_folds
+        rows, folds = splits.count("train") + val, 1 if val else max(2, min(cv, smallest))
         dim = sum(ff.layers[p].dim for p in layer.split("+"))
         kept = []
         for kind in heads:
@@ -316,12 +320,13 @@ def _within_budget(jobs, heads, kernel, cv, max_minutes, **grid_options):
             if not max_minutes or minutes is None or minutes <= max_minutes:
                 kept.append(kind)
                 continue
+            name = f"{kind} ({kernel} kernel)" if kind == "svm" else kind
+            where = f"{key[0]} {layer}" if several else layer
             skipped.append({"backbone": key[0], "layer": layer, "head": kind,
                             "estimated_minutes": minutes, "train_rows": rows,
-                            "features": dim})
-            name = f"{kind} ({kernel} kernel)" if kind == "svm" else kind
+                            "features": dim, "text": f"{name} on {where}"})
             warnings.warn(DataWarning(
-                f"{name} on {layer}: skipped, it is estimated at {format_minutes(minutes)} on "
+                f"{name} on {where}: skipped, it is estimated at {format_minutes(minutes)} on "
                 f"2 cores for {rows:,} training rows x {dim:,} features, above "
                 f"{option('max_head_minutes', max_minutes)}. To run it anyway, raise "
                 f"{option('max_head_minutes', _round_up(minutes))} (0: never skip)."),
@@ -330,11 +335,12 @@ def _within_budget(jobs, heads, kernel, cv, max_minutes, **grid_options):
             groups.setdefault(tuple(kept), []).append(key)
     if not groups:
         worst = max(skipped, key=lambda s: s["estimated_minutes"])
+        linear = ["logreg"] if kernel == "rbf" else ["logreg", "svm"]
         raise HeadError(f"every head asked ({', '.join(heads)}) is estimated above "
                         f"{option('max_head_minutes', max_minutes)} on every layer (up to "
-                        f"{format_minutes(worst['estimated_minutes'])} for {worst['head']}). Add a "
-                        f"linear head ({option('heads', ['logreg', 'svm'])}, never skipped), "
-                        f"or raise {option('max_head_minutes', _round_up(worst['estimated_minutes']))}.")
+                        f"{format_minutes(worst['estimated_minutes'])} for {worst['text']}). "
+                        f"Add a linear head ({option('heads', linear)}, never skipped), or "
+                        f"raise {option('max_head_minutes', _round_up(worst['estimated_minutes']))}.")
     return groups, skipped
 
 

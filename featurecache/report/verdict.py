@@ -189,7 +189,7 @@ def format_minutes(minutes: float) -> str:
 
 def skipped_heads(settings) -> list:
     """One sentence per head compare did not run on a layer (``max_head_minutes``)."""
-    return [f"Not run: {s['head']} on {s['layer']} (estimated at "
+    return [f"Not run: {s['text']} (estimated at "
             f"{format_minutes(s['estimated_minutes'])} on 2 cores for {s['train_rows']:,} "
             f"training rows x {s['features']:,} features, above max_head_minutes "
             f"{settings['max_head_minutes']:g})." for s in settings.get("skipped", ())]

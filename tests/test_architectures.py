@@ -76,6 +76,7 @@ def test_swin_features_are_nhwc_and_pooled_over_the_right_axes():
     torch.testing.assert_close(got, raw.amax((1, 2)))
 
 
+@pytest.mark.slow
 def test_vit_tokens_cls_and_mean_differ_and_match_hand_computation():
     bb = load_backbone("vit_b_16", weights="none")
     cls_spec, = resolve_layers(bb, ["encoder.layers.encoder_layer_3"], token_pool="cls")

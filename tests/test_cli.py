@@ -32,6 +32,7 @@ def test_layers_lists_names_kinds_widths(runner):
     assert "blocks.10" in table and "stage4" in table and "storable layers" in table
 
 
+@pytest.mark.slow
 def test_embed_then_info(runner, image_folder, tmp_path):
     out = tmp_path / "f.h5"
     args = ["embed", str(image_folder), "-o", str(out), "--layer",
@@ -47,6 +48,7 @@ def test_embed_then_info(runner, image_folder, tmp_path):
     assert "rebuild: featurecache embed" in r.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,code,message", [
     (["embed", "builtin:digits", "-o", "{tmp}/f.h5", "--layer", "blocks.99", "--weights", "none"], 1,
      "close matches: blocks.9"),

@@ -54,6 +54,7 @@ def world(tmp_path, image_folder, feats_path):
     return w, image_folder, feats_path, red, torch.cuda.is_available()
 
 
+@pytest.mark.slow
 def test_a_table_of_bad_invocations(world):
     w, images, feats, red, has_gpu = world
     out = str(w / "out.h5")
@@ -121,6 +122,7 @@ def test_a_table_of_bad_invocations(world):
     assert (w / "run" / "features.h5").read_bytes() == feats.read_bytes()
 
 
+@pytest.mark.slow
 def test_a_name_with_brackets_is_a_file_not_a_pattern(world):
     w, images, feats, red, _ = world
     odd = w / "photo [1].png"
@@ -145,6 +147,7 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(feats_path):
     assert r.returncode == 141 and r.stderr == "", r.stderr
 
 
+@pytest.mark.slow
 def test_a_file_of_a_finetune_folder_given_as_a_head_points_at_the_folder(feats_path, tmp_path):
     """Issue 22, item 15: `score ft/summary.json F` said "cannot read ... (KeyError: 123)"."""
     ft = tmp_path / "ft"

@@ -87,6 +87,7 @@ def local_cluster():
         yield cluster
 
 
+@pytest.mark.slow
 def test_a_clustered_embed_equals_one_process(images, reference, tmp_path):
     out = tmp_path / "feats.h5"
     r = embed(images, out, cluster="local:2", shards=3, **KW)
@@ -108,6 +109,7 @@ def test_a_clustered_embed_equals_one_process(images, reference, tmp_path):
     assert again.already_complete and again.n_rows == 30
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_retried_and_its_shard_resumes(images, reference, local_cluster,
                                                            tmp_path):
     from distributed import Client
@@ -136,6 +138,7 @@ def test_a_killed_worker_is_retried_and_its_shard_resumes(images, reference, loc
     assert_as_one_process(reference, out)
 
 
+@pytest.mark.slow
 def test_a_killed_client_reruns_only_what_is_left(images, reference, tmp_path):
     out = tmp_path / "feats.h5"
     cmd = [sys.executable, "-m", "featurecache.cli", "embed", str(images), "-o", str(out),
@@ -160,6 +163,7 @@ def test_a_killed_client_reruns_only_what_is_left(images, reference, tmp_path):
     assert_as_one_process(reference, out)
 
 
+@pytest.mark.slow
 def test_compare_on_the_cluster_gives_the_local_table(reference, tmp_path):
     from featurecache.report import compare
 
@@ -172,6 +176,7 @@ def test_compare_on_the_cluster_gives_the_local_table(reference, tmp_path):
     assert local.winner == remote.winner
 
 
+@pytest.mark.slow
 def test_bad_cluster_requests_fail_fast_and_clearly(images, tmp_path):
     t = time.monotonic()
     res = subprocess.run([sys.executable, "-m", "featurecache.cli", "embed", str(images), "-o",
@@ -192,6 +197,7 @@ def test_bad_cluster_requests_fail_fast_and_clearly(images, tmp_path):
     assert keep.read_text() == "path,label\n"
 
 
+@pytest.mark.slow
 def test_a_pipeline_with_a_cluster_table_runs_sharded(tmp_path):
     from featurecache.pipeline import load_pipeline, run_pipeline
 
@@ -216,6 +222,7 @@ shards = 2
     assert record["embed"]["rows"] == 80 and (tmp_path / "run" / "report" / "report.md").exists()
 
 
+@pytest.mark.slow
 def test_one_worker_runs_two_shards_at_once(images, reference, tmp_path):
     """One worker process with two threads gets both shards at once (the README's `dask worker
     --nthreads 4` too): torch.fx tracing in one thread broke the other's forward pass
@@ -234,6 +241,7 @@ def _stamps(folder):
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
 
 
+@pytest.mark.slow
 def test_an_overwrite_keeps_the_old_file_until_the_new_one_is_joined(images, reference,
                                                                     local_cluster, tmp_path,
                                                                     monkeypatch):
@@ -332,6 +340,7 @@ def test_a_clustered_embed_killed_at_its_renames_and_unlinks(images, local_clust
             shutil.copytree(snapshot / folder.name, folder)
 
 
+@pytest.mark.slow
 def test_options_a_clustered_embed_would_ignore_are_refused(images, tmp_path):
     for args, says in [
             (["--shard", "1/2", "--cluster", "local:1"],
@@ -348,6 +357,7 @@ def test_options_a_clustered_embed_would_ignore_are_refused(images, tmp_path):
         embed(images, tmp_path / "f.h5", cluster="local:1", shard=(1, 2), **KW)
 
 
+@pytest.mark.slow
 def test_an_address_dask_cannot_parse_exits_cleanly(images, tmp_path):
     res = _cli("embed", images, "-o", tmp_path / "f.h5", "--cluster", "bogus", "-q")
     assert res.returncode == 1, res.stderr

@@ -110,6 +110,7 @@ def test_a_kill_or_full_disk_at_any_write_then_resume_is_bit_identical(crash_set
             out.unlink()
 
 
+@pytest.mark.slow
 def test_after_a_failed_commit_nothing_more_is_committed(crash_setup, tmp_path, tiny_backbone,
                                                          monkeypatch):
     root, _, _ = crash_setup
@@ -143,6 +144,7 @@ def test_after_a_failed_commit_nothing_more_is_committed(crash_setup, tmp_path, 
     np.testing.assert_array_equal(done.X("avgpool"), open_features(ref).X("avgpool"))
 
 
+@pytest.mark.slow
 def test_the_final_file_does_not_depend_on_where_a_run_stopped(crash_setup, tmp_path,
                                                                 tiny_backbone, monkeypatch):
     """An error outside the store (here in the forward pass) commits the rows queued so far,
@@ -165,6 +167,7 @@ def test_the_final_file_does_not_depend_on_where_a_run_stopped(crash_setup, tmp_
     assert out.read_bytes() == expected
 
 
+@pytest.mark.slow
 def test_readers_and_a_second_writer_during_an_embed(crash_setup, tmp_path):
     root, script, env = crash_setup
     out = tmp_path / "f.h5"

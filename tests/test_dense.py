@@ -99,6 +99,7 @@ def test_a_dense_folder_is_embedded_whole_with_its_masks_and_boxes(tmp_path, tin
                                rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_targets_resume_and_join_to_what_one_run_stores(tmp_path, tiny_backbone):
     """A run killed in the middle resumes to the same masks and boxes; shards joined
     (virtual or copied) hold the same targets as one file."""
@@ -381,6 +382,7 @@ def _broken(root: Path, what: str) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what, fragment", [
     ("no mask", "have no mask in"),
     ("no image", "have no image in"),
@@ -399,6 +401,7 @@ def test_a_bad_dense_input_is_one_line(what, fragment, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_probe_of_a_file_without_masks_or_maps_is_one_line(tmp_path, feats_path, tiny_backbone):
     root = _scenes(tmp_path / "scenes", boxes=False)
     nomaps = tmp_path / "nomaps.h5"

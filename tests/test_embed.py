@@ -83,6 +83,7 @@ def test_plain_h5py_can_read_the_file(image_folder, tiny_backbone, tmp_path):
         assert json.loads(f.attrs["layers"]) == LAYERS
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_identical_file(image_folder, tiny_backbone, tmp_path, monkeypatch):
     ref = tmp_path / "ref.h5"
     run(image_folder, ref, tiny_backbone)
@@ -151,6 +152,7 @@ def test_kill_9_then_rerun_gives_identical_file(tmp_path, tiny_backbone):
     assert_same_file(ref, out)
 
 
+@pytest.mark.slow
 def test_complete_file_is_not_recomputed_and_mismatch_is_refused(image_folder, tiny_backbone, tmp_path):
     out = tmp_path / "f.h5"
     run(image_folder, out, tiny_backbone)
@@ -164,6 +166,7 @@ def test_complete_file_is_not_recomputed_and_mismatch_is_refused(image_folder, t
     assert list(open_features(out).layers) == ["avgpool"] and r.n_rows == 18
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_skipped_and_logged(image_folder, tiny_backbone, tmp_path):
     (image_folder / "red" / "empty.png").write_bytes(b"")
     (image_folder / "red" / "notes.jpg").write_text("this is text, not a jpeg")
@@ -225,6 +228,7 @@ def test_split_folders_and_manifest(tmp_path, tiny_backbone):
     assert r.n_rows == 15 and open_features(tmp_path / "f.h5").splits().count("train") == 9
 
 
+@pytest.mark.slow
 def test_shards_are_disjoint_and_cover_everything(image_folder, tiny_backbone, tmp_path):
     paths = []
     for i in range(3):
@@ -292,6 +296,7 @@ def test_float16_underflow_is_warned(tmp_path, image_folder):
         run(image_folder, tmp_path / "f.h5", bb, layers=["avgpool"], max_per_class=1)
 
 
+@pytest.mark.slow
 def test_shards_join_into_one_virtual_file(image_folder, tiny_backbone, tmp_path, monkeypatch):
     from featurecache.errors import StoreError
     from featurecache.store import join_shards
@@ -315,6 +320,7 @@ def test_shards_join_into_one_virtual_file(image_folder, tiny_backbone, tmp_path
         join_shards([shard_dir / "s0.h5", tmp_path / "half.h5"], tmp_path / "x.h5")
 
 
+@pytest.mark.slow
 def test_a_rerun_that_assembles_the_final_file_says_so(image_folder, tiny_backbone, tmp_path,
                                                        monkeypatch):
     """Issue 22, item 15: a run killed after its last commit, before the final file was

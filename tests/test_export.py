@@ -74,6 +74,7 @@ def _meta(path):
     return sess, meta
 
 
+@pytest.mark.slow
 def test_a_head_on_the_small_fixture_exports_as_predict_predicts(feats_path, image_folder,
                                                                    tmp_path):
     """The fast part of the suite's export check (64 px, synthetic colours, an a+b head)."""
@@ -238,6 +239,7 @@ def test_a_finetune_exports_and_runs_under_onnxruntime_and_plain_torch(clip, tmp
     np.testing.assert_allclose(np.load(tmp_path / "pt2.npy"), want, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_what_cannot_be_exported_is_one_line_and_leaves_no_file(feats_path, tmp_path):
     clip = feats_path
     rbf = fit_head(clip, "avgpool", "svm", kernel="rbf", n_jobs=1).save(tmp_path / "rbf.joblib")
@@ -259,6 +261,7 @@ def test_what_cannot_be_exported_is_one_line_and_leaves_no_file(feats_path, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5", "imgs", "lr.joblib", "rbf.joblib"]
 
 
+@pytest.mark.slow
 def test_a_file_that_disagrees_with_the_model_is_not_kept(feats_path, tmp_path, monkeypatch):
     """The check after writing: a file whose outputs drift is refused, nothing left behind."""
     from featurecache import export as ex
@@ -313,6 +316,7 @@ def test_torch_heads_equal_the_pipelines_on_features_with_large_means(tmp_path):
             assert err < 5e-5, (n_classes, type(est).__name__, err)  # old fold: 7.9e-5
 
 
+@pytest.mark.slow
 def test_export_refuses_to_write_over_its_model_and_a_file_it_cannot_run(feats_path, tmp_path,
                                                                          monkeypatch):
     from featurecache import export as ex

@@ -43,6 +43,7 @@ def tuned(clip, tmp_path_factory):
     return r
 
 
+@pytest.mark.slow
 def test_the_top_blocks_reproduce_the_stored_final_layer(clip):
     from featurecache.backbones import backbone_for
     from featurecache.topblocks import split_top
@@ -94,6 +95,7 @@ def test_the_folded_probe_predicts_what_the_logistic_head_predicts(n_classes):
     assert proba[:, n_classes].max() < 1e-6
 
 
+@pytest.mark.slow
 def test_step_zero_is_the_probe_and_training_lowers_the_loss(tuned, clip):
     h = tuned.history
     assert [e["epoch"] for e in h] == [0, 1, 2, 3, 4]
@@ -138,6 +140,7 @@ def test_the_checkpoint_reloads_and_images_predict_as_the_cache(tuned, clip):
     assert (tuned.out_dir / "curve.png").stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_compare_reports_the_strategies_side_by_side(tuned, clip, tmp_path):
     from featurecache.report import compare
 
@@ -192,6 +195,7 @@ def test_compare_refuses_a_finetune_of_other_images(tuned, tmp_path, tiny_backbo
                 progress=False)
 
 
+@pytest.mark.slow
 def test_finetune_from_images_with_augmentation(tmp_path, tiny_backbone):
     from featurecache.finetune import finetune
 
@@ -203,6 +207,7 @@ def test_finetune_from_images_with_augmentation(tmp_path, tiny_backbone):
     assert r.test["n"] == 6 and r.test["accuracy"] >= 0.5  # colour classes: easy
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_refused_naming_the_fix(clip, tuned, tmp_path, tiny_backbone):
     from featurecache.finetune import finetune
 
@@ -226,6 +231,7 @@ def test_bad_inputs_are_refused_naming_the_fix(clip, tuned, tmp_path, tiny_backb
     assert p.returncode == 1 and "--overwrite" in p.stderr
 
 
+@pytest.mark.slow
 def test_a_checkpoint_is_refused_on_maps_made_otherwise(tuned, tmp_path, tiny_backbone):
     import dataclasses
 
@@ -252,6 +258,7 @@ def test_a_checkpoint_is_refused_on_maps_made_otherwise(tuned, tmp_path, tiny_ba
         ft.evaluate(tmp_path / "r.h5")
 
 
+@pytest.mark.slow
 def test_a_pipeline_fine_tunes_from_the_cache_and_reports_it(tmp_path):
     from featurecache.errors import PipelineError
     from featurecache.pipeline import load_pipeline, run_pipeline
@@ -282,6 +289,7 @@ epochs = 2
     assert [r["strategy"] for r in saved["rows"]] == ["frozen", "fine-tune (cache)"]
 
 
+@pytest.mark.slow
 def test_a_seeded_fine_tune_is_reproducible(clip, tmp_path):
     from featurecache.finetune import finetune
 
@@ -294,6 +302,7 @@ def test_a_seeded_fine_tune_is_reproducible(clip, tmp_path):
     assert other.history[1]["train_loss"] != runs[0].history[1]["train_loss"]
 
 
+@pytest.mark.slow
 def test_the_from_layer_is_checked_before_the_stored_maps(clip, tmp_path):
     from featurecache.finetune import finetune
 
@@ -314,6 +323,7 @@ def test_the_from_layer_is_checked_before_the_stored_maps(clip, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_tiny_training_sets_are_named(tmp_path, tiny_backbone):
     from featurecache.errors import DataWarning
     from featurecache.finetune import finetune
@@ -381,6 +391,7 @@ keep_map = ["stage4", "avgpool"]
         check_pipeline(plan)  # the dry run refuses what the run would
 
 
+@pytest.mark.slow
 def test_a_finetune_that_kept_its_probe_is_no_candidate(tuned, clip, tmp_path):
     import shutil
 
@@ -428,6 +439,7 @@ def test_the_top_blocks_learn_and_the_backbone_and_batchnorm_stay_frozen(clip):
         [k for k in backbone_before if not torch.equal(backbone_before[k], backbone_after[k])]
 
 
+@pytest.mark.slow
 def test_a_pooled_map_is_refused_for_fine_tuning(tmp_path, tiny_backbone):
     from featurecache.finetune import finetune
 
@@ -438,6 +450,7 @@ def test_a_pooled_map_is_refused_for_fine_tuning(tmp_path, tiny_backbone):
         finetune(tmp_path / "p.h5", tmp_path / "a", progress=False)
 
 
+@pytest.mark.slow
 def test_a_class_without_training_rows_is_refused(tmp_path, tiny_backbone):
     """As fit-head and compare: a class that only occurs in the test split cannot be learned
     (issue 22, item 12); the console script says so in one line, writes nothing."""
@@ -459,6 +472,7 @@ def test_a_class_without_training_rows_is_refused(tmp_path, tiny_backbone):
     assert not (tmp_path / "ft").exists()
 
 
+@pytest.mark.slow
 def test_a_probe_no_epoch_beats_is_refit_on_all_training_rows(clip, tmp_path):
     """Epochs that do not beat the probe beyond the validation fold's noise leave the probe
     (issue 22, item 10), and the final model is refit on every training row: its test
@@ -504,6 +518,7 @@ def test_an_epoch_replaces_the_probe_only_beyond_the_fold_noise(tuned):
     assert score == pytest.approx(tuned.val_score)
 
 
+@pytest.mark.slow
 def test_compare_scores_every_candidate_on_the_same_rows(tuned, clip, tmp_path):
     """compare --finetuned chooses on the fine-tune's validation fold for every candidate
     (issue 22, item 11): each frozen head refit on the other training rows with its CV
@@ -534,6 +549,7 @@ def test_compare_scores_every_candidate_on_the_same_rows(tuned, clip, tmp_path):
     assert "selection score" in res.table()
 
 
+@pytest.mark.slow
 def test_the_same_images_through_a_symlinked_folder_are_the_same(tmp_path, tiny_backbone):
     """compare --finetuned matches a fine-tune's test images by resolved path, and names the
     setting that differs when they are not the same (issue 22, item 14)."""
@@ -555,6 +571,7 @@ def test_the_same_images_through_a_symlinked_folder_are_the_same(tmp_path, tiny_
                 finetuned=[tmp_path / "ft1"], progress=False)
 
 
+@pytest.mark.slow
 def test_a_library_fine_tune_leaves_torchs_global_random_state_as_it_was(clip, tmp_path):
     """finetune draws from its own seed (torch.random.fork_rng), so a library caller's torch
     random state is neither reseeded nor advanced, also by a call that fails; and the caller's
@@ -576,6 +593,7 @@ def test_a_library_fine_tune_leaves_torchs_global_random_state_as_it_was(clip, t
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow
 def test_a_head_and_a_finetune_are_one_kind_of_saved_model(tuned, clip, tmp_path):
     """persist.Head and checkpoint.Finetuned answer the same protocol (saved.SavedModel):
     load_model opens either file, each names the differing field, evaluates a feature file

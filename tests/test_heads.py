@@ -159,6 +159,7 @@ def test_mlp_head_searches_width_and_alpha_and_learns_a_nonlinear_rule(tmp_path)
     assert pipe[-1].hidden_layer_sizes == (params["hidden"],) and pipe[-1].alpha == params["alpha"]
 
 
+@pytest.mark.slow
 def test_mlp_head_is_saved_like_the_others(feats, tmp_path):
     head = fit_head(feats, "avgpool", "mlp", mlp_widths=[32], class_weight="balanced")
     assert (head.predict(feats.X("avgpool", "test")) == feats.y("test")).mean() >= 0.8

@@ -64,6 +64,7 @@ def _chromium(url, *flags):
     return run
 
 
+@pytest.mark.slow
 def test_report_html_is_self_contained_and_byte_stable(report, feats_path, tmp_path):
     page = (report.out_dir / "report.html").read_text()
     # no network reference: no URL of any scheme, no external script, style sheet or image
@@ -82,6 +83,7 @@ def test_report_html_is_self_contained_and_byte_stable(report, feats_path, tmp_p
         (again.out_dir / "report.html").resolve().parent.name  # two runs, two versions
 
 
+@pytest.mark.slow
 def test_report_html_sorts_and_marks_the_winner_in_a_browser(report, tmp_path):
     (tmp_path / "harness.html").write_text(HARNESS.replace("REPORT", "rep/report.html"))
     run = _chromium(f"file://{tmp_path / 'harness.html'}", "--allow-file-access-from-files",
@@ -101,6 +103,7 @@ def test_report_html_sorts_and_marks_the_winner_in_a_browser(report, tmp_path):
     assert not [l for l in console if "report.html" in l], console
 
 
+@pytest.mark.slow
 def test_report_html_opens_sorted_from_its_link_and_renders(report, tmp_path):
     """``report.html#sort=cv-asc`` (a link that keeps the order) and a screenshot that is
     not blank."""

@@ -224,6 +224,7 @@ def test_data_that_compare_cannot_use_is_refused_before_any_image_is_decoded(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cv_cut_and_no_signal_are_said(tmp_path, tiny_backbone):
     from featurecache.heads import fit_head
 
@@ -302,6 +303,7 @@ def test_a_linked_folder_cannot_count_an_image_twice(tmp_path):
         open_source(tmp_path / "d")
 
 
+@pytest.mark.slow
 def test_few_shot_sizes_beyond_the_data_are_said(feats_path, tmp_path):
     from featurecache.report import compare
 

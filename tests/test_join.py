@@ -48,6 +48,7 @@ def _inverted(folder: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_a_joined_file_refuses_a_shard_replaced_by_other_images(shards, image_folder,
                                                                  tmp_path):
     (p0, p1), kw = shards
@@ -81,6 +82,7 @@ def test_a_joined_file_refuses_a_shard_replaced_by_other_images(shards, image_fo
     assert after.paths() == before.paths() and after.y().tolist() == before.y().tolist()
 
 
+@pytest.mark.slow
 def test_a_shard_embedded_again_with_the_same_settings_is_refused_too(shards, image_folder,
                                                                       tmp_path):
     (p0, p1), kw = shards
@@ -107,6 +109,7 @@ def test_a_joined_file_made_before_the_record_still_opens(shards, tmp_path):
         ff.X("avgpool"), np.concatenate([open_features(p).X("avgpool") for p in (p0, p1)]))
 
 
+@pytest.mark.slow
 def test_a_shard_resumed_from_an_old_header_keeps_one_creation_id(image_folder, tiny_backbone,
                                                                    tmp_path):
     """A run started by a featurecache that wrote no creation id gets one derived from its
@@ -146,6 +149,7 @@ def _count(args, env, syscall) -> int:
     return int(line.split()[3]) if line else 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(STRACE is None, reason="needs strace")
 def test_a_join_killed_at_a_rename_unlink_or_write_leaves_the_old_or_the_new_file(
         shards, tmp_path):

@@ -61,6 +61,7 @@ def check_kind(kind: HeadKind, files, tmp_path) -> None:
             again.check_compatible(other.layer_provenance("avgpool"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", kinds.names())
 def test_every_registered_kind_keeps_the_head_contract(name, files, tmp_path):
     check_kind(kinds.get(name), files, tmp_path)

@@ -31,6 +31,7 @@ def test_graph_nodes_are_accepted_beyond_module_names(tiny_backbone):
     assert (spec.kind, spec.dim) == ("map", 144)
 
 
+@pytest.mark.slow
 def test_multi_layer_pass_equals_single_layer_passes(tiny_backbone):
     specs = resolve_layers(tiny_backbone, ["stem", "blocks.5", "blocks.10", "avgpool"])
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))

@@ -58,6 +58,7 @@ def test_a_stored_map_is_the_layer_before_pooling(image_folder, tiny_backbone, t
     assert "map stage4" in info.stdout and "MiB on disk" in info.stdout
 
 
+@pytest.mark.slow
 def test_map_size_average_pools_the_stored_map(image_folder, tiny_backbone, tmp_path):
     full = open_features(run(image_folder, tmp_path / "a.h5", tiny_backbone).path)
     small = open_features(run(image_folder, tmp_path / "b.h5", tiny_backbone, map_size=2).path)
@@ -69,6 +70,7 @@ def test_map_size_average_pools_the_stored_map(image_folder, tiny_backbone, tmp_
     assert full.provenance["fingerprint"] != small.provenance["fingerprint"]
 
 
+@pytest.mark.slow
 def test_a_run_with_maps_resumes_to_the_same_bytes(image_folder, tiny_backbone, tmp_path,
                                                    monkeypatch):
     ref = tmp_path / "ref.h5"
@@ -85,6 +87,7 @@ def test_a_run_with_maps_resumes_to_the_same_bytes(image_folder, tiny_backbone, 
     np.testing.assert_array_equal(a.X("avgpool"), b.X("avgpool"))
 
 
+@pytest.mark.slow
 def test_maps_survive_a_join(image_folder, tiny_backbone, tmp_path):
     ref = open_features(run(image_folder, tmp_path / "all.h5", tiny_backbone).path)
     parts = [run(image_folder, tmp_path / f"s{i}.h5", tiny_backbone, shard=(i, 2)).path
@@ -102,6 +105,7 @@ def test_maps_survive_a_join(image_folder, tiny_backbone, tmp_path):
                                       shard.map_rows("stage4", [shard.n_rows - 1]))
 
 
+@pytest.mark.slow
 def test_bad_map_requests_are_named(image_folder, tiny_backbone, tmp_path):
     with pytest.raises(OptionError, match="'classifier' is a vector layer, not a feature map"):
         run(image_folder, tmp_path / "x.h5", tiny_backbone, keep_map=["classifier"])
@@ -115,6 +119,7 @@ def test_bad_map_requests_are_named(image_folder, tiny_backbone, tmp_path):
         ff.map_rows("stage4", [0])
 
 
+@pytest.mark.slow
 def test_adding_a_map_to_an_existing_file_names_the_maps(image_folder, tiny_backbone, tmp_path):
     """Issue 22, item 13: the message listed no setting ("made with different settings ()")."""
     from featurecache.errors import StoreMismatchError

@@ -51,6 +51,7 @@ def test_bad_pipeline_files_name_the_key(text, match):
         load_pipeline(text=text)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,match,code", [
     ("data.root=no/such/folder", "does not exist", 1),
     ("embed.layers=['blocks.99']", r"'blocks.99' is not a storable layer.*close matches", 1),

@@ -140,6 +140,7 @@ def test_a_folder_of_the_users_under_a_published_name_is_refused(tmp_path):
     assert (out / "heads" / "mine.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 @needs_strace
 @pytest.mark.parametrize("start", ["versioned", "legacy", "empty"])
 @pytest.mark.parametrize("syscall", ["rename", "symlink", *(

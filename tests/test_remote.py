@@ -112,6 +112,7 @@ def _same_rows(a, b) -> None:
             np.testing.assert_array_equal(a[k][2][layer], b[k][2][layer])
 
 
+@pytest.mark.slow
 def test_a_bucket_of_loose_images_embeds_to_the_rows_of_the_same_local_folder(
         server, bucket, tiny_backbone, tmp_path):
     name, c = bucket
@@ -160,6 +161,7 @@ def test_split_folders_at_a_url(server, bucket, tmp_path):
     assert len(src.records) == 12 and src.classes == ["blue", "green", "red"]
 
 
+@pytest.mark.slow
 def test_a_manifest_of_urls_and_a_manifest_at_a_url(server, bucket, tiny_backbone, tmp_path):
     name, c = bucket
     local = make_folder(tmp_path / "imgs", 3)
@@ -187,6 +189,7 @@ def test_a_manifest_of_urls_and_a_manifest_at_a_url(server, bucket, tiny_backbon
     assert fd.provenance["data_root"] == f"s3://{name}/m/images/manifest.csv"
 
 
+@pytest.mark.slow
 def test_a_missing_object_and_a_damaged_one_are_skipped_inputs_named_by_url(
         server, bucket, tiny_backbone, tmp_path):
     from featurecache import open_features
@@ -286,6 +289,7 @@ class _FlakyProxy:
         self.httpd.server_close()
 
 
+@pytest.mark.slow
 def test_a_transient_error_is_absorbed_by_a_retry_and_counted(server, bucket, tiny_backbone,
                                                               tmp_path):
     name, c = bucket
@@ -355,6 +359,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_wrong_endpoint_is_one_line_from_the_console_script(server, bucket, tmp_path):
     name, c = bucket
     c.put_object(Bucket=name, Key="p/a/1.png", Body=b"x")
@@ -370,6 +375,7 @@ def test_a_wrong_endpoint_is_one_line_from_the_console_script(server, bucket, tm
     assert r.returncode == 2 and "--storage-options" in r.stderr and SECRET not in r.stderr
 
 
+@pytest.mark.slow
 def test_refused_credentials_are_one_line_and_never_shown(server, bucket, tmp_path):
     name, c = bucket
     c.put_object(Bucket=name, Key="p/a/1.png", Body=b"x")
@@ -456,6 +462,7 @@ def test_importing_featurecache_imports_no_fsspec():
     assert out.stdout.split() == ["False", "False"]
 
 
+@pytest.mark.slow
 def test_the_issue_command_on_tars_in_a_bucket_equals_the_folder(server, bucket, tmp_path):
     """Issue 24's interface, as a user types it: the console script embeds
     ``s3://BUCKET/shards/{train,test}-{0000..0001}.tar`` from the local server (credentials

@@ -28,6 +28,7 @@ def png_content(path):
     return img.shape, img.std()
 
 
+@pytest.mark.slow
 def test_compare_writes_every_report_file(feats_path, tmp_path):
     # a copy whose test split the heads cannot all get right, so that the test scores differ
     # from row to row and from 1: one test label moved to another class, and the stem's test
@@ -133,6 +134,7 @@ def test_predict_reproduces_the_head_on_stored_features(feats_path, tmp_path):
         np.testing.assert_allclose(got[j][known], expected[j][known], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_predict_reports_unreadable_images_per_row(feats_path, tmp_path):
     head = fit_head(feats_path, "avgpool", "svm")  # no probabilities: scores instead
     head.save(tmp_path / "h.joblib")
@@ -158,6 +160,7 @@ def test_predict_refuses_a_head_whose_weights_changed(feats_path, tmp_path):
         predict(tmp_path / "h.joblib", open_features(feats_path).paths()[:1])
 
 
+@pytest.mark.slow
 def test_cli_fit_compare_predict(feats_path, tmp_path):
     r = CliRunner()
     res = r.invoke(cli, ["fit-head", "logreg", str(feats_path), "--layer", "avgpool", "-o",
@@ -193,6 +196,7 @@ def test_predict_imagenet_uses_the_backbones_own_head(tmp_path):
     assert rows["coffee.png"]["predicted"] == "espresso"
 
 
+@pytest.mark.slow
 def test_head_vs_file_mismatch_message(feats_path, tmp_path, image_folder, tiny_backbone):
     head = fit_head(feats_path, "avgpool", "logreg")
     other = tmp_path / "o.h5"

@@ -55,6 +55,7 @@ def test_predict_names_classes_by_the_estimators_columns(feats_path, tmp_path):
     assert all(dict(r["top_k"]).keys() <= {"green", "red"} for r in rows)
 
 
+@pytest.mark.slow
 def test_a_class_without_training_rows_is_refused_and_announced(tmp_path, tiny_backbone):
     root = tmp_path / "data"
     for split, classes in (("train", ["a", "b"]), ("test", ["a", "b", "c"])):
@@ -96,6 +97,7 @@ def test_joined_file_refuses_missing_shards_and_copy_is_self_contained(
     np.testing.assert_array_equal(open_features(tmp_path / "copied.h5").X("avgpool"), expected)
 
 
+@pytest.mark.slow
 def test_score_checks_provenance_and_matches_a_hand_computation(feats_path, image_folder,
                                                                 tiny_backbone, tmp_path):
     head = fit_head(feats_path, "avgpool", "logreg")
@@ -148,6 +150,7 @@ def test_unfinished_files_are_refused(feats_path, tmp_path):
 
 # -- lost outputs ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_compare_overwrite_replaces_only_its_own_files(feats_path, tmp_path):
     work = feats_path.parent
     (work / "notes.txt").write_text("mine")
@@ -175,6 +178,7 @@ def test_join_refuses_to_write_over_its_input(image_folder, tiny_backbone, tmp_p
     assert parts[0].read_bytes() == before
 
 
+@pytest.mark.slow
 def test_embed_overwrite_keeps_the_old_file_until_the_new_one_is_complete(
         feats_path, image_folder, tiny_backbone, monkeypatch):
     from featurecache.extract import FeatureExtractor
@@ -193,6 +197,7 @@ def test_embed_overwrite_keeps_the_old_file_until_the_new_one_is_complete(
 
 # -- heads that are safe to share ------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["logreg", "svm", "knn"])
 def test_skops_heads_round_trip(feats_path, tmp_path, kind):
     head = fit_head(feats_path, "avgpool", kind)
@@ -203,6 +208,7 @@ def test_skops_heads_round_trip(feats_path, tmp_path, kind):
     assert again.classes == head.classes and again.provenance == head.provenance
 
 
+@pytest.mark.slow
 def test_skops_refuses_unknown_types(feats_path, tmp_path):
     import skops.io as sio
 

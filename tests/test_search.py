@@ -71,6 +71,7 @@ def ill_conditioned(n=400, d=300, rank=15, classes=4, seed=0):
     return X.astype(np.float32), y
 
 
+@pytest.mark.slow
 def test_logistic_cv_path_and_head_are_the_converged_fits():
     """Issue 22, item 9: at tol 1e-3 on float32 data the CV path's fold scores were up to
     0.017 away from a converged fit's. Every evaluated point must score what an independent,

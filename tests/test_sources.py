@@ -393,6 +393,7 @@ def test_the_embed_reads_records_through_their_source(tmp_path, monkeypatch, tin
     assert src.fingerprint() == ff.provenance["data_fingerprint"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls, make", CASES)
 def test_the_rebuild_command_opens_the_embedded_data(cls, make, tmp_path, tiny_backbone,
                                                      monkeypatch):

@@ -10,6 +10,7 @@ import torch
 from featurecache.errors import HeadError, HeadOptionError, OptionError
 
 
+@pytest.mark.slow
 def test_hook_extraction_leaves_no_hooks_on_the_callers_model(tiny_backbone):
     from featurecache.extract import FeatureExtractor
     from featurecache.layers import resolve_layers
@@ -122,6 +123,7 @@ def test_the_cli_options_come_from_the_declarations():
     assert compare["cv"].type.min == 2 and compare["n_boot"].type.min == 1
 
 
+@pytest.mark.slow
 def test_layer_specs_record_shape_and_reduction(tiny_backbone, tmp_path):
     import h5py
 

@@ -81,6 +81,7 @@ def same_images(tmp_path):
     return folder, str(tmp_path / "shards" / "{test,train}-{0000..0001}.tar")
 
 
+@pytest.mark.slow
 def test_a_brace_pattern_of_tars_embeds_as_the_same_images_in_a_folder(same_images, tmp_path,
                                                                       tiny_backbone):
     folder, pattern = same_images
@@ -104,6 +105,7 @@ def test_a_brace_pattern_of_tars_embeds_as_the_same_images_in_a_folder(same_imag
     assert embed(pattern, b, backbone=tiny_backbone, **KW).already_complete
 
 
+@pytest.mark.slow
 def test_a_resume_mid_shard_reads_on_from_the_committed_rows(same_images, tmp_path,
                                                            tiny_backbone):
     from .conftest import forward_fails_at
@@ -155,6 +157,7 @@ def test_an_integer_cls_is_a_class_name(tmp_path):
     assert [src.classes[r.label] for r in src.records] == ["0", "1", "10", "2"] * 2
 
 
+@pytest.mark.slow
 def test_a_sample_without_a_label_and_a_truncated_tar_are_skipped_by_id(tmp_path,
                                                                        tiny_backbone):
     def sample(key, c, seed, label=True):
@@ -228,6 +231,7 @@ CLUSTER_KW = {"backbone": "efficientnet_lite0", "layers": ["avgpool"], "batch_si
               "num_workers": 0, "progress": False}
 
 
+@pytest.mark.slow
 def test_a_clustered_embed_runs_one_task_per_tar(same_images, tmp_path, capfd):
     from featurecache.cluster import shard_paths
 
@@ -257,6 +261,7 @@ def test_a_clustered_embed_runs_one_task_per_tar(same_images, tmp_path, capfd):
     assert_as_one_process(ref, out)
 
 
+@pytest.mark.slow
 def test_tars_at_urls_stream_each_shard_once(same_images, tmp_path, tiny_backbone, monkeypatch):
     """file:// shards are read as a store's are (fsspec, tar in stream mode): the same rows
     as the local shards, and the embed opens each shard once to list it and once to read it,
@@ -354,6 +359,7 @@ def test_a_worker_killed_mid_tar_shard_is_retried_and_resumes(same_images, tmp_p
     assert_as_one_process(ref, out)
 
 
+@pytest.mark.slow
 def test_labels_from_a_field_of_key_json(tmp_path, tiny_backbone):
     """``label_field``: a sample without KEY.cls / KEY.txt takes its label from that field of
     its KEY.json (a string, or an integer as a name); KEY.cls still comes first. The same

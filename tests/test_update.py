@@ -65,6 +65,7 @@ def assert_equal_to_fresh(updated, fresh, old, embedded=()):
                 assert X[i].tobytes() == O[at_old[p]].tobytes(), (layer, p)  # copied
 
 
+@pytest.mark.slow
 def test_add_remove_change_equal_a_fresh_embed(tmp_path, tiny_backbone):
     root = split_folders(tmp_path / "data")
     out = tmp_path / "f.h5"
@@ -98,6 +99,7 @@ def test_add_remove_change_equal_a_fresh_embed(tmp_path, tiny_backbone):
     assert run(root, out, tiny_backbone).already_complete
 
 
+@pytest.mark.slow
 def test_relabel_in_a_manifest_is_copied_with_its_new_label(tmp_path, tiny_backbone):
     root = make_folder(tmp_path / "imgs", 5)
     images = sorted(root.rglob("*.png"))
@@ -124,6 +126,7 @@ def test_relabel_in_a_manifest_is_copied_with_its_new_label(tmp_path, tiny_backb
     assert u.classes[u.y()[at[str(moved)]]] == "green"
 
 
+@pytest.mark.slow
 def test_a_file_moved_to_another_class_folder(tmp_path, tiny_backbone):
     """In a folder the class is part of the id (the path): a move is one deleted image and
     one new one, embedded again."""
@@ -139,6 +142,7 @@ def test_a_file_moved_to_another_class_folder(tmp_path, tiny_backbone):
     assert_equal_to_fresh(out, tmp_path / "fresh.h5", tmp_path / "old.h5", embedded={str(dst)})
 
 
+@pytest.mark.slow
 def test_a_seeded_split_never_moves(tmp_path, tiny_backbone):
     """Without a given split, old rows keep theirs and new images get a hash of their id;
     a fresh embed would re-draw every split, so the rows are compared by path."""
@@ -173,6 +177,7 @@ def test_a_seeded_split_never_moves(tmp_path, tiny_backbone):
     assert "hashed(test_size=0.3, seed=0)" in u.provenance["split_origin"]
 
 
+@pytest.mark.slow
 def test_a_failure_mid_update_keeps_the_old_file_and_the_rerun_ends_equal(
         tmp_path, tiny_backbone, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
@@ -198,6 +203,7 @@ def test_a_failure_mid_update_keeps_the_old_file_and_the_rerun_ends_equal(
     assert out.read_bytes() == expected and not partial_path(out).exists()
 
 
+@pytest.mark.slow
 def test_a_different_update_discards_a_stopped_one(tmp_path, tiny_backbone):
     root = split_folders(tmp_path / "data")
     out = tmp_path / "f.h5"
@@ -213,6 +219,7 @@ def test_a_different_update_discards_a_stopped_one(tmp_path, tiny_backbone):
     assert open_features(out).paths() == open_features(tmp_path / "fresh.h5").paths()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, field", [({"layers": ["avgpool"]}, "layers"),
                                            ({"dtype": "float32"}, "dtype"),
                                            ({"pool": "max"}, "pool")])
@@ -227,6 +234,7 @@ def test_other_settings_are_refused_naming_the_field(tmp_path, tiny_backbone, ch
     assert out.read_bytes() == before and not partial_path(out).exists()
 
 
+@pytest.mark.slow
 def test_update_refuses_overwrite_shard_and_cluster(tmp_path, tiny_backbone):
     root = split_folders(tmp_path / "data", 2, 1)
     out = tmp_path / "f.h5"
@@ -240,6 +248,7 @@ def test_update_refuses_overwrite_shard_and_cluster(tmp_path, tiny_backbone):
               progress=False)
 
 
+@pytest.mark.slow
 def test_an_update_of_a_missing_file_is_a_fresh_embed(tmp_path, tiny_backbone, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     root = make_folder(tmp_path / "imgs", 4)
@@ -253,6 +262,7 @@ def test_an_update_of_a_missing_file_is_a_fresh_embed(tmp_path, tiny_backbone, m
     assert a.X("avgpool").tobytes() == b.X("avgpool").tobytes()
 
 
+@pytest.mark.slow
 def test_a_file_without_stamps(tmp_path, tiny_backbone):
     """A file made before rows kept stamps: its rows count as unchanged when its data
     fingerprint shows it (images only added); otherwise they are embedded again."""
@@ -279,6 +289,7 @@ def test_a_file_without_stamps(tmp_path, tiny_backbone):
     assert open_features(out).stamps() is not None
 
 
+@pytest.mark.slow
 def test_heads_made_on_the_old_file_work_on_the_new_one(tmp_path, tiny_backbone):
     from featurecache.heads import fit_head
 
@@ -292,6 +303,7 @@ def test_heads_made_on_the_old_file_work_on_the_new_one(tmp_path, tiny_backbone)
     assert res["n"] == 7
 
 
+@pytest.mark.slow
 def test_the_console_script_prints_the_summary(tmp_path):
     root = split_folders(tmp_path / "data", 2, 1)
     out = tmp_path / "f.h5"
@@ -310,6 +322,7 @@ def test_the_console_script_prints_the_summary(tmp_path):
     assert "a row's split never moves on update" in info and "split given" in info
 
 
+@pytest.mark.slow
 def test_a_kill_at_the_rename_or_after_it(tmp_path, tiny_backbone, monkeypatch):
     """Before the one rename the old file is in place, and the re-run ends equal; after it
     the new one is, and the re-run finds it up to date and removes what the kill left."""

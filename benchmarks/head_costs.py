@@ -1,4 +1,4 @@
-"""The heads whose search grows faster than their rows: measured time vs compare's estimate.
+"""The heads that are costly at scale: measured time vs compare's estimate.
 
 ``compare`` skips a head kind on a layer when the kind's estimate of its CV search
 (:meth:`featurecache.kinds.base.HeadKind.search_minutes`, a cost model fitted on this

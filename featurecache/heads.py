@@ -93,6 +93,17 @@ def training_data(ff, layer: str, *, cv: int = 5, seed: int = 0):
     return X, y, folds, f"stratified {len(folds)}-fold"
 
 
+def cv_plan(ff, *, cv: int = 5, seed: int = 0) -> tuple:
+    """``(training rows, folds)`` that :func:`training_data` gives for ``ff``, from its
+    splits and labels only (no feature is read)."""
+    splits = ff.splits()
+    if "val" in set(splits):
+        return splits.count("train") + splits.count("val"), 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)  # training_data says it when it fits
+        return splits.count("train"), len(make_folds(ff.y("train"), cv, seed))
+
+
 def fit_heads(jobs: dict, kinds, *, kernel: str = "linear", cv: int = 5,
               scoring: str = "balanced_accuracy", class_weight=None, seed: int = 0, n_jobs=-1,
               probability: bool = False, early_stop: bool = True, progress=None,

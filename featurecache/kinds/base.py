@@ -146,17 +146,16 @@ class HeadKind:
         return scores
 
     # its size
-    def search_minutes(self, n_rows: int, n_features: int, kernel: str = "linear", *,
-                       folds: int = 5, **options):
+    def search_minutes(self, n_rows: int, n_features: int, kernel: str = "linear", **options):
         """An estimate of what this kind costs compare on one layer of ``n_rows`` training rows
-        x ``n_features``: its search (``folds``-fold CV, both sweeps, the refit, which costs
-        about as much as a fold; ``options``:
-        the search's grid options, as :meth:`coarse_grid` takes them) and its predictions of
-        a quarter as many test rows, in minutes on 2 cores, from a cost model fitted to
+        x ``n_features``: its search (5-fold CV, both sweeps, the refit; ``options``: the
+        search's grid options, as :meth:`coarse_grid` takes them) and its predictions of a
+        quarter as many test rows, in minutes on 2 cores, from a cost model fitted to
         ``benchmarks/head_costs.py``; None (the default) for a kind whose time grows linearly
         in its rows (measured to 100,000 rows by ``benchmarks/heads.py --scale``), which is
-        never skipped. :func:`featurecache.report.compare`
-        skips a kind on a layer where this exceeds its ``max_head_minutes``, and says why."""
+        never skipped. :func:`featurecache.report.compare` scales it to its folds (the refit
+        costing about as much as a fold) and skips a kind on a layer where it exceeds its
+        ``max_head_minutes``, and says why."""
         return None
 
     # the saved head

@@ -77,11 +77,10 @@ class Knn(HeadKind, name="knn", cost=0, default=True, settings=SETTINGS,
                             self.settings.temperature)
         return [fit.score(fold.yte, votes[min(p["k"], n)].argmax(1)) for p in grid]
 
-    def search_minutes(self, n_rows, n_features, kernel="linear", *, folds=5, **options):
+    def search_minutes(self, n_rows, n_features, kernel="linear", **options):
         st = self.settings
-        seconds = n_features * n_rows * (st.seconds_per_row_feature +
-                                         st.seconds_per_row2_feature * n_rows)
-        return (2 + seconds * (folds + 1) / 6) / 60
+        return (2 + n_features * n_rows * (st.seconds_per_row_feature +
+                                           st.seconds_per_row2_feature * n_rows)) / 60
 
     def estimator(self, params, fit):
         from sklearn.neighbors import KNeighborsClassifier

@@ -64,11 +64,10 @@ class Mlp(HeadKind, name="mlp", cost=3, default=False, settings=SETTINGS,
             paths.setdefault(p["hidden"], []).append(p)
         return list(paths.values())
 
-    def search_minutes(self, n_rows, n_features, kernel="linear", *, folds=5, **options):
+    def search_minutes(self, n_rows, n_features, kernel="linear", **options):
         st, units = self.settings, sum(options.get("mlp_widths") or self.settings.widths)
-        seconds = (n_rows / 1000) ** st.power * (st.base_seconds + st.seconds_per_feature_unit *
-                                                 n_features * units)
-        return seconds * (folds + 1) / 6 / 60
+        return (n_rows / 1000) ** st.power * (st.base_seconds + st.seconds_per_feature_unit *
+                                              n_features * units) / 60
 
     def fold_fitter(self, fit, fold):
         from ..solvers import sample_weights

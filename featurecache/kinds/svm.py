@@ -76,14 +76,13 @@ class Svm(HeadKind, name="svm", cost=2, default=True, settings=SETTINGS,
             paths.setdefault(p["gamma"], []).append(p)
         return list(paths.values())
 
-    def search_minutes(self, n_rows, n_features, kernel="linear", *, folds=5, **options):
+    def search_minutes(self, n_rows, n_features, kernel="linear", **options):
         """rbf only: the linear kernel grows linearly in its rows (never skipped)."""
         if kernel != "rbf":
             return None
         st = self.settings
-        seconds = (n_rows / 1000) ** st.rbf_power * (st.rbf_seconds +
-                                                     st.rbf_seconds_per_feature * n_features)
-        return seconds * (folds + 1) / 6 / 60
+        return (n_rows / 1000) ** st.rbf_power * (st.rbf_seconds +
+                                                  st.rbf_seconds_per_feature * n_features) / 60
 
     def _svc(self, fit, kernel, **params):
         from sklearn.svm import SVC

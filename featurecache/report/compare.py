@@ -158,7 +158,7 @@ def compare(features, out_dir, *, heads=("logreg", "svm", "knn"), layers=(), ext
             of the same images, or there is no test split.
         HeadError: every head asked is estimated above ``max_head_minutes`` on every layer.
     """
-    from ..heads import Progress, fit_heads
+    from ..heads import Progress, cv_plan, fit_heads
 
     t0 = time.perf_counter()
     files = _open_all(features)
@@ -192,8 +192,8 @@ def compare(features, out_dir, *, heads=("logreg", "svm", "knn"), layers=(), ext
     if len(set(folders)) < len(folders):
         raise FeaturecacheError(f"a fine-tune folder is given twice ({', '.join(map(str, finetuned))}"
                                 f"); give each once.")
-    groups, skipped = _within_budget(jobs, heads, kernel, cv, max_head_minutes,
-                                     mlp_widths=mlp_widths)
+    groups, skipped = _within_budget(jobs, heads, kernel, max_head_minutes, cv_plan(
+        first, cv=cv, seed=seed), several=len(files) > 1, mlp_widths=mlp_widths)
     from ..files import output_folder
 
     output_folder(out_dir, overwrite, "report")
@@ -291,11 +291,12 @@ def compare(features, out_dir, *, heads=("logreg", "svm", "knn"), layers=(), ext
     return CompareResult(rows, winner, verdict.markdown(), out_dir, verdict)
 
 
-def _within_budget(jobs, heads, kernel, cv, max_minutes, **grid_options):
+def _within_budget(jobs, heads, kernel, max_minutes, plan, *, several, **grid_options):
     """The heads each job (backbone, layer) runs, grouped as ``{kinds: [job keys]}``, and the
-    skipped ones: ``[{backbone, layer, head, estimated_minutes, train_rows, features}]``, each
-    warned about. A kind is skipped on a layer where its estimate of its search exceeds
-    ``max_minutes`` (0: none is).
+    skipped ones: ``[{backbone, layer, head, estimated_minutes, train_rows, features, text}]``,
+    each warned about. ``plan``: the jobs' ``(training rows, folds)`` (:func:`cv_plan`; every
+    job holds the same rows). A kind is skipped on a layer where its estimate, scaled from 5
+    folds to ``folds`` (the refit costing about a fold), exceeds ``max_minutes`` (0: none is).
 
     Raises:
         HeadError: every head is skipped on every layer.
@@ -305,22 +306,24 @@ def _within_budget(jobs, heads, kernel, cv, max_minutes, **grid_options):
     from .. import kinds as _kinds
     from ..errors import DataWarning, option
 
+    rows, folds = plan
+
+    def never_skipped(kernel_):  # the kinds with no cost model under this kernel
+        return [k for k in _kinds.names() if _kinds.get(k).search_minutes(1, 1, kernel_) is None]
+
+    linear = never_skipped("linear")
     groups, skipped = {}, []
-    several = len({key[0] for key in jobs}) > 1
     for key, (ff, layer) in jobs.items():
-        splits = ff.splits()
-        val = splits.count("val")
-        smallest = int(np.unique(ff.y("train"), return_counts=True)[1].min())  # as make_folds
-        rows, folds = splits.count("train") + val, 1 if val else max(2, min(cv, smallest))
         dim = sum(ff.layers[p].dim for p in layer.split("+"))
         kept = []
         for kind in heads:
-            minutes = _kinds.get(kind).search_minutes(rows, dim, kernel, folds=folds,
-                                                       **grid_options)
+            minutes = _kinds.get(kind).search_minutes(rows, dim, kernel, **grid_options)
+            minutes = None if minutes is None else minutes * (folds + 1) / 6
             if not max_minutes or minutes is None or minutes <= max_minutes:
                 kept.append(kind)
                 continue
-            name = f"{kind} ({kernel} kernel)" if kind == "svm" else kind
+            # a kind costly only under this kernel is named with it
+            name = f"{kind} ({kernel} kernel)" if kind in linear else kind
             where = f"{key[0]} {layer}" if several else layer
             skipped.append({"backbone": key[0], "layer": layer, "head": kind,
                             "estimated_minutes": minutes, "train_rows": rows,
@@ -335,12 +338,12 @@ def _within_budget(jobs, heads, kernel, cv, max_minutes, **grid_options):
             groups.setdefault(tuple(kept), []).append(key)
     if not groups:
         worst = max(skipped, key=lambda s: s["estimated_minutes"])
-        linear = ["logreg"] if kernel == "rbf" else ["logreg", "svm"]
         raise HeadError(f"every head asked ({', '.join(heads)}) is estimated above "
                         f"{option('max_head_minutes', max_minutes)} on every layer (up to "
                         f"{format_minutes(worst['estimated_minutes'])} for {worst['text']}). "
-                        f"Add a linear head ({option('heads', linear)}, never skipped), or "
-                        f"raise {option('max_head_minutes', _round_up(worst['estimated_minutes']))}.")
+                        f"Add a head that is never skipped "
+                        f"({option('heads', never_skipped(kernel))}), or raise "
+                        f"{option('max_head_minutes', _round_up(worst['estimated_minutes']))}.")
     return groups, skipped
 
 
